@@ -1,0 +1,142 @@
+"""Shared bench plumbing: child processes, readiness waits, a small async load generator."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(args: list[str], env: dict | None = None, cpu: str | None = None) -> subprocess.Popen:
+    cmd = ([ "taskset", "-c", cpu] if cpu else []) + args
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def relay_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "relay", "--log-level", "warning", *args]
+
+
+@dataclass
+class Result:
+    latencies: list[float]
+    ttfbs: list[float]
+    wall: float
+    errors: int
+
+    def pct(self, values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000 if q < 100 else max(values) * 1000
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) * 1000
+
+    @property
+    def p99(self) -> float:
+        return self.pct(self.latencies, 99)
+
+    @property
+    def ttfb50(self) -> float:
+        return statistics.median(self.ttfbs) * 1000
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.wall
+
+
+async def drive(url: str, body: bytes, headers: dict, n: int, concurrency: int, stream: bool) -> Result:
+    """Send n requests, at most ``concurrency`` at once; streams are read to [DONE]."""
+    lat, ttfb, errors = [], [], 0
+    queue = iter(range(n))
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def worker():
+            nonlocal errors
+            for _ in queue:
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        first = None
+                        async for chunk in resp.content.iter_any():
+                            if first is None:
+                                first = time.perf_counter()
+                        if resp.status != 200:
+                            errors += 1
+                            continue
+                        if stream and not chunk.endswith(b"data: [DONE]\n\n"):
+                            errors += 1
+                            continue
+                except aiohttp.ClientError:
+                    errors += 1
+                    continue
+                t1 = time.perf_counter()
+                lat.append(t1 - t0)
+                ttfb.append((first or t1) - t0)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return Result(lat, ttfb, time.perf_counter() - t, errors)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children so far, from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -1,0 +1,180 @@
+"""Command line: serve, demo, fake-upstream, check-config. Builds the services and runs them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+from importlib import resources
+
+import tornado.httpserver
+
+from relay.app import build_services, make_app
+from relay.config import Config, ConfigError, load_config, parse_config
+from relay.fake_upstream import FakeState, make_fake_app
+from relay.keys import generate_key
+from relay.net import parse_trusted
+from relay.store.memory import MemoryKeyStore
+
+log = logging.getLogger("relay")
+
+
+def example_config_text() -> str:
+    return resources.files("relay").joinpath("examples/upstreams.yaml").read_text(encoding="utf-8")
+
+
+def _load(path: str | None) -> Config:
+    if path:
+        return load_config(path, os.environ)
+    return parse_config(example_config_text(), os.environ, source="<embedded example upstreams.yaml>")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _ssl_context(args) -> ssl.SSLContext | None:
+    if not args.certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(args.certfile, args.keyfile)
+    return ctx
+
+
+def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0) -> tornado.httpserver.HTTPServer:
+    # The handlers enforce the configured body limit themselves (with an OpenAI-shaped 413);
+    # Tornado's own cap is a backstop far above it.
+    server = tornado.httpserver.HTTPServer(app, ssl_options=ssl_options, idle_connection_timeout=120,
+                                           body_timeout=300, max_body_size=max(max_body * 4, 64 << 20))
+    server.listen(port, host)
+    return server
+
+
+async def _serve(args) -> int:
+    config = _load(args.config)
+    store = MemoryKeyStore()
+    for key in filter(None, os.environ.get("RELAY_KEYS", "").split(",")):
+        store.add(key.strip())
+    services = build_services(config, store, parse_trusted(args.trusted_proxy))
+    server = _listen(make_app(services), args.port, args.host, _ssl_context(args), config.limits.max_body_bytes)
+    log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
+    await _until_signalled()
+    server.stop()
+    await services.close()
+    return 0
+
+
+async def _fake(args) -> int:
+    keys = set(filter(None, args.keys.split(","))) if args.keys else None
+    server = _listen(make_fake_app(FakeState(keys)), args.port, args.host)
+    log.info("fake upstream listening on %s:%d", args.host, args.port)
+    await _until_signalled()
+    server.stop()
+    return 0
+
+
+async def _demo(args) -> int:
+    fake = _listen(make_fake_app(FakeState()), args.upstream_port, "127.0.0.1")
+    config = _pointed_at(_load(None), f"http://127.0.0.1:{args.upstream_port}/v1")
+    store = MemoryKeyStore()
+    key = generate_key()
+    store.add(key, note="demo")
+    services = build_services(config, store)
+    server = _listen(make_app(services), args.port, args.host)
+    base = f"http://127.0.0.1:{args.port}/v1"
+    print(f"""
+relay demo: relay on :{args.port}, fake upstream on :{args.upstream_port}. Ctrl-C stops both.
+
+  demo key: {key}
+
+  curl {base}/chat/completions -H 'Authorization: Bearer {key}' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model": "gpt-3.5-turbo", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); \\
+print(c.chat.completions.create(model='gpt-3.5-turbo', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+""", flush=True)
+    await _until_signalled()
+    server.stop()
+    fake.stop()
+    await services.close()
+    return 0
+
+
+def _pointed_at(config: Config, base_url: str) -> Config:
+    return dataclasses.replace(config, upstreams=tuple(
+        dataclasses.replace(u, base_url=base_url) for u in config.upstreams))
+
+
+def _check_config(args) -> int:
+    try:
+        config = load_config(args.file, os.environ)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    endpoints = sum(len(u.keys) for u in config.upstreams)
+    print(f"ok: {args.file}: {len(config.upstreams)} upstream(s), {endpoints} endpoint(s), "
+          f"{len(config.pricing)} priced model(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="OpenAI-API relay and multi-upstream load balancer")
+    parser.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run relay")
+    serve.add_argument("--config", help="upstreams.yaml (default: the embedded example)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--certfile", help="serve TLS directly with this certificate chain")
+    serve.add_argument("--keyfile", help="private key for --certfile")
+    serve.add_argument("--trusted-proxy", action="append", default=[],
+                       help="address or CIDR of a reverse proxy whose X-Forwarded-* headers are believed")
+
+    fake = sub.add_parser("fake-upstream", help="run an OpenAI-compatible fake upstream")
+    fake.add_argument("--port", type=int, default=9000)
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--keys", help="comma-separated keys to accept (default: any)")
+
+    demo = sub.add_parser("demo", help="fake upstream + relay + a demo key, in one command")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--upstream-port", type=int, default=9000)
+
+    check = sub.add_parser("check-config", help="validate an upstreams.yaml")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    if args.command == "check-config":
+        return _check_config(args)
+    if args.command == "serve" and bool(args.certfile) != bool(args.keyfile):
+        print("--certfile and --keyfile go together", file=sys.stderr)
+        return 2
+    runner = {"serve": _serve, "fake-upstream": _fake, "demo": _demo}[args.command]
+    try:
+        return asyncio.run(runner(args))
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

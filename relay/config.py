@@ -1,0 +1,276 @@
+"""upstreams.yaml → frozen, typed configuration; every error names its key path.
+
+Pure: no I/O beyond what the caller hands in (text and an environment mapping).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+ANY_MODEL = "*"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config problem at a key path, e.g. ``upstreams[1].base_url: not an http(s) URL``."""
+
+    def __init__(self, path: str, reason: str, source: str | None = None):
+        self.path, self.reason, self.source = path, reason, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{path}: {reason}" if path else f"{where}{reason}")
+
+
+@dataclass(frozen=True)
+class Price:
+    """Quota units per token: one unit is one gpt-3.5-turbo (4k) input token."""
+
+    input: Fraction
+    output: Fraction = Fraction(0)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    base_url: str  # without trailing slash, e.g. https://api.openai.com/v1
+    keys: tuple[str, ...]
+    weight: int = 1
+    priority: int = 0
+    models: tuple[str, ...] | None = None  # None means any model
+    model_map: Mapping[str, str] = field(default_factory=dict)
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 10.0
+    first_byte_s: float = 120.0
+    idle_s: float = 60.0  # longest silence between two stream chunks
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_upstream_connections: int = 512
+
+
+@dataclass(frozen=True)
+class Quota:
+    # Completion allowance reserved when a request does not set max_tokens.
+    default_max_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: tuple[Upstream, ...]
+    model_map: Mapping[str, str] = field(default_factory=dict)
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    default_price: Price | None = None
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    quota: Quota = Quota()
+
+    def map_model(self, model: str) -> str:
+        return self.model_map.get(model, model)
+
+    def price_of(self, model: str) -> Price | None:
+        return self.pricing.get(model, self.default_price)
+
+    def client_model_names(self) -> list[str]:
+        """Model names clients may ask for: served names and aliases that reach them."""
+        named: set[str] = set()
+        any_upstream = any(u.models is None for u in self.upstreams)
+        for u in self.upstreams:
+            named.update(u.models or ())
+        if any_upstream:
+            named.update(self.pricing)
+        named.update(a for a, target in self.model_map.items()
+                     if any(u.serves(target) for u in self.upstreams))
+        return sorted(n for n in named if any(u.serves(self.map_model(n)) for u in self.upstreams))
+
+
+# --- parsing -------------------------------------------------------------------------
+
+def parse_config(text: str, env: Mapping[str, str], source: str | None = None) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(where, f"not valid YAML ({getattr(exc, 'problem', exc)})", source) from None
+    try:
+        return _config(data, env)
+    except ConfigError as exc:
+        raise ConfigError(exc.path, exc.reason, source) from None
+
+
+def load_config(path: str, env: Mapping[str, str]) -> Config:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read file ({exc.strerror})", path) from None
+    return parse_config(text, env, source=path)
+
+
+def _mapping(value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"must be a mapping, got {_kind(value)}")
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(_join(path, str(key)), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for key in sorted(required):
+        if key not in value:
+            raise ConfigError(_join(path, key), "required")
+    return value
+
+
+def _config(data: Any, env: Mapping[str, str]) -> Config:
+    if data is None:
+        raise ConfigError("", "empty file: expected a mapping with 'upstreams'")
+    top = _mapping(data, "", {"upstreams", "model_map", "pricing", "timeouts", "limits", "quota"},
+                   {"upstreams"})
+    raw_ups = top["upstreams"]
+    if not isinstance(raw_ups, list) or not raw_ups:
+        raise ConfigError("upstreams", "must be a non-empty list")
+    upstreams = tuple(_upstream(u, f"upstreams[{i}]", env) for i, u in enumerate(raw_ups))
+    seen: set[str] = set()
+    for i, u in enumerate(upstreams):
+        if u.name in seen:
+            raise ConfigError(f"upstreams[{i}].name", f"duplicate name {u.name!r}")
+        seen.add(u.name)
+    pricing, default_price = _pricing(top.get("pricing", {}), "pricing")
+    return Config(
+        upstreams=upstreams,
+        model_map=_str_map(top.get("model_map", {}), "model_map"),
+        pricing=pricing,
+        default_price=default_price,
+        timeouts=_numbers(top.get("timeouts", {}), "timeouts", Timeouts, float),
+        limits=_numbers(top.get("limits", {}), "limits", Limits, int),
+        quota=_numbers(top.get("quota", {}), "quota", Quota, int),
+    )
+
+
+def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
+    u = _mapping(raw, path, {"name", "base_url", "keys", "weight", "priority", "models", "model_map"},
+                 {"name", "base_url", "keys"})
+    name = u["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{path}.name", "must be 1-64 letters, digits, '_', '.' or '-'")
+    base_url = u["base_url"]
+    parts = urlsplit(base_url) if isinstance(base_url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}.base_url", "not an http(s) URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{path}.base_url", "must not carry a query or fragment")
+    keys = u["keys"]
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{path}.keys", "must be a non-empty list of strings")
+    expanded = []
+    for i, k in enumerate(keys):
+        if not isinstance(k, str) or not k.strip():
+            raise ConfigError(f"{path}.keys[{i}]", "must be a non-empty string")
+        expanded.append(_expand(k.strip(), f"{path}.keys[{i}]", env))
+    if len(set(expanded)) != len(expanded):
+        raise ConfigError(f"{path}.keys", "lists the same key twice")
+    weight = u.get("weight", 1)
+    if not _is_int(weight) or weight < 1:
+        raise ConfigError(f"{path}.weight", "must be a whole number >= 1")
+    priority = u.get("priority", 0)
+    if not _is_int(priority) or priority < 0:
+        raise ConfigError(f"{path}.priority", "must be a whole number >= 0 (0 = primary tier)")
+    models = u.get("models", ANY_MODEL)
+    if models == ANY_MODEL:
+        model_tuple = None
+    elif isinstance(models, list) and models and all(isinstance(m, str) and m for m in models):
+        model_tuple = tuple(models)
+    else:
+        raise ConfigError(f"{path}.models", "must be \"*\" or a non-empty list of model names")
+    return Upstream(name=name, base_url=base_url.rstrip("/"), keys=tuple(expanded), weight=weight,
+                    priority=priority, models=model_tuple,
+                    model_map=_str_map(u.get("model_map", {}), f"{path}.model_map"))
+
+
+def _expand(value: str, path: str, env: Mapping[str, str]) -> str:
+    """``${VAR}`` or ``${VAR:-default}``, as in the shell."""
+
+    def sub(m: re.Match) -> str:
+        value = env.get(m.group(1))
+        if value:
+            return value
+        if m.group(2) is not None:
+            return m.group(2)
+        raise ConfigError(path, f"environment variable {m.group(1)} is not set")
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _str_map(raw: Any, path: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"must be a mapping of model name to model name, got {_kind(raw)}")
+    for k, v in raw.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not v:
+            raise ConfigError(_join(path, str(k)), "must map a model name to a model name")
+    return dict(raw)
+
+
+def _pricing(raw: Any, path: str) -> tuple[dict[str, Price], Price | None]:
+    if raw is None:
+        return {}, None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"must be a mapping of model name to {{input, output}}, got {_kind(raw)}")
+    prices = {}
+    for model, entry in raw.items():
+        p = _join(path, str(model))
+        e = _mapping(entry, p, {"input", "output"}, {"input"})
+        prices[str(model)] = Price(_fraction(e["input"], f"{p}.input"),
+                                   _fraction(e.get("output", 0), f"{p}.output"))
+    default = prices.pop(ANY_MODEL, None)
+    return prices, default
+
+
+def _fraction(value: Any, path: str) -> Fraction:
+    """Multipliers are exact: an int, a decimal as written, or a fraction string like "2/3"."""
+    if isinstance(value, bool):
+        raise ConfigError(path, "must be a number or a fraction like \"2/3\"")
+    try:
+        frac = Fraction(str(value)) if isinstance(value, (int, float, str)) else None
+    except (ValueError, ZeroDivisionError):
+        frac = None
+    if frac is None or frac < 0:
+        raise ConfigError(path, "must be a number >= 0 or a fraction like \"2/3\"")
+    return frac
+
+
+def _numbers(raw: Any, path: str, cls: type, kind: type):
+    if raw is None:
+        return cls()
+    defaults = cls()
+    values = _mapping(raw, path, set(defaults.__dataclass_fields__))
+    out = {}
+    for key, value in values.items():
+        ok = _is_int(value) if kind is int else (isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok or value <= 0:
+            raise ConfigError(f"{path}.{key}", f"must be a {'whole ' if kind is int else ''}number > 0")
+        out[key] = kind(value)
+    return cls(**out)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(v), type(v).__name__)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

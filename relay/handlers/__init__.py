@@ -1,0 +1,1 @@
+"""Thin HTTP edges: authentication, body limits, OpenAI-shaped errors, CORS."""

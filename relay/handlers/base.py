@@ -1,0 +1,122 @@
+"""The base handler: CORS, request ids, client address, and every error formatted once."""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+import tornado.web
+
+from relay.errors import InvalidRequest, MethodNotAllowed, NotFound, RelayError
+from relay.net import client_address
+from relay.observability.access_log import flag_for
+
+log = logging.getLogger("relay.app")
+
+ALLOWED_HEADERS = "Authorization, Content-Type"
+
+
+class RelayHandler(tornado.web.RequestHandler):
+    def initialize(self, services) -> None:
+        self.services = services
+        self.started = time.perf_counter()
+        self.key_prefix = "-"
+        self.model = "-"
+        self.upstream_name = "-"
+        self.flag = "-"  # why a request failed, in Envoy's spirit (see observability.access_log)
+
+    def set_default_headers(self) -> None:
+        # Runs before initialize() and again on every clear(): the id is made once.
+        if not hasattr(self, "request_id"):
+            self.request_id = "req_" + secrets.token_hex(8)
+        self.set_header("X-Request-Id", self.request_id)
+        # Browser clients (ChatGPT-Next-Web, translators) call from other origins with a bearer
+        # header; no cookies are involved, so "*" is safe for the origin.
+        self.set_header("Access-Control-Allow-Origin", "*")
+        self.set_header("Access-Control-Expose-Headers", "X-Request-Id")
+
+    def options(self, *args: Any) -> None:
+        # "*" in Allow-Headers does not cover Authorization, so name what the browser asks for.
+        asked = self.request.headers.get("Access-Control-Request-Headers")
+        self.set_header("Access-Control-Allow-Headers", asked or ALLOWED_HEADERS)
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Max-Age", "86400")
+        self.set_status(204)
+        self.finish()
+
+    def compute_etag(self) -> None:
+        return None
+
+    @property
+    def client_ip(self) -> str:
+        h = self.request.headers
+        return client_address(self.request.remote_ip or "", h.get("X-Forwarded-For"),
+                              h.get("X-Forwarded-Proto"), self.request.protocol,
+                              self.services.trusted_proxies)[0]
+
+    def json_body(self) -> dict:
+        try:
+            body = json.loads(self.request.body or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidRequest("The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        return body
+
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(obj, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        err = _as_relay_error(status_code, exc)
+        if self.flag == "-":
+            self.flag = flag_for(err)
+        if self.upstream_name == "-":
+            self.upstream_name = getattr(err, "upstream", "-")
+        self.set_status(err.status)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.clear_header("Content-Disposition")
+        self.finish(json.dumps(err.body()))
+
+    def send_relay_error(self, err: RelayError) -> None:
+        self.send_error(err.status, exc_info=(type(err), err, None))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, (RelayError, tornado.web.HTTPError)):
+            return  # expected; the access line records it
+        log.error("unhandled error in %s %s [%s]", self.request.method, self.request.path,
+                  self.request_id, exc_info=(typ, value, tb))
+
+
+def _as_relay_error(status: int, exc: BaseException | None) -> RelayError:
+    if isinstance(exc, RelayError):
+        return exc
+    if status == 405:
+        return MethodNotAllowed("This method is not allowed on this URL.")
+    if status == 404:
+        return NotFound("Unknown URL.")
+    if 400 <= status < 500:
+        reason = getattr(exc, "log_message", None) or "Bad request."
+        err = InvalidRequest(reason)
+        err.status = status
+        return err
+    err = RelayError("The server had an error while processing your request.")
+    err.status = status if status >= 500 else 500
+    return err
+
+
+class NotFoundHandler(RelayHandler):
+    def prepare(self) -> None:
+        if self.request.method != "OPTIONS":
+            raise NotFound(f"Unknown request URL: {self.request.method} {self.request.path}.")
+
+
+class HealthzHandler(RelayHandler):
+    def get(self) -> None:
+        self.write_json({"status": "ok"})

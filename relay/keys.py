@@ -1,0 +1,40 @@
+"""Relay keys: generation, format check, hashing. Pure.
+
+A key is ``ak-`` plus 40 URL-safe random characters (240 bits). With that much entropy a
+single SHA-256 is a sound storage hash (no dictionary to attack); a slow KDF would only
+put milliseconds on every request.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+PREFIX = "ak-"
+KEY_RE = re.compile(r"ak-[A-Za-z0-9_-]{32,128}")
+DISPLAY_PREFIX_LEN = 10  # "ak-" + 7 characters
+
+
+def generate_key() -> str:
+    return PREFIX + secrets.token_urlsafe(30)
+
+
+def is_well_formed(key: str) -> bool:
+    return KEY_RE.fullmatch(key) is not None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[:DISPLAY_PREFIX_LEN]
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None

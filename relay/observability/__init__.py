@@ -1,0 +1,1 @@
+"""Metrics, loggers and the access line."""

@@ -1,0 +1,1 @@
+"""Everything that talks to upstreams: transport, router, and the SSE stream meter."""

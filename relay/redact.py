@@ -1,0 +1,20 @@
+"""Keep secrets out of anything that leaves relay: masking for display, scrubbing of bodies."""
+from __future__ import annotations
+
+import re
+
+# OpenAI echoes a partly masked key in some errors ("Incorrect API key provided: sk-ab***yz").
+_KEY_LIKE = re.compile(rb"\b(?:sk|ak)-[A-Za-z0-9_*.\-]{3,}")
+
+
+def scrub(body: bytes, secrets: tuple[str, ...] = ()) -> bytes:
+    """Remove every upstream or relay key, whole or partly masked, from an upstream's body."""
+    for secret in secrets:
+        if secret:
+            body = body.replace(secret.encode(), b"[redacted]")
+    return _KEY_LIKE.sub(b"[redacted]", body)
+
+
+def mask_key(key: str) -> str:
+    """``sk-...abcd``: enough for an operator to tell keys apart, too little to use."""
+    return f"{key[:3]}...{key[-4:]}" if len(key) > 12 else "***"

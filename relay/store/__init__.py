@@ -1,0 +1,1 @@
+"""Where keys, reservations, the ledger and daily usage live."""

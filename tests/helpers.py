@@ -1,0 +1,80 @@
+"""Test plumbing: fake upstreams on real sockets, configs pointing at them, relay apps."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import tornado.httpserver
+import tornado.testing
+
+from relay.app import build_services, make_app
+from relay.config import parse_config
+from relay.fake_upstream import FakeState, make_fake_app
+from relay.store.memory import MemoryKeyStore
+
+# A well-formed relay key used only by tests.
+TEST_KEY = "ak-test0000000000000000000000000000000000000001"
+UPSTREAM_KEY = "sk-test-upstream-key-0001"
+
+PRICING = """
+pricing:
+  gpt-3.5-turbo-1106: {input: "2/3", output: "4/3"}
+  gpt-3.5-turbo: {input: 1, output: "4/3"}
+  gpt-4: {input: 20, output: 40}
+  text-embedding-ada-002: {input: "1/15"}
+"""
+
+
+@dataclass
+class Fake:
+    state: FakeState
+    server: tornado.httpserver.HTTPServer
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[dict]:
+        return list(self.state.requests)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_fake(keys: set[str] | None = None) -> Fake:
+    sock, port = tornado.testing.bind_unused_port()
+    state = FakeState(keys)
+    server = tornado.httpserver.HTTPServer(make_fake_app(state))
+    server.add_socket(sock)
+    return Fake(state, server, port)
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_upstream_config(base_url: str, key: str = UPSTREAM_KEY, extra: str = "") -> str:
+    return f"""
+upstreams:
+  - name: primary
+    base_url: {base_url}
+    keys: [{key}]
+model_map:
+  gpt-3.5-turbo: gpt-3.5-turbo-1106
+{PRICING}
+{extra}
+"""
+
+
+def relay_app(config_text: str, keys: tuple[str, ...] = (TEST_KEY,), store=None, **settings):
+    if store is None:
+        store = MemoryKeyStore()
+        for k in keys:
+            store.add(k)
+    services = build_services(parse_config(config_text, os.environ), store)
+    return make_app(services, **settings), services

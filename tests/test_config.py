@@ -1,0 +1,103 @@
+"""upstreams.yaml parsing: the example works, and every mistake names its key path."""
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, parse_config
+from relay.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """
+upstreams:
+  - name: a
+    base_url: https://api.example.com/v1/
+    keys: ["${K1}", sk-plain]
+"""
+
+
+def test_shipped_example_is_the_embedded_default_and_parses():
+    top = (ROOT / "upstreams.yaml").read_text()
+    assert top == (ROOT / "relay/examples/upstreams.yaml").read_text()
+    cfg = parse_config(top, {})
+    assert [u.name for u in cfg.upstreams] == ["primary", "backup"]
+    assert cfg.map_model("gpt-3.5-turbo") == "gpt-3.5-turbo-1106"
+    assert cfg.price_of("gpt-3.5-turbo-1106").input == Fraction(2, 3)
+    assert cfg.price_of("gpt-4-1106-preview").input == Fraction(20, 3)
+    assert cfg.price_of("text-embedding-ada-002").output == 0
+    assert cfg.price_of("unpriced-model") is None
+    assert cfg.upstreams[1].keys == ("sk-fake-backup-1",)
+
+
+def test_env_vars_expand_and_defaults_apply():
+    cfg = parse_config(GOOD, {"K1": "sk-from-env"})
+    u = cfg.upstreams[0]
+    assert u.keys == ("sk-from-env", "sk-plain")
+    assert u.base_url == "https://api.example.com/v1"
+    assert (u.weight, u.priority, u.models) == (1, 0, None)
+
+
+def test_star_pricing_entry_is_the_default_price():
+    cfg = parse_config(GOOD + "pricing:\n  '*': {input: 3}\n", {"K1": "k"})
+    assert cfg.price_of("anything").input == 3
+
+
+@pytest.mark.parametrize("text,path,reason", [
+    ("", "", "empty file"),
+    ("upstreams: []", "upstreams", "non-empty list"),
+    ("upstreams:\n  - name: a\n    base_url: ftp://x\n    keys: [k]", "upstreams[0].base_url", "not an http(s) URL"),
+    ("upstreams:\n  - name: a\n    keys: [k]", "upstreams[0].base_url", "required"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\n  - {name: b, base_url: 'nope', keys: [k]}",
+     "upstreams[1].base_url", "not an http(s) URL"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], wieght: 2}", "upstreams[0].wieght", "unknown key"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: []}", "upstreams[0].keys", "non-empty"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: ['${NOPE}']}", "upstreams[0].keys[0]",
+     "NOPE is not set"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], weight: 0}", "upstreams[0].weight", ">= 1"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], priority: -1}", "upstreams[0].priority", ">= 0"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], models: 5}", "upstreams[0].models", "model names"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\n  - {name: a, base_url: 'http://y', keys: [j]}",
+     "upstreams[1].name", "duplicate"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\npricing:\n  gpt-4: {input: '2/0'}",
+     "pricing.gpt-4.input", "fraction"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\npricing:\n  gpt-4: {output: 1}",
+     "pricing.gpt-4.input", "required"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\ntimeouts: {idle_s: -1}", "timeouts.idle_s", "> 0"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\nlimits: {max_body_bytes: 1.5}",
+     "limits.max_body_bytes", "whole number"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\nmodel_map: {gpt-4: 7}", "model_map.gpt-4",
+     "model name"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\nextra: 1", "extra", "unknown key"),
+    ("upstreams: [\n", "line", "not valid YAML"),
+])
+def test_mistakes_name_their_key_path(text, path, reason):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, {})
+    assert info.value.path.startswith(path)
+    assert reason in info.value.reason
+
+
+def test_yaml_tags_are_not_executed():
+    with pytest.raises(ConfigError):
+        parse_config("upstreams: !!python/object/apply:os.system ['true']", {})
+
+
+def test_check_config_command_exit_codes(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD.replace("${K1}", "sk-1"))
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\n"
+                   "  - {name: b, base_url: 'not-a-url', keys: [k]}\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "upstreams[1].base_url: not an http(s) URL" in err
+
+
+def test_check_config_as_installed_command(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], colour: red}\n")
+    proc = subprocess.run([sys.executable, "-m", "relay", "check-config", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "upstreams[0].colour: unknown key" in proc.stderr
