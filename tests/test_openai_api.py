@@ -52,6 +52,7 @@ async def test_stream_asks_upstream_for_usage_only_forwarding_it_when_asked(base
         model="gpt-4", stream=True, messages=[{"role": "user", "content": "Hi"}])]
     assert all(c.usage is None for c in plain)
     assert all(c.choices for c in plain), "the usage chunk the client did not ask for is dropped"
+    assert fake.requests[-1]["stream_options"] == {"include_usage": True}
     with_usage = [c async for c in await sdk.chat.completions.create(
         model="gpt-4", stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": "Hi"}])]

@@ -182,7 +182,9 @@ class ChatCompletionsHandler(ProxyHandler):
         served = self.resolve_model(body)
         _validate_chat(body)
         stream = body.get("stream") is True
-        await self.forward(body, served, stream)
+        # Ask the upstream for usage on streams; the handler drops that chunk unless the client asked.
+        extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}} if stream else None
+        await self.forward(body, served, stream, extra)
 
 
 class EmbeddingsHandler(ProxyHandler):
