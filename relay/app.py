@@ -1,6 +1,9 @@
 """The Tornado Application: routes, and the services they are handed."""
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -8,13 +11,17 @@ import tornado.web
 
 from relay.auth import Authenticator
 from relay.balancer.pool import Pool
+from relay.charging import Charger
 from relay.config import Config
-from relay.handlers import openai_api
+from relay.handlers import admin, billing, openai_api
 from relay.handlers.base import HealthzHandler, NotFoundHandler
 from relay.observability.access_log import log_request
 from relay.proxy.router import Router
 from relay.proxy.transport import Transport
-from relay.store.base import KeyStore
+from relay.store.mongo import HEARTBEAT_EVERY_S, MongoStore
+
+log = logging.getLogger("relay.app")
+SWEEP_EVERY_S = 10.0
 
 
 @dataclass
@@ -22,26 +29,57 @@ class Services:
     router: Router
     auth: Authenticator
     transport: Transport
+    store: MongoStore
+    charger: Charger
     trusted_proxies: tuple = field(default_factory=tuple)
+    admin_token: str | None = None
+    _tasks: list = field(default_factory=list)
 
     @property
     def config(self) -> Config:
         return self.router.pool.config
 
+    def start_maintenance(self) -> None:
+        """Heartbeats that mark this process alive, and the sweeper for crashed ones."""
+        self._tasks.append(asyncio.ensure_future(self._maintain()))
+
+    async def _maintain(self) -> None:
+        since_sweep = SWEEP_EVERY_S
+        while True:
+            try:
+                await self.store.heartbeat()
+                if since_sweep >= SWEEP_EVERY_S:
+                    since_sweep = 0.0
+                    await self.store.sweep()
+            except Exception:
+                log.exception("store maintenance failed; retrying")
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            since_sweep += HEARTBEAT_EVERY_S
+
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.transport.close()
 
 
-def build_services(config: Config, store: KeyStore, trusted_proxies: tuple = (),
-                   rng: random.Random | None = None) -> Services:
+def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (),
+                   rng: random.Random | None = None, admin_token: str | None = None) -> Services:
     transport = Transport(config.limits, config.timeouts)
-    return Services(router=Router(Pool.from_config(config), transport, rng),
-                    auth=Authenticator(store), transport=transport, trusted_proxies=trusted_proxies)
+    if admin_token is None:
+        admin_token = os.environ.get("RELAY_ADMIN_TOKEN") or None
+    return Services(router=Router(Pool.from_config(config), transport, rng), auth=Authenticator(store),
+                    transport=transport, store=store, charger=Charger(store),
+                    trusted_proxies=trusted_proxies, admin_token=admin_token)
 
 
 def _api(path: str) -> str:
     """Clients use both https://host/v1 and https://host/openai/v1 as their base URL."""
     return rf"/(?:openai/)?v1{path}"
+
+
+def _billing(path: str) -> str:
+    """ChatGPT-Next-Web calls {base}/dashboard/billing/... with no /v1; others add it."""
+    return rf"/(?:openai/)?(?:v1/)?dashboard/billing{path}"
 
 
 def make_app(services: Services, **settings) -> tornado.web.Application:
@@ -50,6 +88,11 @@ def make_app(services: Services, **settings) -> tornado.web.Application:
         (_api("/chat/completions"), openai_api.ChatCompletionsHandler, kw),
         (_api("/embeddings"), openai_api.EmbeddingsHandler, kw),
         (_api("/models"), openai_api.ModelsHandler, kw),
+        (_billing("/subscription"), billing.SubscriptionHandler, kw),
+        (_billing("/usage"), billing.UsageHandler, kw),
+        (r"/admin/keys", admin.KeysHandler, kw),
+        (r"/admin/keys/([^/]+)", admin.KeyHandler, kw),
+        (r"/admin/keys/([^/]+)/(topup|disable|enable)", admin.KeyActionHandler, kw),
         (r"/healthz", HealthzHandler, kw),
     ]
     return tornado.web.Application(

@@ -16,9 +16,9 @@ import tornado.httpserver
 from relay.app import build_services, make_app
 from relay.config import Config, ConfigError, load_config, parse_config
 from relay.fake_upstream import FakeState, make_fake_app
-from relay.keys import generate_key
+from relay.keys_cli import run_keys_command
 from relay.net import parse_trusted
-from relay.store.memory import MemoryKeyStore
+from relay.store.connect import CLIENTS, DEFAULT_CLIENT, close_client, locate_store, open_store
 
 log = logging.getLogger("relay")
 
@@ -63,17 +63,17 @@ def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0) -> t
     return server
 
 
-async def _serve(args) -> int:
+async def _serve(args, store_uri: str) -> int:
     config = _load(args.config)
-    store = MemoryKeyStore()
-    for key in filter(None, os.environ.get("RELAY_KEYS", "").split(",")):
-        store.add(key.strip())
+    store = await open_store(store_uri, args.mongo_client)
     services = build_services(config, store, parse_trusted(args.trusted_proxy))
+    services.start_maintenance()
     server = _listen(make_app(services), args.port, args.host, _ssl_context(args), config.limits.max_body_bytes)
     log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
     await _until_signalled()
     server.stop()
     await services.close()
+    await close_client(store.client)
     return 0
 
 
@@ -86,19 +86,20 @@ async def _fake(args) -> int:
     return 0
 
 
-async def _demo(args) -> int:
-    fake = _listen(make_fake_app(FakeState()), args.upstream_port, "127.0.0.1")
+async def _demo(args, store_uri: str) -> int:
+    fake = _listen(make_fake_app(FakeState(), quiet=True), args.upstream_port, "127.0.0.1")
     config = _pointed_at(_load(None), f"http://127.0.0.1:{args.upstream_port}/v1")
-    store = MemoryKeyStore()
-    key = generate_key()
-    store.add(key, note="demo")
+    store = await open_store(store_uri, args.mongo_client)
+    key, _ = await store.create_key(args.quota, note="demo")
     services = build_services(config, store)
+    services.start_maintenance()
     server = _listen(make_app(services), args.port, args.host)
     base = f"http://127.0.0.1:{args.port}/v1"
     print(f"""
-relay demo: relay on :{args.port}, fake upstream on :{args.upstream_port}. Ctrl-C stops both.
+relay demo: relay on :{args.port}, fake upstream on :{args.upstream_port}, store in {args.data_dir}.
+Ctrl-C stops them all.
 
-  demo key: {key}
+  demo key: {key}   ({args.quota} quota units)
 
   curl {base}/chat/completions -H 'Authorization: Bearer {key}' \\
        -H 'Content-Type: application/json' \\
@@ -106,11 +107,14 @@ relay demo: relay on :{args.port}, fake upstream on :{args.upstream_port}. Ctrl-
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); \\
 print(c.chat.completions.create(model='gpt-3.5-turbo', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+
+  curl {base}/dashboard/billing/subscription -H 'Authorization: Bearer {key}'
 """, flush=True)
     await _until_signalled()
     server.stop()
     fake.stop()
     await services.close()
+    await close_client(store.client)
     return 0
 
 
@@ -131,6 +135,15 @@ def _check_config(args) -> int:
     return 0
 
 
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mongodb-uri", default=os.environ.get("MONGODB_URI"),
+                   help="a MongoDB (replica set in production); default: the embedded store in --data-dir")
+    p.add_argument("--data-dir", default=os.environ.get("RELAY_DATA_DIR", "./relay-data"),
+                   help="where the embedded store keeps its files (default ./relay-data)")
+    p.add_argument("--mongo-client", choices=CLIENTS, default=os.environ.get("RELAY_MONGO_CLIENT", DEFAULT_CLIENT),
+                   help="driver: PyMongo's async client (default) or motor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="OpenAI-API relay and multi-upstream load balancer")
     parser.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"))
@@ -145,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trusted-proxy", action="append", default=[],
                        help="address or CIDR of a reverse proxy whose X-Forwarded-* headers are believed")
 
+    _store_options(serve)
+
     fake = sub.add_parser("fake-upstream", help="run an OpenAI-compatible fake upstream")
     fake.add_argument("--port", type=int, default=9000)
     fake.add_argument("--host", default="127.0.0.1")
@@ -154,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--upstream-port", type=int, default=9000)
+    demo.add_argument("--quota", type=int, default=100_000, help="quota units of the demo key")
+    _store_options(demo)
+
+    keys = sub.add_parser("keys", help="create, list, show, top up, disable and enable relay keys")
+    key_cmds = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_cmds.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--quota", type=int, required=True)
+    create.add_argument("--note", default="")
+    key_cmds.add_parser("list", help="all keys")
+    for name in ("show", "disable", "enable"):
+        p = key_cmds.add_parser(name, help=f"{name} a key by the key or its prefix")
+        p.add_argument("key")
+    topup = key_cmds.add_parser("topup", help="add quota to a key")
+    topup.add_argument("key")
+    topup.add_argument("quota", type=int)
+    for p in key_cmds.choices.values():
+        _store_options(p)
 
     check = sub.add_parser("check-config", help="validate an upstreams.yaml")
     check.add_argument("file")
@@ -168,9 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve" and bool(args.certfile) != bool(args.keyfile):
         print("--certfile and --keyfile go together", file=sys.stderr)
         return 2
-    runner = {"serve": _serve, "fake-upstream": _fake, "demo": _demo}[args.command]
     try:
-        return asyncio.run(runner(args))
+        if args.command == "fake-upstream":
+            return asyncio.run(_fake(args))
+        if args.command == "serve":
+            _load(args.config)  # a bad file fails before any store starts
+        runner = {"serve": _serve, "demo": _demo, "keys": run_keys_command}[args.command]
+        # The embedded store starts here, on the main thread: it is tied to this thread's life.
+        location = locate_store(args.mongodb_uri, args.data_dir)
+        try:
+            return asyncio.run(runner(args, location.uri))
+        finally:
+            location.stop()
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
         return 1

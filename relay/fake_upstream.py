@@ -247,11 +247,12 @@ class ControlHandler(tornado.web.RequestHandler):
         self.finish({"behaviour": dataclasses.asdict(self.state.behaviour)})
 
 
-def make_fake_app(state: FakeState) -> tornado.web.Application:
+def make_fake_app(state: FakeState, quiet: bool = False) -> tornado.web.Application:
     kw = {"state": state}
+    settings = {"log_function": lambda handler: None} if quiet else {}
     return tornado.web.Application([
         (r"/v1/chat/completions", ChatHandler, kw),
         (r"/v1/embeddings", EmbeddingsHandler, kw),
         (r"/v1/models", ModelsHandler, kw),
         (r"/_fake/(behaviour|requests|reset)", ControlHandler, kw),
-    ])
+    ], **settings)

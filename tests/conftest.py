@@ -1,6 +1,8 @@
 import pytest
 
-from tests.helpers import TEST_KEY, one_upstream_config, relay_app, start_fake
+from tests.helpers import TEST_KEY, add_key, mock_store, one_upstream_config, relay_app, start_fake
+
+ADMIN_TOKEN = "admin-test-token-0123456789"
 
 
 @pytest.fixture
@@ -11,9 +13,16 @@ def fake(io_loop):
 
 
 @pytest.fixture
-def relay(io_loop, fake):
-    """The relay app and its services, pointed at one fake upstream."""
-    app, services = relay_app(one_upstream_config(fake.base_url))
+def store(io_loop):
+    s = mock_store()
+    io_loop.run_sync(lambda: add_key(s))
+    return s
+
+
+@pytest.fixture
+def relay(io_loop, fake, store):
+    """The relay app and its services, pointed at one fake upstream, with TEST_KEY funded."""
+    app, services = relay_app(one_upstream_config(fake.base_url), store, admin_token=ADMIN_TOKEN)
     yield app, services
     io_loop.run_sync(services.close)
 

@@ -11,7 +11,7 @@ import tornado.testing
 from relay.app import build_services, make_app
 from relay.config import parse_config
 from relay.fake_upstream import FakeState, make_fake_app
-from relay.store.memory import MemoryKeyStore
+from relay.store.mongo import MongoStore
 
 # A well-formed relay key used only by tests.
 TEST_KEY = "ak-test0000000000000000000000000000000000000001"
@@ -71,10 +71,28 @@ model_map:
 """
 
 
-def relay_app(config_text: str, keys: tuple[str, ...] = (TEST_KEY,), store=None, **settings):
-    if store is None:
-        store = MemoryKeyStore()
-        for k in keys:
-            store.add(k)
-    services = build_services(parse_config(config_text, os.environ), store)
+def mock_store() -> MongoStore:
+    """A store on mongomock-motor: fast, in memory, no transactions."""
+    from mongomock_motor import AsyncMongoMockClient
+    return MongoStore(AsyncMongoMockClient(), "relay", transactions=False)
+
+
+async def add_key(store: MongoStore, key: str = TEST_KEY, quota: int = 1_000_000, status: str = "active") -> str:
+    await store.create_key(quota, "test", key=key)
+    if status != "active":
+        from relay.keys import hash_key
+        await store.set_status(hash_key(key), status)
+    return key
+
+
+def relay_app(config_text: str, store: MongoStore, admin_token: str | None = "", **settings):
+    services = build_services(parse_config(config_text, os.environ), store, admin_token=admin_token)
     return make_app(services, **settings), services
+
+
+async def serve(config_text: str, store: MongoStore, admin_token: str | None = ""):
+    """A relay on its own port (for tests that need a second or differently built relay)."""
+    app, services = relay_app(config_text, store, admin_token)
+    port = unused_port()
+    server = app.listen(port, "127.0.0.1")
+    return f"http://127.0.0.1:{port}", server, services

@@ -5,10 +5,10 @@ import socket
 
 import pytest
 
-from relay.app import build_services, make_app
-from relay.config import parse_config
-from relay.store.memory import MemoryKeyStore
-from tests.helpers import TEST_KEY, UPSTREAM_KEY, one_upstream_config, start_fake, unused_port
+from tornado.httpclient import AsyncHTTPClient
+
+from tests.helpers import TEST_KEY, UPSTREAM_KEY, add_key, mock_store, one_upstream_config, serve, start_fake, \
+    unused_port
 
 CHAT = "/v1/chat/completions"
 
@@ -39,14 +39,19 @@ async def test_missing_malformed_or_unknown_key_is_401(http_server_client, heade
     assert_openai_error(resp, 401, "invalid_api_key", "invalid_request_error")
 
 
+async def _relay_on(config_text, status="active"):
+    store = mock_store()
+    await add_key(store, status=status)
+    return await serve(config_text, store)
+
+
+async def fetch(url, **kw):
+    return await AsyncHTTPClient().fetch(url, raise_error=False, **kw)
+
+
 async def test_disabled_key_is_401_saying_so(fake, io_loop):
-    store = MemoryKeyStore()
-    store.add(TEST_KEY, status="disabled")
-    services = build_services(parse_config(one_upstream_config(fake.base_url), {}), store)
-    port = unused_port()
-    server = make_app(services).listen(port, "127.0.0.1")
-    from tornado.httpclient import AsyncHTTPClient
-    resp = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/v1/models", raise_error=False,
+    url, server, services = await _relay_on(one_upstream_config(fake.base_url), status="disabled")
+    resp = await fetch(f"{url}/v1/models",
                                          headers={"Authorization": f"Bearer {TEST_KEY}"})
     err = assert_openai_error(resp, 401, "key_disabled")
     assert "disabled" in err["message"]
@@ -85,14 +90,9 @@ async def test_bad_embedding_bodies_are_400(http_server_client, auth, body, para
 
 async def test_model_no_upstream_serves_is_404(fake, io_loop):
     text = one_upstream_config(fake.base_url).replace("keys: [", "models: [gpt-4]\n    keys: [")
-    store = MemoryKeyStore()
-    store.add(TEST_KEY)
-    services = build_services(parse_config(text, {}), store)
-    port = unused_port()
-    server = make_app(services).listen(port, "127.0.0.1")
-    from tornado.httpclient import AsyncHTTPClient
-    resp = await AsyncHTTPClient().fetch(
-        f"http://127.0.0.1:{port}{CHAT}", method="POST", raise_error=False,
+    url, server, services = await _relay_on(text)
+    resp = await fetch(
+        f"{url}{CHAT}", method="POST",
         headers={"Authorization": f"Bearer {TEST_KEY}"},
         body=json.dumps({"model": "gpt-3.5-turbo-16k", "messages": [{"role": "user", "content": "x"}]}))
     err = assert_openai_error(resp, 404, "model_not_found")
@@ -133,17 +133,14 @@ def _raw_exchange(port: int, head: bytes, body_chunks) -> bytes:
         return data
 
 
-def _limited_relay(fake, limit):
-    extra = f"limits:\n  max_body_bytes: {limit}\n"
-    store = MemoryKeyStore()
-    store.add(TEST_KEY)
-    return build_services(parse_config(one_upstream_config(fake.base_url, extra=extra), {}), store)
+async def _limited_relay(fake, limit):
+    url, server, services = await _relay_on(
+        one_upstream_config(fake.base_url, extra=f"limits:\n  max_body_bytes: {limit}\n"))
+    return int(url.rsplit(":", 1)[1]), server, services
 
 
 async def test_declared_oversized_body_gets_413_before_it_is_sent(fake, io_loop):
-    services = _limited_relay(fake, 1000)
-    port = unused_port()
-    server = make_app(services).listen(port, "127.0.0.1")
+    port, server, services = await _limited_relay(fake, 1000)
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n").encode()
     # Only the headers are sent: a 413 proves the limit is checked before reading the body.
@@ -155,9 +152,7 @@ async def test_declared_oversized_body_gets_413_before_it_is_sent(fake, io_loop)
 
 
 async def test_chunked_body_over_the_limit_gets_413_while_reading(fake, io_loop):
-    services = _limited_relay(fake, 1000)
-    port = unused_port()
-    server = make_app(services).listen(port, "127.0.0.1")
+    port, server, services = await _limited_relay(fake, 1000)
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n"
             f"Transfer-Encoding: chunked\r\n\r\n").encode()
     piece = b"x" * 600
@@ -178,14 +173,9 @@ async def test_upstream_500_is_502(http_server_client, auth, fake):
 
 async def test_unreachable_upstream_is_502(io_loop, http_server_client):
     dead = f"http://127.0.0.1:{unused_port()}/v1"
-    store = MemoryKeyStore()
-    store.add(TEST_KEY)
-    services = build_services(parse_config(one_upstream_config(dead), {}), store)
-    port = unused_port()
-    server = make_app(services).listen(port, "127.0.0.1")
-    from tornado.httpclient import AsyncHTTPClient
-    resp = await AsyncHTTPClient().fetch(
-        f"http://127.0.0.1:{port}{CHAT}", method="POST", raise_error=False,
+    url, server, services = await _relay_on(one_upstream_config(dead))
+    resp = await fetch(
+        f"{url}{CHAT}", method="POST",
         headers={"Authorization": f"Bearer {TEST_KEY}"},
         body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
     assert_openai_error(resp, 502, "bad_gateway")
@@ -195,14 +185,9 @@ async def test_unreachable_upstream_is_502(io_loop, http_server_client):
 
 async def test_upstream_rejecting_relays_key_is_502_without_the_key(io_loop):
     fake = start_fake(keys={"sk-the-only-good-key"})
-    store = MemoryKeyStore()
-    store.add(TEST_KEY)
-    services = build_services(parse_config(one_upstream_config(fake.base_url), {}), store)
-    port = unused_port()
-    server = make_app(services).listen(port, "127.0.0.1")
-    from tornado.httpclient import AsyncHTTPClient
-    resp = await AsyncHTTPClient().fetch(
-        f"http://127.0.0.1:{port}{CHAT}", method="POST", raise_error=False,
+    url, server, services = await _relay_on(one_upstream_config(fake.base_url))
+    resp = await fetch(
+        f"{url}{CHAT}", method="POST",
         headers={"Authorization": f"Bearer {TEST_KEY}"},
         body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
     assert_openai_error(resp, 502, "bad_gateway")

@@ -111,6 +111,16 @@ def _as_relay_error(status: int, exc: BaseException | None) -> RelayError:
     return err
 
 
+class AuthenticatedHandler(RelayHandler):
+    """Requires a valid, active relay key before anything else happens."""
+
+    async def prepare(self) -> None:
+        if self.request.method == "OPTIONS":
+            return
+        self.key = await self.services.auth.authenticate(self.request.headers.get("Authorization"))
+        self.key_prefix = self.key.prefix
+
+
 class NotFoundHandler(RelayHandler):
     def prepare(self) -> None:
         if self.request.method != "OPTIONS":

@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
 
 import tornado.web
 from tornado.iostream import StreamClosedError
 
 from relay.balancer.pool import Endpoint
-from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, RelayError, UpstreamError
-from relay.handlers.base import RelayHandler
-from relay.proxy.sse import SSEDecoder, StreamMeter
+from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
+from relay.handlers.base import AuthenticatedHandler
+from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding
+from relay.metering.tokens import count_text
+from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
 from relay.proxy.transport import UpstreamResponse
 from relay.redact import scrub
 
 PASSED_RESPONSE_HEADERS = ("Content-Type", "OpenAI-Processing-Ms", "OpenAI-Version")
-
-
-class AuthenticatedHandler(RelayHandler):
-    async def prepare(self) -> None:
-        if self.request.method == "OPTIONS":
-            return
-        self.key = await self.services.auth.authenticate(self.request.headers.get("Authorization"))
-        self.key_prefix = self.key.prefix
 
 
 @tornado.web.stream_request_body
@@ -101,12 +95,20 @@ class ProxyHandler(AuthenticatedHandler):
 
         return build
 
-    async def forward(self, body: dict, served: str, stream: bool, extra: dict | None = None) -> None:
-        router = self.services.router
-        resp = await router.send(served, "POST", self.upstream_path, self.body_builder(body, served, extra))
-        self._upstream = resp
-        self.upstream_name = resp.endpoint.upstream.name
+    async def forward(self, body: dict, served: str, stream: bool, quote: Quote, extra: dict | None = None) -> None:
+        """Reserve, send, relay the reply, then settle what was delivered or refund."""
+        services = self.services
+        self.charge = await services.charger.reserve(self.key.key_hash, self.request_id, quote, stream)
+        self._usage: Usage | None = None
+        self._completion_text = ""
+        self._delivered = False
+        self._ttfb_ms = 0.0
+        resp = None
         try:
+            resp = await services.router.send(served, "POST", self.upstream_path,
+                                              self.body_builder(body, served, extra))
+            self._upstream = resp
+            self.upstream_name = resp.endpoint.upstream.name
             if resp.status >= 400:
                 await self._pass_error(resp)
             elif stream and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
@@ -115,7 +117,28 @@ class ProxyHandler(AuthenticatedHandler):
                 await self._relay_json(resp)
         finally:
             self._upstream = None
-            router.finish(resp)
+            if resp is not None:
+                services.router.finish(resp)
+            await self._end_charge(quote, resp)
+
+    async def _end_charge(self, quote: Quote, resp: UpstreamResponse | None) -> None:
+        """Exactly one of settle or refund, whatever happened before."""
+        charger = self.services.charger
+        if not self._delivered:
+            await charger.refund(self.charge)
+            return
+        if self._usage is not None:
+            prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
+        else:
+            prompt, completion = quote.prompt_tokens, count_text(self._completion_text)
+        model = resp.endpoint.upstream_model(quote.model) if resp is not None else quote.model
+        await charger.settle(self.charge, prompt_tokens=prompt, completion_tokens=completion,
+                             status=self.get_status(), upstream=self.upstream_name, model=model,
+                             ttfb_ms=self._ttfb_ms)
+
+    def _mark_first_byte(self) -> None:
+        if not self._ttfb_ms:
+            self._ttfb_ms = (time.perf_counter() - self.started) * 1000
 
     def _copy_headers(self, resp: UpstreamResponse) -> None:
         for name in PASSED_RESPONSE_HEADERS:
@@ -124,7 +147,7 @@ class ProxyHandler(AuthenticatedHandler):
                 self.set_header(name, value)
 
     async def _pass_error(self, resp: UpstreamResponse) -> None:
-        """The client's own mistake as the upstream judged it: passed on, minus any key."""
+        """The client's own mistake as the upstream judged it: passed on, minus any key. Not charged."""
         data = scrub(await resp.read(), (resp.endpoint.key,))
         self.set_status(resp.status)
         self._copy_headers(resp)
@@ -133,9 +156,21 @@ class ProxyHandler(AuthenticatedHandler):
 
     async def _relay_json(self, resp: UpstreamResponse) -> None:
         data = await resp.read()
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            raise UpstreamError(f"upstream {resp.endpoint.upstream.name} sent a reply that is not JSON") from None
+        # Without usage from the upstream, relay counts the reply's text itself.
+        self._usage = parse_usage(reply) or Usage(self.charge.quote.prompt_tokens, completion_tokens_of_reply(reply))
         self.set_status(resp.status)
         self._copy_headers(resp)
-        self.finish(data)
+        self.set_header("Content-Type", "application/json")
+        self._mark_first_byte()
+        self._delivered = True
+        try:
+            await self.finish(data)
+        except StreamClosedError:
+            self.flag = "client_disconnected"
 
     async def _relay_stream(self, resp: UpstreamResponse, body: dict) -> None:
         self.set_status(resp.status)
@@ -146,10 +181,15 @@ class ProxyHandler(AuthenticatedHandler):
         meter = StreamMeter(forward_usage_chunk=_asked_for_usage(body))
         try:
             async for chunk in resp.chunks():
+                wrote = False
                 for event in decoder.decode(chunk):
                     if meter.accept(event):
                         self.write(event)
-                await self.flush()
+                        wrote = True
+                if wrote:
+                    self._mark_first_byte()
+                    await self.flush()
+                    self._delivered = True
             rest = decoder.flush()
             if rest.strip():
                 self.write(rest)
@@ -157,9 +197,12 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = "upstream_stream_broken"  # headers are out: the stream just ends
         except StreamClosedError:
             self.flag = "client_disconnected"
-            return
+        finally:
+            self._usage = meter.usage
+            self._completion_text = meter.delivered_text
         if self._client_gone:
             self.flag = "client_disconnected"
+        if self.flag == "client_disconnected":
             return
         if not meter.done and self.flag == "-":
             self.flag = "upstream_stream_truncated"
@@ -181,10 +224,11 @@ class ChatCompletionsHandler(ProxyHandler):
         body = self.parsed_body()
         served = self.resolve_model(body)
         _validate_chat(body)
+        quote = quote_chat(self.services.config, served, body)
         stream = body.get("stream") is True
         # Ask the upstream for usage on streams; the handler drops that chunk unless the client asked.
         extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}} if stream else None
-        await self.forward(body, served, stream, extra)
+        await self.forward(body, served, stream, quote, extra)
 
 
 class EmbeddingsHandler(ProxyHandler):
@@ -198,7 +242,7 @@ class EmbeddingsHandler(ProxyHandler):
             raise InvalidRequest("You must provide an input parameter.", param="input")
         if not isinstance(value, (str, list)) or value == [] or value == "":
             raise InvalidRequest("'input' must be a non-empty string or array.", param="input")
-        await self.forward(body, served, stream=False)
+        await self.forward(body, served, False, quote_embedding(self.services.config, served, body))
 
 
 def _validate_chat(body: dict) -> None:
@@ -217,10 +261,12 @@ def _validate_chat(body: dict) -> None:
                                  param=f"messages[{i}].content")
     _typed(body, "stream", bool)
     _typed(body, "stream_options", dict)
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                   or max_tokens < 1):
-        raise InvalidRequest("'max_tokens' must be a whole number >= 1.", param="max_tokens")
+    for name, most in (("max_tokens", None), ("max_completion_tokens", None), ("n", 128)):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1
+                                  or (most is not None and value > most)):
+            limit = f" and <= {most}" if most else ""
+            raise InvalidRequest(f"'{name}' must be a whole number >= 1{limit}.", param=name)
 
 
 def _typed(body: dict, name: str, kind: type) -> None:

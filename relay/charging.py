@@ -1,0 +1,64 @@
+"""One request's money: reserve before forwarding, then settle exactly once or refund.
+
+``Charger.reserve`` returns a ``Charge``; whatever happens next, the handler ends it with
+``settle`` (the client received output) or ``refund`` (it received none). The store makes
+both idempotent and atomic; this module decides which, and with what numbers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from relay.metering.quote import Quote
+from relay.store.mongo import LedgerEntry, MongoStore, utc_now
+
+log = logging.getLogger("relay.charging")
+
+
+@dataclass
+class Charge:
+    key_hash: str
+    request_id: str
+    quote: Quote
+    held: int
+    stream: bool
+    started: float = field(default_factory=time.perf_counter)
+    ended: bool = False
+    cost: int = 0
+
+
+class Charger:
+    def __init__(self, store: MongoStore):
+        self.store = store
+
+    async def reserve(self, key_hash: str, request_id: str, quote: Quote, stream: bool) -> Charge:
+        held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
+        return Charge(key_hash, request_id, quote, held, stream)
+
+    async def settle(self, charge: Charge, *, prompt_tokens: int, completion_tokens: int, status: int,
+                     upstream: str, model: str, ttfb_ms: float) -> None:
+        if charge.ended:
+            return
+        charge.ended = True
+        charge.cost = charge.quote.cost(prompt_tokens, completion_tokens)
+        entry = LedgerEntry(
+            request_id=charge.request_id, key_hash=charge.key_hash, model=model, upstream=upstream,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=charge.cost, status=status,
+            latency_ms=round((time.perf_counter() - charge.started) * 1000, 3), ttfb_ms=round(ttfb_ms, 3),
+            stream=charge.stream, at=utc_now())
+        try:
+            if not await self.store.settle(entry, charge.held):
+                log.warning("settlement of %s found no reservation (swept?)", charge.request_id)
+        except Exception:
+            # The hold stays on the key; the sweeper returns it, so nothing is charged twice.
+            log.exception("settlement of %s failed", charge.request_id)
+
+    async def refund(self, charge: Charge) -> None:
+        if charge.ended:
+            return
+        charge.ended = True
+        try:
+            await self.store.refund(charge.key_hash, charge.request_id, charge.held)
+        except Exception:
+            log.exception("refund of %s failed; the sweeper will return it", charge.request_id)

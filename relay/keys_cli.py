@@ -1,0 +1,46 @@
+"""``relay keys ...``: key management from the shell, against the same store as serve."""
+from __future__ import annotations
+
+import json
+import sys
+
+from relay.errors import RelayError
+from relay.store.connect import close_client, open_store
+from relay.store.mongo import key_view
+
+
+async def run_keys_command(args, store_uri: str) -> int:
+    store = await open_store(store_uri, args.mongo_client)
+    try:
+        return await _run(args, store)
+    except LookupError:
+        print("no key matches that key or prefix", file=sys.stderr)
+        return 1
+    except RelayError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    finally:
+        await close_client(store.client)
+
+
+async def _run(args, store) -> int:
+    cmd = args.keys_command
+    if cmd == "create":
+        key, doc = await store.create_key(args.quota, args.note)
+        print(key)
+        print(f"# shown once: store it now. prefix {doc['prefix']}, quota {doc['granted']}", file=sys.stderr)
+        return 0
+    if cmd == "list":
+        print(f"{'prefix':12} {'status':9} {'granted':>12} {'used':>12} {'reserved':>10} {'balance':>12}  note")
+        for doc in await store.list_keys():
+            v = key_view({**doc, "holds": []})
+            print(f"{v['prefix']:12} {v['status']:9} {v['granted']:>12} {v['used']:>12} {v['reserved']:>10} "
+                  f"{v['balance']:>12}  {v['note']}")
+        return 0
+    doc = await store.resolve(args.key)
+    if cmd == "topup":
+        doc = await store.topup(doc["_id"], args.quota)
+    elif cmd in ("disable", "enable"):
+        doc = await store.set_status(doc["_id"], "disabled" if cmd == "disable" else "active")
+    print(json.dumps(key_view(doc), indent=2))
+    return 0

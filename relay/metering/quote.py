@@ -1,0 +1,66 @@
+"""What a request must hold before it is forwarded, and what it costs after. Pure."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from math import ceil
+from typing import Any
+
+from relay.config import Config, Price
+from relay.errors import InvalidRequest
+from relay.metering.pricing import cost
+from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_text, content_text
+
+
+@dataclass(frozen=True)
+class Quote:
+    model: str            # the model the price is for (after mapping)
+    price: Price
+    prompt_tokens: int    # estimated with tiktoken
+    allowance: int        # completion tokens reserved for
+    minimum: int          # units that must be there: the prompt alone
+    full: int             # units held when the balance allows: prompt + allowance
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return cost(self.price, prompt_tokens, completion_tokens)
+
+
+def price_for(config: Config, model: str) -> Price:
+    price = config.price_of(model)
+    if price is None:
+        raise InvalidRequest(f"The model '{model}' has no price configured on this relay.", param="model",
+                             code="model_not_priced")
+    return price
+
+
+def quote_chat(config: Config, model: str, body: dict) -> Quote:
+    price = price_for(config, model)
+    prompt = count_chat_prompt(body["messages"])
+    allowance = body.get("max_tokens") or body.get("max_completion_tokens") or config.quota.default_max_tokens
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        allowance *= n  # n choices each get up to max_tokens
+    return _quote(model, price, prompt, allowance)
+
+
+def quote_embedding(config: Config, model: str, body: dict) -> Quote:
+    return _quote(model, price_for(config, model), count_embedding_input(body["input"]), 0)
+
+
+def _quote(model: str, price: Price, prompt: int, allowance: int) -> Quote:
+    return Quote(model, price, prompt, allowance, minimum=ceil(Fraction(price.input) * prompt),
+                 full=cost(price, prompt, allowance))
+
+
+def completion_tokens_of_reply(reply: Any) -> int:
+    """Count a JSON chat reply's text when the upstream reported no usage."""
+    total = 0
+    for choice in (reply.get("choices") or []) if isinstance(reply, dict) else []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            total += count_text(content_text(message.get("content")))
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    total += count_text(str(fn.get("name", ""))) + count_text(str(fn.get("arguments", "")))
+    return total

@@ -1,0 +1,75 @@
+"""Opening the store: a MongoDB URI or the embedded server, through PyMongo async or motor.
+
+Both drivers share the surface the store uses (find_one, update_one, find().to_list,
+sessions with with_transaction); ``RELAY_MONGO_CLIENT`` / ``--mongo-client`` chooses.
+PyMongo's async client is the default: it was faster on the embedded server
+(bench/store_clients.py) and motor is deprecated in its favour.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+from relay.store.embedded import EmbeddedServer, StoreAlreadyRunning, running_uri
+from relay.store.mongo import MongoStore
+
+CLIENTS = ("pymongo", "motor")
+DEFAULT_CLIENT = "pymongo"
+
+
+def make_client(uri: str, kind: str = DEFAULT_CLIENT):
+    opts = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000, "tz_aware": False}
+    if kind == "pymongo":
+        from pymongo import AsyncMongoClient
+        return AsyncMongoClient(uri, **opts)
+    if kind == "motor":
+        from motor.motor_asyncio import AsyncIOMotorClient
+        return AsyncIOMotorClient(uri, **opts)
+    raise ValueError(f"unknown mongo client {kind!r} (choose from {', '.join(CLIENTS)})")
+
+
+async def close_client(client) -> None:
+    result = client.close()
+    if inspect.isawaitable(result):  # PyMongo's async close is a coroutine, motor's is not
+        await result
+
+
+async def supports_transactions(client) -> bool:
+    """Replica sets, sharded clusters and the embedded server do; a standalone mongod does not."""
+    hello = await client.admin.command("hello")
+    return bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+
+
+async def open_store(uri: str, kind: str = DEFAULT_CLIENT, db_name: str = "relay") -> MongoStore:
+    client = make_client(uri, kind)
+    store = MongoStore(client, db_name, transactions=await supports_transactions(client))
+    await store.ensure_indexes()
+    return store
+
+
+@dataclass
+class StoreLocation:
+    """Where the store is: a URI, and the embedded server this process started, if any."""
+
+    uri: str
+    embedded: EmbeddedServer | None = None
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def locate_store(mongodb_uri: str | None, data_dir: str) -> StoreLocation:
+    """MONGODB_URI if given; else the embedded server on data_dir (reuse a running one, or start it)."""
+    uri = mongodb_uri or os.environ.get("MONGODB_URI")
+    if uri:
+        return StoreLocation(uri)
+    existing = running_uri(data_dir)
+    if existing:
+        return StoreLocation(existing)
+    server = EmbeddedServer(data_dir)
+    try:
+        return StoreLocation(server.start(), server)
+    except StoreAlreadyRunning:
+        return StoreLocation(running_uri(data_dir) or "")

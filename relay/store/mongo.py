@@ -1,0 +1,281 @@
+"""Keys, reservations, the ledger and daily usage in MongoDB (PyMongo async or motor).
+
+Conservation, per key: granted = balance + reserved + used, and used = Σ ledger costs.
+- A reservation is a hold pushed onto the key document in the same atomic update that
+  moves its amount from ``balance`` to ``reserved``.
+- Settlement pulls the hold, charges ``used`` and inserts the ledger entry and the day's
+  usage in one transaction (the embedded server and replica sets have them), so a hold
+  that still exists has never been charged.
+- A refund pulls the hold and returns its amount, in one atomic update. The sweeper
+  refunds holds whose owning process stopped sending heartbeats (a crash).
+Every update that removes a hold filters on that hold, so nothing happens twice.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import logging
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from pymongo.errors import DuplicateKeyError
+
+from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUnavailable
+from relay.keys import display_prefix, generate_key, hash_key
+from relay.store.base import KeyRecord
+
+log = logging.getLogger("relay.store")
+
+HEARTBEAT_EVERY_S = 5.0
+DEAD_AFTER_S = 30.0          # a process silent this long has crashed; its holds are swept
+MAX_HOLD_AGE_S = 6 * 3600.0  # no request lives this long, whatever its owner says
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    request_id: str
+    key_hash: str
+    model: str
+    upstream: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    status: int
+    latency_ms: float
+    ttfb_ms: float
+    stream: bool
+    at: dt.datetime
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def day_of(at: dt.datetime) -> str:
+    return at.strftime("%Y-%m-%d")
+
+
+class MongoStore:
+    def __init__(self, client: Any, db_name: str = "relay", transactions: bool = True,
+                 instance_id: str | None = None, clock: Callable[[], dt.datetime] = utc_now):
+        self.client = client
+        self.db = client[db_name]
+        self.transactions = transactions
+        self.instance_id = instance_id or "p_" + secrets.token_hex(6)
+        self.clock = clock
+        self.keys = self.db["keys"]
+        self.ledger = self.db["ledger"]
+        self.daily = self.db["usage_daily"]
+        self.grants = self.db["grants"]
+        self.processes = self.db["processes"]
+        self.round_trips = 0  # store operations issued, for the benchmark's per-request count
+
+    # --- set-up -------------------------------------------------------------------------
+
+    async def ensure_indexes(self) -> None:
+        await self.keys.create_index("prefix")
+        await self.keys.create_index("holds.owner")
+        await self.ledger.create_index([("key_hash", 1), ("at", -1)])
+        await self.daily.create_index([("key_hash", 1), ("day", 1)])
+        await self.grants.create_index([("key_hash", 1), ("at", 1)])
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    # --- keys ---------------------------------------------------------------------------
+
+    async def create_key(self, quota: int, note: str = "", key: str | None = None) -> tuple[str, dict]:
+        """A new key holding ``quota`` units; ``key`` lets tests choose it, otherwise it is random."""
+        if quota < 0:
+            raise InvalidRequest("quota must be >= 0", param="quota")
+        key = key or generate_key()
+        now = self.clock()
+        doc = {"_id": hash_key(key), "prefix": display_prefix(key), "note": note, "status": "active",
+               "granted": quota, "balance": quota, "reserved": 0, "used": 0, "holds": [], "created_at": now}
+        await self.keys.insert_one(doc)
+        await self.grants.insert_one({"key_hash": doc["_id"], "amount": quota, "kind": "create", "at": now})
+        return key, doc
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        self.round_trips += 1
+        doc = await self.keys.find_one({"_id": key_hash}, {"prefix": 1, "status": 1, "note": 1})
+        if doc is None:
+            return None
+        return KeyRecord(doc["_id"], doc["prefix"], doc["status"], doc.get("note", ""))
+
+    async def key_doc(self, key_hash: str) -> dict | None:
+        return await self.keys.find_one({"_id": key_hash})
+
+    async def resolve(self, key_or_prefix: str) -> dict:
+        """A key document by the full key, its hash, or its display prefix (unique)."""
+        if len(key_or_prefix) > 20:
+            doc = await self.key_doc(hash_key(key_or_prefix)) or await self.key_doc(key_or_prefix)
+            if doc:
+                return doc
+        else:
+            docs = await self.keys.find({"prefix": key_or_prefix}).to_list(length=2)
+            if len(docs) > 1:
+                raise InvalidRequest("That prefix matches more than one key; give the whole key.")
+            if docs:
+                return docs[0]
+        raise LookupError("no such key")
+
+    async def topup(self, key_hash: str, amount: int) -> dict:
+        if amount <= 0:
+            raise InvalidRequest("a top-up must be > 0", param="quota")
+        doc = await self._find_and_update({"_id": key_hash}, {"$inc": {"granted": amount, "balance": amount}})
+        if doc is None:
+            raise LookupError("no such key")
+        await self.grants.insert_one({"key_hash": key_hash, "amount": amount, "kind": "topup", "at": self.clock()})
+        return doc
+
+    async def set_status(self, key_hash: str, status: str) -> dict:
+        doc = await self._find_and_update({"_id": key_hash}, {"$set": {"status": status}})
+        if doc is None:
+            raise LookupError("no such key")
+        return doc
+
+    async def list_keys(self, limit: int = 1000) -> list[dict]:
+        return await self.keys.find({}, {"holds": 0}).sort("created_at", 1).to_list(length=limit)
+
+    async def _find_and_update(self, flt: dict, update: dict) -> dict | None:
+        from pymongo import ReturnDocument
+        return await self.keys.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
+
+    # --- charging -----------------------------------------------------------------------
+
+    async def reserve(self, key_hash: str, request_id: str, minimum: int, full: int) -> int:
+        """Hold ``full`` units, or whatever is left if that still covers ``minimum``.
+
+        Returns the amount held. Raises InsufficientQuota when even ``minimum`` is not there.
+        """
+        hold_base = {"rid": request_id, "owner": self.instance_id, "at": self.clock()}
+        amount = full
+        for _ in range(8):  # compare-and-set on the balance when only a part is left
+            flt = {"_id": key_hash, "status": "active"}
+            flt["balance"] = {"$gte": amount} if amount == full else amount
+            self.round_trips += 1
+            res = await self.keys.update_one(flt, {"$inc": {"balance": -amount, "reserved": amount},
+                                                   "$push": {"holds": {**hold_base, "amount": amount}}})
+            if res.modified_count == 1:
+                return amount
+            self.round_trips += 1
+            doc = await self.keys.find_one({"_id": key_hash}, {"balance": 1, "status": 1})
+            if doc is None:
+                raise LookupError("no such key")
+            if doc["status"] != "active":
+                raise KeyDisabled("This relay key has been disabled.")
+            balance = doc["balance"]
+            if balance < max(minimum, 1) and not (minimum == 0 and full == 0):
+                raise InsufficientQuota(
+                    "You exceeded your current quota: this key's balance "
+                    f"({max(balance, 0)} units) does not cover the prompt ({minimum} units). Top it up to continue.")
+            amount = min(full, balance)
+        raise StoreUnavailable("The quota could not be reserved under contention; retry.")
+
+    async def refund(self, key_hash: str, request_id: str, amount: int) -> bool:
+        """Return a hold of ``amount`` in full. False when it was already settled or swept."""
+        self.round_trips += 1
+        res = await self.keys.update_one(
+            {"_id": key_hash, "holds": {"$elemMatch": {"rid": request_id, "amount": amount}}},
+            {"$pull": {"holds": {"rid": request_id}}, "$inc": {"balance": amount, "reserved": -amount}})
+        return res.modified_count == 1
+
+    async def settle(self, entry: LedgerEntry, held: int) -> bool:
+        """Charge ``entry.cost`` against the hold: ledger, key and day move together.
+
+        False when the hold was gone (already settled, or swept): nothing is charged.
+        """
+        doc = dict(asdict(entry))
+        doc["_id"] = doc.pop("request_id")
+        day = day_of(entry.at)
+        key_update = {"$pull": {"holds": {"rid": entry.request_id}},
+                      "$inc": {"reserved": -held, "balance": held - entry.cost, "used": entry.cost}}
+        daily_update = {"$inc": {"cost": entry.cost, "requests": 1, "prompt_tokens": entry.prompt_tokens,
+                                 "completion_tokens": entry.completion_tokens},
+                        "$setOnInsert": {"key_hash": entry.key_hash, "day": day}}
+
+        async def apply(session=None) -> bool:
+            res = await self.keys.update_one({"_id": entry.key_hash, "holds.rid": entry.request_id}, key_update,
+                                             session=session)
+            if res.modified_count != 1:
+                return False
+            await self.ledger.insert_one(doc, session=session)
+            await self.daily.update_one({"_id": f"{entry.key_hash}:{day}"}, daily_update, upsert=True,
+                                        session=session)
+            return True
+
+        self.round_trips += 3
+        if not self.transactions:
+            try:
+                return await apply()
+            except DuplicateKeyError:
+                return False
+        outcome: list[bool] = []
+
+        async def in_transaction(session) -> None:
+            outcome.clear()
+            ok = await apply(session)
+            outcome.append(ok)
+            if not ok:
+                await session.abort_transaction()
+
+        session = self.client.start_session()
+        if inspect.isawaitable(session):  # motor's start_session is a coroutine
+            session = await session
+        async with session:
+            await session.with_transaction(in_transaction)
+        return bool(outcome and outcome[0])
+
+    # --- billing ------------------------------------------------------------------------
+
+    async def usage_days(self, key_hash: str, first_day: str, last_day: str) -> list[dict]:
+        """Daily usage documents with ``first_day <= day <= last_day`` (YYYY-MM-DD)."""
+        cursor = self.daily.find({"key_hash": key_hash, "day": {"$gte": first_day, "$lte": last_day}})
+        return await cursor.sort("day", 1).to_list(length=1000)
+
+    async def recent_ledger(self, key_hash: str, limit: int = 50) -> list[dict]:
+        return await self.ledger.find({"key_hash": key_hash}).sort("at", -1).to_list(length=limit)
+
+    async def ledger_total(self, key_hash: str) -> int:
+        docs = await self.ledger.find({"key_hash": key_hash}, {"cost": 1}).to_list(length=None)
+        return sum(d["cost"] for d in docs)
+
+    # --- crash recovery -----------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        await self.processes.update_one({"_id": self.instance_id}, {"$set": {"at": self.clock()}}, upsert=True)
+
+    async def sweep(self) -> int:
+        """Refund holds of processes that stopped heartbeating, and holds older than any request.
+
+        Returns how many holds were returned.
+        """
+        now = self.clock()
+        alive_since = now - dt.timedelta(seconds=DEAD_AFTER_S)
+        alive = {p["_id"] for p in await self.processes.find({"at": {"$gte": alive_since}}).to_list(length=None)}
+        alive.add(self.instance_id)
+        oldest = now - dt.timedelta(seconds=MAX_HOLD_AGE_S)
+        swept = 0
+        candidates = await self.keys.find({"holds.0": {"$exists": True}}, {"holds": 1}).to_list(length=None)
+        for doc in candidates:
+            for hold in doc["holds"]:
+                if hold.get("owner") not in alive or hold["at"] < oldest:
+                    if await self.refund(doc["_id"], hold["rid"], hold["amount"]):
+                        swept += 1
+                        log.warning("returned a stale reservation of %d units (owner %s)",
+                                    hold["amount"], hold.get("owner"))
+        await self.processes.delete_many({"at": {"$lt": now - dt.timedelta(seconds=MAX_HOLD_AGE_S)}})
+        return swept
+
+
+def key_view(doc: dict) -> dict:
+    """What an operator sees of a key: never its hash or the key itself."""
+    return {"prefix": doc["prefix"], "note": doc.get("note", ""), "status": doc["status"],
+            "granted": doc["granted"], "used": doc["used"], "reserved": doc["reserved"],
+            "balance": doc["balance"], "created_at": _iso(doc.get("created_at"))}
+
+
+def _iso(at: dt.datetime | None) -> str | None:
+    return at.replace(tzinfo=dt.timezone.utc).isoformat().replace("+00:00", "Z") if at else None
