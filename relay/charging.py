@@ -7,8 +7,7 @@ both idempotent and atomic; this module decides which, and with what numbers.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from relay.metering.quote import Quote
 from relay.store.mongo import LedgerEntry, MongoStore, utc_now
@@ -23,7 +22,6 @@ class Charge:
     quote: Quote
     held: int
     stream: bool
-    started: float = field(default_factory=time.perf_counter)
     ended: bool = False
     cost: int = 0
 
@@ -37,7 +35,7 @@ class Charger:
         return Charge(key_hash, request_id, quote, held, stream)
 
     async def settle(self, charge: Charge, *, prompt_tokens: int, completion_tokens: int, status: int,
-                     upstream: str, model: str, ttfb_ms: float) -> None:
+                     upstream: str, model: str, latency_ms: float, ttfb_ms: float) -> None:
         if charge.ended:
             return
         charge.ended = True
@@ -45,7 +43,7 @@ class Charger:
         entry = LedgerEntry(
             request_id=charge.request_id, key_hash=charge.key_hash, model=model, upstream=upstream,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=charge.cost, status=status,
-            latency_ms=round((time.perf_counter() - charge.started) * 1000, 3), ttfb_ms=round(ttfb_ms, 3),
+            latency_ms=round(latency_ms, 3), ttfb_ms=round(ttfb_ms, 3),
             stream=charge.stream, at=utc_now())
         try:
             if not await self.store.settle(entry, charge.held):

@@ -103,12 +103,14 @@ class _FakeHandler(tornado.web.RequestHandler):
 
     def record(self, body: dict | None) -> None:
         body = body or {}
-        self.state.requests.append({
+        self.rec = {
             "path": self.request.path, "method": self.request.method, "model": body.get("model"),
             "authorization": self.request.headers.get("Authorization"), "stream": body.get("stream"),
             "stream_options": body.get("stream_options"), "max_tokens": body.get("max_tokens"),
             "received_at": time.monotonic(), "chunks_sent_at": [], "headers": dict(self.request.headers),
-        })
+            "aborted": False,
+        }
+        self.state.requests.append(self.rec)
 
     def parse(self) -> dict | None:
         try:
@@ -157,7 +159,7 @@ class ChatHandler(_FakeHandler):
 
     async def stream(self, cid, created, model, pieces, usage, include_usage) -> None:
         b = self.state.behaviour
-        sent_at = self.state.requests[-1]["chunks_sent_at"]
+        sent_at = self.rec["chunks_sent_at"]
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         with_usage = include_usage and not b.omit_usage
@@ -179,20 +181,24 @@ class ChatHandler(_FakeHandler):
         events.append(b"data: [DONE]\n\n")
         try:
             for i, event in enumerate(events):
+                if i and b.chunk_delay:
+                    await asyncio.sleep(b.chunk_delay)
                 content_sent = i - 1  # events[0] is the role chunk, with no content
                 if b.stall_after_chunks is not None and content_sent >= b.stall_after_chunks:
                     await asyncio.sleep(3600)
                 if b.truncate_after_chunks is not None and content_sent >= b.truncate_after_chunks:
                     self.request.connection.stream.close()
                     return
-                if i and b.chunk_delay:
-                    await asyncio.sleep(b.chunk_delay)
                 self.write(event)
                 await self.flush()
                 sent_at.append(time.monotonic())
             self.finish()
         except StreamClosedError:
-            pass
+            self.rec["aborted"] = True  # relay hung up: the upstream's work stops
+
+    def on_connection_close(self) -> None:
+        if hasattr(self, "rec"):
+            self.rec["aborted"] = True
 
 
 class EmbeddingsHandler(_FakeHandler):

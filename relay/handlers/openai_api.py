@@ -134,7 +134,7 @@ class ProxyHandler(AuthenticatedHandler):
         model = resp.endpoint.upstream_model(quote.model) if resp is not None else quote.model
         await charger.settle(self.charge, prompt_tokens=prompt, completion_tokens=completion,
                              status=self.get_status(), upstream=self.upstream_name, model=model,
-                             ttfb_ms=self._ttfb_ms)
+                             latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms)
 
     def _mark_first_byte(self) -> None:
         if not self._ttfb_ms:

@@ -1,0 +1,121 @@
+"""The store's money operations on mongomock-motor: atomic, idempotent, conserved."""
+import datetime as dt
+
+import pytest
+
+from relay.errors import InsufficientQuota, KeyDisabled
+from relay.keys import hash_key
+from relay.store import mongo
+from relay.store.mongo import LedgerEntry, MongoStore
+from tests.conservation import assert_conserved
+from tests.helpers import TEST_KEY, add_key, mock_store
+
+
+def entry(rid: str, cost: int, key=TEST_KEY, at=None) -> LedgerEntry:
+    return LedgerEntry(rid, hash_key(key), "gpt-4", "primary", 10, 5, cost, 200, 12.0, 3.0, False,
+                       at or mongo.utc_now())
+
+
+@pytest.fixture
+def store(io_loop):
+    return mock_store()
+
+
+async def test_keys_are_stored_hashed_with_a_display_prefix(store):
+    key, doc = await store.create_key(500, "note")
+    raw = await store.keys.find_one({})
+    assert key not in str(raw) and raw["_id"] == hash_key(key)
+    assert raw["prefix"] == key[:10] and len(key) >= 35 and key.startswith("ak-")
+    assert (raw["granted"], raw["balance"], raw["used"], raw["reserved"]) == (500, 500, 0, 0)
+    assert (await store.resolve(key))["_id"] == raw["_id"]
+    assert (await store.resolve(key[:10]))["_id"] == raw["_id"]
+
+
+async def test_reserve_holds_full_then_partial_then_refuses(store):
+    await add_key(store, quota=100)
+    h = hash_key(TEST_KEY)
+    assert await store.reserve(h, "r1", 10, 60) == 60
+    assert await store.reserve(h, "r2", 10, 60) == 40  # covers the prompt: holds what is left
+    with pytest.raises(InsufficientQuota) as info:
+        await store.reserve(h, "r3", 1, 60)
+    assert info.value.status == 429 and info.value.code == "insufficient_quota"
+    doc = await store.key_doc(h)
+    assert (doc["balance"], doc["reserved"], len(doc["holds"])) == (0, 100, 2)
+    await assert_conserved(store, settled=False)
+
+
+async def test_reserve_refuses_disabled_keys(store):
+    await add_key(store, quota=100, status="disabled")
+    with pytest.raises(KeyDisabled):
+        await store.reserve(hash_key(TEST_KEY), "r1", 1, 5)
+
+
+async def test_settle_charges_once_and_returns_the_rest(store):
+    await add_key(store, quota=100)
+    h = hash_key(TEST_KEY)
+    held = await store.reserve(h, "r1", 10, 60)
+    assert await store.settle(entry("r1", 25), held)
+    assert not await store.settle(entry("r1", 25), held), "a second settlement charges nothing"
+    assert not await store.refund(h, "r1", held), "nor does a refund after settlement"
+    doc = await store.key_doc(h)
+    assert (doc["balance"], doc["used"], doc["reserved"]) == (75, 25, 0)
+    day = await store.usage_days(h, "2000-01-01", "2999-01-01")
+    assert [(d["cost"], d["requests"]) for d in day] == [(25, 1)]
+    await assert_conserved(store)
+
+
+async def test_settle_may_overdraw_by_the_requests_own_excess(store):
+    await add_key(store, quota=50)
+    h = hash_key(TEST_KEY)
+    held = await store.reserve(h, "r1", 10, 80)
+    assert held == 50
+    assert await store.settle(entry("r1", 70), held)
+    doc = await store.key_doc(h)
+    assert doc["balance"] == -20  # the excess over its reservation, no more
+    with pytest.raises(InsufficientQuota):
+        await store.reserve(h, "r2", 0, 1)
+    await assert_conserved(store)
+
+
+async def test_refund_returns_everything_once(store):
+    await add_key(store, quota=100)
+    h = hash_key(TEST_KEY)
+    held = await store.reserve(h, "r1", 10, 60)
+    assert await store.refund(h, "r1", held)
+    assert not await store.refund(h, "r1", held)
+    assert not await store.settle(entry("r1", 5), held), "a refunded request cannot be charged"
+    assert (await store.key_doc(h))["balance"] == 100
+    await assert_conserved(store)
+
+
+async def test_topup_and_status_changes(store):
+    await add_key(store, quota=10)
+    h = hash_key(TEST_KEY)
+    doc = await store.topup(h, 90)
+    assert (doc["granted"], doc["balance"]) == (100, 100)
+    assert (await store.set_status(h, "disabled"))["status"] == "disabled"
+    assert not (await store.find_key(h)).active
+    await assert_conserved(store)
+
+
+async def test_sweeper_returns_holds_of_dead_processes_only(io_loop):
+    now = [dt.datetime(2026, 1, 1, 12, 0, 0)]
+    client = mock_store().client
+    crashed = MongoStore(client, transactions=False, instance_id="p_dead", clock=lambda: now[0])
+    alive = MongoStore(client, transactions=False, instance_id="p_alive", clock=lambda: now[0])
+    await add_key(crashed, quota=100)
+    h = hash_key(TEST_KEY)
+    await crashed.heartbeat()
+    await alive.heartbeat()
+    await crashed.reserve(h, "dead-1", 1, 30)
+    await alive.reserve(h, "live-1", 1, 20)
+    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
+    await alive.heartbeat()  # only the live process keeps beating
+    assert await alive.sweep() == 1
+    doc = await alive.key_doc(h)
+    assert [x["rid"] for x in doc["holds"]] == ["live-1"] and doc["balance"] == 80
+    await assert_conserved(alive, settled=False)
+    now[0] += dt.timedelta(seconds=mongo.MAX_HOLD_AGE_S)
+    await alive.heartbeat()
+    assert await alive.sweep() == 1, "no hold outlives the longest possible request"
+    await assert_conserved(alive)
