@@ -113,16 +113,17 @@ async def drive(url: str, body: bytes, headers: dict, n: int, concurrency: int, 
         return Result(lat, ttfb, time.perf_counter() - t, errors)
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children so far, from /proc."""
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def proc_cpu_seconds(*pids: int) -> float:
+    """User + system CPU of these processes so far, from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    try:
-        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
     for p in pids:
         try:
             fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()

@@ -22,6 +22,7 @@ from relay.store.mongo import HEARTBEAT_EVERY_S, MongoStore
 
 log = logging.getLogger("relay.app")
 SWEEP_EVERY_S = 10.0
+FLUSH_EVERY_S = 0.05  # ledger entries wait in their key's outbox at most about this long
 
 
 @dataclass
@@ -40,8 +41,22 @@ class Services:
         return self.router.pool.config
 
     def start_maintenance(self) -> None:
-        """Heartbeats that mark this process alive, and the sweeper for crashed ones."""
+        """The ledger flusher; heartbeats that mark this process alive; the sweeper for crashed ones."""
+        self._tasks.append(asyncio.ensure_future(self._flush_ledger()))
         self._tasks.append(asyncio.ensure_future(self._maintain()))
+
+    async def _flush_ledger(self) -> None:
+        store = self.store
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            if not store.dirty:
+                continue
+            keys, store.dirty = store.dirty, set()
+            try:
+                await store.flush_ledger(keys)
+            except Exception:
+                store.dirty |= keys
+                log.exception("ledger flush failed; retrying")
 
     async def _maintain(self) -> None:
         since_sweep = SWEEP_EVERY_S

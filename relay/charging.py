@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from relay.config import Price
+from relay.metering.pricing import cost
 from relay.metering.quote import Quote
 from relay.store.mongo import LedgerEntry, MongoStore, utc_now
 
@@ -35,11 +37,13 @@ class Charger:
         return Charge(key_hash, request_id, quote, held, stream)
 
     async def settle(self, charge: Charge, *, prompt_tokens: int, completion_tokens: int, status: int,
-                     upstream: str, model: str, latency_ms: float, ttfb_ms: float) -> None:
+                     upstream: str, model: str, price: Price, latency_ms: float, ttfb_ms: float) -> None:
+        """Charge at ``price``: the price of the model actually served, which an upstream's own
+        model_map may have changed after the reservation was quoted."""
         if charge.ended:
             return
         charge.ended = True
-        charge.cost = charge.quote.cost(prompt_tokens, completion_tokens)
+        charge.cost = cost(price, prompt_tokens, completion_tokens)
         entry = LedgerEntry(
             request_id=charge.request_id, key_hash=charge.key_hash, model=model, upstream=upstream,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=charge.cost, status=status,

@@ -3,7 +3,22 @@ from relay.store.mongo import MongoStore
 
 
 async def assert_conserved(store: MongoStore, settled: bool = True) -> list[dict]:
-    """granted = balance + reserved + Σ ledger, per key; with ``settled``, nothing is still held."""
+    """granted = balance + reserved + Σ ledger, per key; with ``settled``, nothing is still held.
+
+    Checked twice: with entries still in the keys' outboxes, and after the flush that moves
+    them to the ledger collection (as the background flusher and the sweeper do).
+    """
+    await conserved_now(store, settled)
+    await store.flush_ledger()
+    docs = await conserved_now(store, settled)
+    assert all(d["pending"] == [] for d in docs)
+    for doc in docs:
+        counted = sum(d["cost"] for d in doc.get("days", {}).values())
+        assert counted == await store.ledger_total(doc["_id"]), "the daily counters match the ledger"
+    return docs
+
+
+async def conserved_now(store: MongoStore, settled: bool) -> list[dict]:
     docs = await store.keys.find({}).to_list(length=None)
     for doc in docs:
         ledger = await store.ledger_total(doc["_id"])
@@ -19,10 +34,14 @@ async def assert_conserved(store: MongoStore, settled: bool = True) -> list[dict
 
 
 async def settled(store: MongoStore, timeout: float = 10.0) -> None:
-    """Wait until no key holds a reservation: settlement runs after the response is sent."""
+    """Wait until no key holds a reservation or an unflushed ledger entry.
+
+    Settlement runs after the response is sent, and the flusher moves entries shortly after.
+    """
     import asyncio
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while await store.keys.count_documents({"holds.0": {"$exists": True}}):
+    busy = {"$or": [{"holds.0": {"$exists": True}}, {"pending.0": {"$exists": True}}]}
+    while await store.keys.count_documents(busy):
         assert loop.time() < deadline, "reservations still held"
         await asyncio.sleep(0.02)

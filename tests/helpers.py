@@ -72,9 +72,9 @@ model_map:
 
 
 def mock_store() -> MongoStore:
-    """A store on mongomock-motor: fast, in memory, no transactions."""
+    """A store on mongomock-motor: fast and in memory."""
     from mongomock_motor import AsyncMongoMockClient
-    return MongoStore(AsyncMongoMockClient(), "relay", transactions=False)
+    return MongoStore(AsyncMongoMockClient(), "relay")
 
 
 async def add_key(store: MongoStore, key: str = TEST_KEY, quota: int = 1_000_000, status: str = "active") -> str:
@@ -87,6 +87,7 @@ async def add_key(store: MongoStore, key: str = TEST_KEY, quota: int = 1_000_000
 
 def relay_app(config_text: str, store: MongoStore, admin_token: str | None = "", **settings):
     services = build_services(parse_config(config_text, os.environ), store, admin_token=admin_token)
+    services.start_maintenance()
     return make_app(services, **settings), services
 
 

@@ -74,6 +74,7 @@ async def test_embeddings_are_charged_by_input(http_server_client, auth, store):
     body = json.dumps({"model": "text-embedding-ada-002", "input": ["hello world"] * 8})
     resp = await http_server_client.fetch("/v1/embeddings", method="POST", body=body, headers=auth)
     assert resp.code == 200
+    await settled(store)
     [e] = await store.ledger.find({}).to_list(None)
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (16, 0, 2)  # ceil(16/15)
 
@@ -152,6 +153,7 @@ async def test_balance_short_of_the_prompt_gets_429_and_nothing_is_forwarded(fak
                                        headers={"Authorization": f"Bearer {TEST_KEY}"},
                                        body=json.dumps({"model": "gpt-3.5-turbo", "messages": HI}))
     assert ok.code == 200  # a cheaper model still fits
+    await settled(store)
     server.stop()
     await services.close()
     await assert_conserved(store)
@@ -210,9 +212,11 @@ async def test_exhausted_then_topped_up_key(fake, io_loop):
                                 headers={"Authorization": f"Bearer {TEST_KEY}"},
                                 body=json.dumps({"model": "gpt-4", "messages": HI}))
     assert (await go()).code == 200  # 600 covers the prompt: holds all 600, costs 560
+    await settled(store)
     assert (await go()).code == 429  # 40 left < 160
     await store.topup(hash_key(TEST_KEY), 1000)
     assert (await go()).code == 200
+    await settled(store)
     server.stop()
     await services.close()
     await assert_conserved(store)
@@ -289,6 +293,7 @@ async def test_concurrent_requests_on_half_a_budget_conserve_quota(fake, io_loop
                                                  "max_tokens": 10}))
     codes = [r.code for r in await asyncio.gather(*(one(i) for i in range(100)))]
     assert set(codes) <= {200, 429} and codes.count(200) == 50 and codes.count(429) == 50
+    await settled(store)
     doc = await key_doc(store)
     assert doc["balance"] == 0
     server.stop()
@@ -300,3 +305,23 @@ async def test_concurrent_requests_on_half_a_budget_conserve_quota(fake, io_loop
 def test_cost_formula_examples_are_exact():
     # The issue's own examples: gpt-4 is 20× input, 40× output; one unit per 3.5-turbo input token.
     assert ceil(8 * 20 + 10 * 40) == 560
+
+
+async def test_charge_uses_the_price_of_the_model_an_upstream_map_serves(fake, io_loop):
+    store = mock_store()
+    await add_key(store, quota=100_000)
+    text = one_upstream_config(fake.base_url).replace(
+        "keys: [", "model_map: {gpt-3.5-turbo-1106: gpt-4}\n    keys: [")
+    url, server, services = await serve(text, store)
+    from tornado.httpclient import AsyncHTTPClient
+    resp = await AsyncHTTPClient().fetch(url + CHAT, method="POST", headers={"Authorization": f"Bearer {TEST_KEY}"},
+                                         body=json.dumps({"model": "gpt-3.5-turbo", "messages": HI}))
+    assert resp.code == 200 and fake.requests[-1]["model"] == "gpt-4"
+    await settled(store)
+    [e] = await store.ledger.find({}).to_list(None)
+    assert (e["model"], e["cost"]) == ("gpt-4", COST_GPT4)
+    server.stop()
+    await services.close()
+
+
+COST_GPT4 = 8 * 20 + 10 * 40

@@ -7,7 +7,7 @@ from relay.errors import InsufficientQuota, KeyDisabled
 from relay.keys import hash_key
 from relay.store import mongo
 from relay.store.mongo import LedgerEntry, MongoStore
-from tests.conservation import assert_conserved
+from tests.conservation import assert_conserved, conserved_now
 from tests.helpers import TEST_KEY, add_key, mock_store
 
 
@@ -101,8 +101,8 @@ async def test_topup_and_status_changes(store):
 async def test_sweeper_returns_holds_of_dead_processes_only(io_loop):
     now = [dt.datetime(2026, 1, 1, 12, 0, 0)]
     client = mock_store().client
-    crashed = MongoStore(client, transactions=False, instance_id="p_dead", clock=lambda: now[0])
-    alive = MongoStore(client, transactions=False, instance_id="p_alive", clock=lambda: now[0])
+    crashed = MongoStore(client, instance_id="p_dead", clock=lambda: now[0])
+    alive = MongoStore(client, instance_id="p_alive", clock=lambda: now[0])
     await add_key(crashed, quota=100)
     h = hash_key(TEST_KEY)
     await crashed.heartbeat()
@@ -119,3 +119,22 @@ async def test_sweeper_returns_holds_of_dead_processes_only(io_loop):
     await alive.heartbeat()
     assert await alive.sweep() == 1, "no hold outlives the longest possible request"
     await assert_conserved(alive)
+
+
+async def test_ledger_outbox_moves_each_entry_exactly_once(store):
+    await add_key(store, quota=1000)
+    h = hash_key(TEST_KEY)
+    for rid in ("r1", "r2"):
+        held = await store.reserve(h, rid, 1, 100)
+        assert await store.settle(entry(rid, 30), held)
+    doc = await store.key_doc(h)
+    assert [e["_id"] for e in doc["pending"]] == ["r1", "r2"] and doc["used"] == 60
+    assert doc["days"][mongo.day_of(mongo.utc_now())] == {"cost": 60, "requests": 2, "prompt_tokens": 20,
+                                                          "completion_tokens": 10}
+    await conserved_now(store, settled=False)  # exact while entries wait in the outbox, too
+    # A flush that crashed after inserting but before pulling: the next one inserts nothing twice.
+    await store.ledger.insert_one(dict(doc["pending"][0]))
+    assert await store.flush_ledger() == 2
+    assert sorted(e["_id"] for e in await store.ledger.find({}).to_list(None)) == ["r1", "r2"]
+    assert (await store.key_doc(h))["pending"] == []
+    await assert_conserved(store)

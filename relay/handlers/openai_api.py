@@ -132,8 +132,9 @@ class ProxyHandler(AuthenticatedHandler):
         else:
             prompt, completion = quote.prompt_tokens, count_text(self._completion_text)
         model = resp.endpoint.upstream_model(quote.model) if resp is not None else quote.model
+        price = self.services.config.pricing.get(model, quote.price)
         await charger.settle(self.charge, prompt_tokens=prompt, completion_tokens=completion,
-                             status=self.get_status(), upstream=self.upstream_name, model=model,
+                             status=self.get_status(), upstream=self.upstream_name, model=model, price=price,
                              latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms)
 
     def _mark_first_byte(self) -> None:

@@ -21,9 +21,6 @@ class Quote:
     minimum: int          # units that must be there: the prompt alone
     full: int             # units held when the balance allows: prompt + allowance
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        return cost(self.price, prompt_tokens, completion_tokens)
-
 
 def price_for(config: Config, model: str) -> Price:
     price = config.price_of(model)

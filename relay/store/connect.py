@@ -1,7 +1,7 @@
 """Opening the store: a MongoDB URI or the embedded server, through PyMongo async or motor.
 
 Both drivers share the surface the store uses (find_one, update_one, find().to_list,
-sessions with with_transaction); ``RELAY_MONGO_CLIENT`` / ``--mongo-client`` chooses.
+find_one_and_update, insert_many); ``RELAY_MONGO_CLIENT`` / ``--mongo-client`` chooses.
 PyMongo's async client is the default: it was faster on the embedded server
 (bench/store_clients.py) and motor is deprecated in its favour.
 """
@@ -35,15 +35,15 @@ async def close_client(client) -> None:
         await result
 
 
-async def supports_transactions(client) -> bool:
-    """Replica sets, sharded clusters and the embedded server do; a standalone mongod does not."""
-    hello = await client.admin.command("hello")
-    return bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+def database_name(uri: str) -> str:
+    """The database named in the URI's path, as MongoDB tools read it; "relay" when none."""
+    from pymongo.uri_parser import parse_uri
+    return parse_uri(uri).get("database") or "relay"
 
 
-async def open_store(uri: str, kind: str = DEFAULT_CLIENT, db_name: str = "relay") -> MongoStore:
+async def open_store(uri: str, kind: str = DEFAULT_CLIENT) -> MongoStore:
     client = make_client(uri, kind)
-    store = MongoStore(client, db_name, transactions=await supports_transactions(client))
+    store = MongoStore(client, database_name(uri))
     await store.ensure_indexes()
     return store
 

@@ -1,25 +1,29 @@
 """Keys, reservations, the ledger and daily usage in MongoDB (PyMongo async or motor).
 
-Conservation, per key: granted = balance + reserved + used, and used = Σ ledger costs.
-- A reservation is a hold pushed onto the key document in the same atomic update that
-  moves its amount from ``balance`` to ``reserved``.
-- Settlement pulls the hold, charges ``used`` and inserts the ledger entry and the day's
-  usage in one transaction (the embedded server and replica sets have them), so a hold
-  that still exists has never been charged.
-- A refund pulls the hold and returns its amount, in one atomic update. The sweeper
-  refunds holds whose owning process stopped sending heartbeats (a crash).
-Every update that removes a hold filters on that hold, so nothing happens twice.
+Conservation, per key: granted = balance + reserved + used, and
+used = Σ ledger costs + Σ costs of entries still waiting in the key's outbox.
+
+Every money movement is one atomic update of the key's own document, so no transaction
+is needed (a standalone MongoDB works too) and concurrent requests on one key never
+conflict the way multi-document transactions do:
+- reserve: push a hold and move its amount from ``balance`` to ``reserved``;
+- settle: pull the hold, charge ``used``, count the day's usage (``days``), and push the
+  ledger entry onto the key's outbox (``pending``);
+- refund: pull the hold and return its amount.
+Every update that removes a hold filters on that hold, so nothing happens twice. The
+outbox is moved to the ``ledger`` collection by ``flush_ledger`` (insert by request id,
+then pull: a repeat after a crash inserts nothing twice). The sweeper refunds holds whose
+owning process stopped sending heartbeats (a crash), and flushes every outbox.
 """
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import logging
 import secrets
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUnavailable
 from relay.keys import display_prefix, generate_key, hash_key
@@ -57,19 +61,18 @@ def day_of(at: dt.datetime) -> str:
 
 
 class MongoStore:
-    def __init__(self, client: Any, db_name: str = "relay", transactions: bool = True,
+    def __init__(self, client: Any, db_name: str = "relay",
                  instance_id: str | None = None, clock: Callable[[], dt.datetime] = utc_now):
         self.client = client
         self.db = client[db_name]
-        self.transactions = transactions
         self.instance_id = instance_id or "p_" + secrets.token_hex(6)
         self.clock = clock
         self.keys = self.db["keys"]
         self.ledger = self.db["ledger"]
-        self.daily = self.db["usage_daily"]
         self.grants = self.db["grants"]
         self.processes = self.db["processes"]
         self.round_trips = 0  # store operations issued, for the benchmark's per-request count
+        self.dirty: set[str] = set()  # keys whose outbox this process filled since its last flush
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -77,7 +80,6 @@ class MongoStore:
         await self.keys.create_index("prefix")
         await self.keys.create_index("holds.owner")
         await self.ledger.create_index([("key_hash", 1), ("at", -1)])
-        await self.daily.create_index([("key_hash", 1), ("day", 1)])
         await self.grants.create_index([("key_hash", 1), ("at", 1)])
 
     async def ping(self) -> None:
@@ -92,7 +94,8 @@ class MongoStore:
         key = key or generate_key()
         now = self.clock()
         doc = {"_id": hash_key(key), "prefix": display_prefix(key), "note": note, "status": "active",
-               "granted": quota, "balance": quota, "reserved": 0, "used": 0, "holds": [], "created_at": now}
+               "granted": quota, "balance": quota, "reserved": 0, "used": 0, "holds": [], "pending": [],
+               "days": {}, "created_at": now}
         await self.keys.insert_one(doc)
         await self.grants.insert_one({"key_hash": doc["_id"], "amount": quota, "kind": "create", "at": now})
         return key, doc
@@ -137,7 +140,8 @@ class MongoStore:
         return doc
 
     async def list_keys(self, limit: int = 1000) -> list[dict]:
-        return await self.keys.find({}, {"holds": 0}).sort("created_at", 1).to_list(length=limit)
+        return await self.keys.find({}, {"holds": 0, "pending": 0, "days": 0}).sort("created_at", 1).to_list(
+            length=limit)
 
     async def _find_and_update(self, flt: dict, update: dict) -> dict | None:
         from pymongo import ReturnDocument
@@ -183,64 +187,71 @@ class MongoStore:
         return res.modified_count == 1
 
     async def settle(self, entry: LedgerEntry, held: int) -> bool:
-        """Charge ``entry.cost`` against the hold: ledger, key and day move together.
+        """Charge ``entry.cost`` against the hold: balance, usage, day and outbox move together.
 
         False when the hold was gone (already settled, or swept): nothing is charged.
         """
         doc = dict(asdict(entry))
         doc["_id"] = doc.pop("request_id")
-        day = day_of(entry.at)
-        key_update = {"$pull": {"holds": {"rid": entry.request_id}},
-                      "$inc": {"reserved": -held, "balance": held - entry.cost, "used": entry.cost}}
-        daily_update = {"$inc": {"cost": entry.cost, "requests": 1, "prompt_tokens": entry.prompt_tokens,
-                                 "completion_tokens": entry.completion_tokens},
-                        "$setOnInsert": {"key_hash": entry.key_hash, "day": day}}
-
-        async def apply(session=None) -> bool:
-            res = await self.keys.update_one({"_id": entry.key_hash, "holds.rid": entry.request_id}, key_update,
-                                             session=session)
-            if res.modified_count != 1:
-                return False
-            await self.ledger.insert_one(doc, session=session)
-            await self.daily.update_one({"_id": f"{entry.key_hash}:{day}"}, daily_update, upsert=True,
-                                        session=session)
+        day = f"days.{day_of(entry.at)}"
+        self.round_trips += 1
+        res = await self.keys.update_one(
+            {"_id": entry.key_hash, "holds": {"$elemMatch": {"rid": entry.request_id, "amount": held}}},
+            {"$pull": {"holds": {"rid": entry.request_id}},
+             "$push": {"pending": doc},
+             "$inc": {"reserved": -held, "balance": held - entry.cost, "used": entry.cost,
+                      f"{day}.cost": entry.cost, f"{day}.requests": 1,
+                      f"{day}.prompt_tokens": entry.prompt_tokens,
+                      f"{day}.completion_tokens": entry.completion_tokens}})
+        if res.modified_count == 1:
+            self.dirty.add(entry.key_hash)
             return True
+        return False
 
-        self.round_trips += 3
-        if not self.transactions:
+    async def flush_ledger(self, key_hashes: set[str] | None = None) -> int:
+        """Move outbox entries to the ledger collection; returns how many were moved.
+
+        With no ``key_hashes``, every key with an outbox (the sweeper's pass).
+        """
+        if key_hashes is None:
+            flt: dict = {"pending.0": {"$exists": True}}
+        else:
+            if not key_hashes:
+                return 0
+            flt = {"_id": {"$in": list(key_hashes)}, "pending.0": {"$exists": True}}
+        moved = 0
+        for doc in await self.keys.find(flt, {"pending": 1}).to_list(length=None):
+            entries = doc["pending"]
             try:
-                return await apply()
-            except DuplicateKeyError:
-                return False
-        outcome: list[bool] = []
-
-        async def in_transaction(session) -> None:
-            outcome.clear()
-            ok = await apply(session)
-            outcome.append(ok)
-            if not ok:
-                await session.abort_transaction()
-
-        session = self.client.start_session()
-        if inspect.isawaitable(session):  # motor's start_session is a coroutine
-            session = await session
-        async with session:
-            await session.with_transaction(in_transaction)
-        return bool(outcome and outcome[0])
+                await self.ledger.insert_many(entries, ordered=False)
+            except (BulkWriteError, DuplicateKeyError):
+                # Some were inserted by a flush that crashed before its pull: one of each stays.
+                for e in entries:
+                    try:
+                        await self.ledger.insert_one(e)
+                    except DuplicateKeyError:
+                        pass
+            await self.keys.update_one({"_id": doc["_id"]},
+                                       {"$pull": {"pending": {"_id": {"$in": [e["_id"] for e in entries]}}}})
+            moved += len(entries)
+        return moved
 
     # --- billing ------------------------------------------------------------------------
 
     async def usage_days(self, key_hash: str, first_day: str, last_day: str) -> list[dict]:
-        """Daily usage documents with ``first_day <= day <= last_day`` (YYYY-MM-DD)."""
-        cursor = self.daily.find({"key_hash": key_hash, "day": {"$gte": first_day, "$lte": last_day}})
-        return await cursor.sort("day", 1).to_list(length=1000)
+        """Daily usage with ``first_day <= day <= last_day`` (YYYY-MM-DD), oldest first."""
+        doc = await self.keys.find_one({"_id": key_hash}, {"days": 1})
+        days = (doc or {}).get("days") or {}
+        return [{"day": d, **days[d]} for d in sorted(days) if first_day <= d <= last_day]
 
     async def recent_ledger(self, key_hash: str, limit: int = 50) -> list[dict]:
         return await self.ledger.find({"key_hash": key_hash}).sort("at", -1).to_list(length=limit)
 
     async def ledger_total(self, key_hash: str) -> int:
+        """Σ cost of the key's ledger entries, flushed or still in its outbox."""
         docs = await self.ledger.find({"key_hash": key_hash}, {"cost": 1}).to_list(length=None)
-        return sum(d["cost"] for d in docs)
+        key = await self.keys.find_one({"_id": key_hash}, {"pending": 1}) or {}
+        return sum(d["cost"] for d in docs) + sum(e["cost"] for e in key.get("pending", []))
 
     # --- crash recovery -----------------------------------------------------------------
 
@@ -267,6 +278,7 @@ class MongoStore:
                         log.warning("returned a stale reservation of %d units (owner %s)",
                                     hold["amount"], hold.get("owner"))
         await self.processes.delete_many({"at": {"$lt": now - dt.timedelta(seconds=MAX_HOLD_AGE_S)}})
+        await self.flush_ledger()
         return swept
 
 
