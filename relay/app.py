@@ -14,10 +14,12 @@ from relay.balancer.pool import Pool
 from relay.charging import Charger
 from relay.config import Config
 from relay.handlers import admin, billing, openai_api
-from relay.handlers.base import HealthzHandler, NotFoundHandler
+from relay.handlers.base import HealthzHandler, NotFoundHandler, ReadyzHandler
 from relay.observability.access_log import log_request
+from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
 from relay.proxy.transport import Transport
+from relay.reload import Reloader
 from relay.store.mongo import HEARTBEAT_EVERY_S, MongoStore
 
 log = logging.getLogger("relay.app")
@@ -32,6 +34,8 @@ class Services:
     transport: Transport
     store: MongoStore
     charger: Charger
+    reloader: Reloader
+    checker: HealthChecker
     trusted_proxies: tuple = field(default_factory=tuple)
     admin_token: str | None = None
     _tasks: list = field(default_factory=list)
@@ -41,9 +45,10 @@ class Services:
         return self.router.pool.config
 
     def start_maintenance(self) -> None:
-        """The ledger flusher; heartbeats that mark this process alive; the sweeper for crashed ones."""
-        self._tasks.append(asyncio.ensure_future(self._flush_ledger()))
-        self._tasks.append(asyncio.ensure_future(self._maintain()))
+        """The ledger flusher; heartbeats that mark this process alive; the sweeper for crashed ones;
+        active health checks; the config file watcher."""
+        for job in (self._flush_ledger(), self._maintain(), self.checker.run(), self.reloader.watch()):
+            self._tasks.append(asyncio.ensure_future(job))
 
     async def _flush_ledger(self) -> None:
         store = self.store
@@ -78,12 +83,14 @@ class Services:
 
 
 def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (),
-                   rng: random.Random | None = None, admin_token: str | None = None) -> Services:
+                   rng: random.Random | None = None, admin_token: str | None = None,
+                   config_path: str | None = None) -> Services:
     transport = Transport(config.limits, config.timeouts)
     if admin_token is None:
         admin_token = os.environ.get("RELAY_ADMIN_TOKEN") or None
-    return Services(router=Router(Pool.from_config(config), transport, rng), auth=Authenticator(store),
-                    transport=transport, store=store, charger=Charger(store),
+    router = Router(Pool.from_config(config), transport, rng)
+    return Services(router=router, auth=Authenticator(store), transport=transport, store=store,
+                    charger=Charger(store), reloader=Reloader(config_path, router), checker=HealthChecker(router),
                     trusted_proxies=trusted_proxies, admin_token=admin_token)
 
 
@@ -108,7 +115,10 @@ def make_app(services: Services, **settings) -> tornado.web.Application:
         (r"/admin/keys", admin.KeysHandler, kw),
         (r"/admin/keys/([^/]+)", admin.KeyHandler, kw),
         (r"/admin/keys/([^/]+)/(topup|disable|enable)", admin.KeyActionHandler, kw),
+        (r"/admin/upstreams", admin.UpstreamsHandler, kw),
+        (r"/admin/reload", admin.ReloadHandler, kw),
         (r"/healthz", HealthzHandler, kw),
+        (r"/readyz", ReadyzHandler, kw),
     ]
     return tornado.web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=kw,

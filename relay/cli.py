@@ -66,8 +66,9 @@ def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0) -> t
 async def _serve(args, store_uri: str) -> int:
     config = _load(args.config)
     store = await open_store(store_uri, args.mongo_client)
-    services = build_services(config, store, parse_trusted(args.trusted_proxy))
+    services = build_services(config, store, parse_trusted(args.trusted_proxy), config_path=args.config)
     services.start_maintenance()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.reloader.reload)
     server = _listen(make_app(services), args.port, args.host, _ssl_context(args), config.limits.max_body_bytes)
     log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
     await _until_signalled()

@@ -38,6 +38,7 @@ class Upstream:
     name: str
     base_url: str  # without trailing slash, e.g. https://api.openai.com/v1
     keys: tuple[str, ...]
+    disabled_keys: frozenset[str] = frozenset()  # disabled by the operator in the file
     weight: int = 1
     priority: int = 0
     models: tuple[str, ...] | None = None  # None means any model
@@ -52,6 +53,27 @@ class Timeouts:
     connect_s: float = 10.0
     first_byte_s: float = 120.0
     idle_s: float = 60.0  # longest silence between two stream chunks
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    interval_s: float = 10.0          # active probe (GET {base_url}/models) per endpoint
+    probe_timeout_s: float = 5.0
+    unhealthy_after: int = 2          # consecutive failed probes make an endpoint unavailable
+    eject_after: int = 3              # consecutive connect errors, timeouts or 5xx eject an upstream
+    base_ejection_s: float = 30.0     # ejection lasts base × times ejected ...
+    max_ejection_s: float = 300.0     # ... capped here
+    default_cooldown_s: float = 10.0  # a 429 without Retry-After rests the key this long
+    max_cooldown_s: float = 300.0     # cap on Retry-After
+    recheck_disabled_s: float = 60.0  # how often an auto-disabled key is retested
+
+
+@dataclass(frozen=True)
+class Retries:
+    max_attempts: int = 3       # attempts per request, the first included
+    budget_ratio: float = 0.2   # retries at most this share of recent requests ...
+    budget_floor: int = 3       # ... but always at least this many per window
+    budget_window_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,8 @@ class Config:
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     quota: Quota = Quota()
+    health: HealthPolicy = HealthPolicy()
+    retries: Retries = Retries()
 
     def map_model(self, model: str) -> str:
         return self.model_map.get(model, model)
@@ -134,8 +158,8 @@ def _mapping(value: Any, path: str, allowed: set[str], required: set[str] = froz
 def _config(data: Any, env: Mapping[str, str]) -> Config:
     if data is None:
         raise ConfigError("", "empty file: expected a mapping with 'upstreams'")
-    top = _mapping(data, "", {"upstreams", "model_map", "pricing", "timeouts", "limits", "quota"},
-                   {"upstreams"})
+    top = _mapping(data, "", {"upstreams", "model_map", "pricing", "timeouts", "limits", "quota", "health",
+                              "retries"}, {"upstreams"})
     raw_ups = top["upstreams"]
     if not isinstance(raw_ups, list) or not raw_ups:
         raise ConfigError("upstreams", "must be a non-empty list")
@@ -151,9 +175,11 @@ def _config(data: Any, env: Mapping[str, str]) -> Config:
         model_map=_str_map(top.get("model_map", {}), "model_map"),
         pricing=pricing,
         default_price=default_price,
-        timeouts=_numbers(top.get("timeouts", {}), "timeouts", Timeouts, float),
-        limits=_numbers(top.get("limits", {}), "limits", Limits, int),
-        quota=_numbers(top.get("quota", {}), "quota", Quota, int),
+        timeouts=_numbers(top.get("timeouts", {}), "timeouts", Timeouts),
+        limits=_numbers(top.get("limits", {}), "limits", Limits),
+        quota=_numbers(top.get("quota", {}), "quota", Quota),
+        health=_numbers(top.get("health", {}), "health", HealthPolicy),
+        retries=_numbers(top.get("retries", {}), "retries", Retries),
     )
 
 
@@ -172,11 +198,22 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
     keys = u["keys"]
     if not isinstance(keys, list) or not keys:
         raise ConfigError(f"{path}.keys", "must be a non-empty list of strings")
-    expanded = []
+    expanded, disabled = [], set()
     for i, k in enumerate(keys):
+        kp = f"{path}.keys[{i}]"
+        if isinstance(k, dict):  # {key: ..., disabled: true}: kept in the file, out of rotation
+            entry = _mapping(k, kp, {"key", "disabled"}, {"key"})
+            if not isinstance(entry.get("disabled", False), bool):
+                raise ConfigError(f"{kp}.disabled", "must be true or false")
+            k, off = entry["key"], entry.get("disabled", False)
+            kp = f"{kp}.key"
+        else:
+            off = False
         if not isinstance(k, str) or not k.strip():
-            raise ConfigError(f"{path}.keys[{i}]", "must be a non-empty string")
-        expanded.append(_expand(k.strip(), f"{path}.keys[{i}]", env))
+            raise ConfigError(kp, "must be a non-empty string")
+        expanded.append(_expand(k.strip(), kp, env))
+        if off:
+            disabled.add(expanded[-1])
     if len(set(expanded)) != len(expanded):
         raise ConfigError(f"{path}.keys", "lists the same key twice")
     weight = u.get("weight", 1)
@@ -192,7 +229,8 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
         model_tuple = tuple(models)
     else:
         raise ConfigError(f"{path}.models", "must be \"*\" or a non-empty list of model names")
-    return Upstream(name=name, base_url=base_url.rstrip("/"), keys=tuple(expanded), weight=weight,
+    return Upstream(name=name, base_url=base_url.rstrip("/"), keys=tuple(expanded),
+                    disabled_keys=frozenset(disabled), weight=weight,
                     priority=priority, models=model_tuple,
                     model_map=_str_map(u.get("model_map", {}), f"{path}.model_map"))
 
@@ -250,13 +288,15 @@ def _fraction(value: Any, path: str) -> Fraction:
     return frac
 
 
-def _numbers(raw: Any, path: str, cls: type, kind: type):
+def _numbers(raw: Any, path: str, cls: type):
+    """A section of positive numbers; each field's type follows its default (int or float)."""
     if raw is None:
         return cls()
     defaults = cls()
     values = _mapping(raw, path, set(defaults.__dataclass_fields__))
     out = {}
     for key, value in values.items():
+        kind = type(getattr(defaults, key))
         ok = _is_int(value) if kind is int else (isinstance(value, (int, float)) and not isinstance(value, bool))
         if not ok or value <= 0:
             raise ConfigError(f"{path}.{key}", f"must be a {'whole ' if kind is int else ''}number > 0")

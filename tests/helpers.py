@@ -38,7 +38,12 @@ class Fake:
 
     @property
     def requests(self) -> list[dict]:
-        return list(self.state.requests)
+        """What relay forwarded, without its health probes."""
+        return [r for r in self.state.requests if r["path"] != "/v1/models"]
+
+    @property
+    def probes(self) -> list[dict]:
+        return [r for r in self.state.requests if r["path"] == "/v1/models"]
 
     def stop(self) -> None:
         self.server.stop()

@@ -86,7 +86,7 @@ def test_weighted_choice_follows_weights_when_load_is_even():
 
 def test_choice_prefers_the_endpoint_with_fewer_requests_in_flight():
     tier = _pool(TWO_TIERS).tiers_for("gpt-4")[0]
-    tier[0].in_flight = 50  # heavy is swamped
+    tier[0].health.in_flight = 50  # heavy is swamped
     rng = random.Random(1)
     counts = Counter(pick(tier, rng).upstream.name for _ in range(1000))
     assert counts["light"] > counts["heavy"]

@@ -10,6 +10,7 @@ import hmac
 from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
 from relay.keys import bearer_token
+from relay.redact import mask_key
 from relay.store.mongo import key_view
 
 
@@ -72,3 +73,44 @@ class KeyActionHandler(AdminHandler):
             doc = await store.set_status(doc["_id"], "disabled" if action == "disable" else "active")
         self.services.auth.forget(doc["_id"])
         self.write_json(key_view(doc))
+
+
+class UpstreamsHandler(AdminHandler):
+    """Every upstream and endpoint with its tier, weight, state, load, latency and errors."""
+
+    def get(self) -> None:
+        services = self.services
+        router = services.router
+        pool, now = router.pool, router.clock()
+        upstreams = []
+        for u in pool.config.upstreams:
+            eps = [e for e in pool.endpoints if e.upstream is u]
+            up_health = eps[0].upstream_health if eps else None
+            endpoints = []
+            for e in eps:
+                st = e.state(pool.config, now)
+                endpoints.append({
+                    "key_id": e.key_id, "key": mask_key(e.key), "state": st.state,
+                    "seconds_left": round(st.until - now, 1) if st.until > now else None,
+                    "disabled_reason": e.health.disabled_reason, "in_flight": e.health.in_flight,
+                    "latency_ms": round(e.health.latency_ewma_ms, 1) if e.health.latency_ewma_ms else None,
+                    "requests": e.health.requests, "errors": e.health.errors,
+                    "probe_failures": e.health.probe_failures})
+            upstreams.append({
+                "name": u.name, "base_url": u.base_url, "tier": u.priority, "weight": u.weight,
+                "models": list(u.models) if u.models else "*",
+                "ejected_seconds_left": round(up_health.ejected_until - now, 1)
+                if up_health and up_health.ejected(now) else None,
+                "times_ejected": up_health.times_ejected if up_health else 0, "endpoints": endpoints})
+        reloader = services.reloader
+        self.write_json({"upstreams": upstreams, "config": {
+            "path": reloader.path, "last_reload_error": reloader.last_error,
+            "last_reload_at": reloader.last_reload_at}})
+
+
+class ReloadHandler(AdminHandler):
+    def post(self) -> None:
+        result = self.services.reloader.reload()
+        if not result.ok:
+            raise InvalidRequest(f"config not reloaded: {result.error}", code="invalid_config")
+        self.write_json({"reloaded": result.changed})

@@ -1,6 +1,7 @@
 """The base handler: CORS, request ids, client address, and every error formatted once."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -128,5 +129,24 @@ class NotFoundHandler(RelayHandler):
 
 
 class HealthzHandler(RelayHandler):
+    """The process is alive."""
+
     def get(self) -> None:
         self.write_json({"status": "ok"})
+
+
+class ReadyzHandler(RelayHandler):
+    """Ready for traffic: the store answers and at least one endpoint is available."""
+
+    async def get(self) -> None:
+        services = self.services
+        try:
+            await asyncio.wait_for(services.store.ping(), 2.0)
+            store_ok = True
+        except Exception:
+            store_ok = False
+        router = services.router
+        endpoints_ok = router.pool.any_available(router.clock())
+        ready = store_ok and endpoints_ok
+        self.write_json({"status": "ready" if ready else "not ready", "store": store_ok,
+                         "available_endpoint": endpoints_ok}, status=200 if ready else 503)

@@ -1,75 +1,162 @@
-"""The router: the one place where an upstream attempt is made.
+"""The router: the one place where upstream attempts are made, and the one retry loop.
 
-It chooses the tier and the endpoint, sends, and turns an upstream's failure statuses into
-relay errors; the health issue adds its retry loop and outcome feedback here.
+It picks the lowest tier with an available endpoint, sends, classifies the outcome, feeds
+it to health, and retries a failed attempt (connect error, timeout, 5xx, 429, a refused
+key) on another endpoint — same tier first, then the next — within ``retries.max_attempts``
+and the retry budget. It never retries the client's own errors, and it cannot retry after
+the first byte: it returns the response before any of it reaches the client.
 """
 from __future__ import annotations
 
+import json
 import random
+import time
 from typing import Callable
 
+from relay.balancer import health as h
 from relay.balancer.pool import Endpoint, Pool
 from relay.balancer.selection import pick
-from relay.errors import NoEndpoint, TooManyRequests, UpstreamError
+from relay.errors import NoEndpoint, RelayError, TooManyRequests, UpstreamError
 from relay.proxy.transport import Transport, UpstreamResponse
 
 BodyBuilder = Callable[[Endpoint], bytes]
 
 
 class Router:
-    def __init__(self, pool: Pool, transport: Transport, rng: random.Random | None = None):
+    def __init__(self, pool: Pool, transport: Transport, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.pool = pool
         self.transport = transport
         self.rng = rng or random.Random()
+        self.clock = clock
+        r = pool.config.retries
+        self.budget = h.RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
+        self.observers: list[Callable[[Endpoint, str, int], None]] = []  # (endpoint, outcome, attempt)
 
     def swap(self, pool: Pool) -> None:
         """Requests in flight keep the endpoints they hold; new ones see the new pool."""
+        r = pool.config.retries
+        if (r.budget_ratio, r.budget_floor, r.budget_window_s) != (self.budget.ratio, self.budget.floor,
+                                                                   self.budget.window_s):
+            self.budget = h.RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
         self.pool = pool
 
-    def choose(self, model: str) -> Endpoint:
-        tiers = self.pool.tiers_for(model)
+    def choose(self, model: str, exclude: frozenset | set = frozenset(), last_hope: bool = True) -> Endpoint:
+        """The lowest tier with an available endpoint not yet tried; within it, P2C by weight.
+
+        When nothing is available, the endpoint whose ejection or cooldown ends soonest: a
+        pool that is all ejected still gets a chance instead of a total outage.
+        """
+        pool, now = self.pool, self.clock()
+        tiers = pool.tiers_for(model)
         if not tiers:
             raise NoEndpoint(f"no upstream can serve model {model} right now")
-        return pick(tiers[0], self.rng)
+        for tier in tiers:
+            ready = [ep for ep in tier if ep not in exclude and ep.state(pool.config, now).available]
+            if ready:
+                return pick(ready, self.rng)
+        if last_hope:
+            waiting = [(ep.state(pool.config, now).until, ep) for tier in tiers for ep in tier
+                       if ep not in exclude and ep.state(pool.config, now).state in ("ejected", "cooling",
+                                                                                       "unhealthy")]
+            if waiting:
+                return min(waiting, key=lambda pair: pair[0])[1]
+        raise NoEndpoint(f"no endpoint is available for model {model} right now (all ejected, cooling or disabled)")
 
     async def send(self, model: str, method: str, path: str, build_body: BodyBuilder | None) -> UpstreamResponse:
-        """Send to one endpoint and return a response the client may see (2xx or the client's 4xx).
+        """A response the client may see (2xx, or its own 4xx). Hand it back through ``finish``."""
+        max_attempts = self.pool.config.retries.max_attempts
+        self.budget.record_request(self.clock())
+        tried: set[Endpoint] = set()
+        last_error: RelayError | None = None
+        for attempt in range(max_attempts):
+            if attempt and not self.budget.try_retry(self.clock()):
+                break
+            try:
+                endpoint = self.choose(model, tried, last_hope=not tried)
+            except NoEndpoint as exc:
+                last_error = last_error or exc
+                break
+            tried.add(endpoint)
+            outcome, result = await self._attempt(endpoint, method, path, build_body, attempt)
+            if isinstance(result, UpstreamResponse):
+                return result
+            last_error = result
+            if outcome not in h.RETRYABLE_OUTCOMES:
+                break
+        raise last_error or NoEndpoint(f"no endpoint is available for model {model} right now")
 
-        The caller must hand the response back through ``finish``.
-        """
-        endpoint = self.choose(model)
-        endpoint.in_flight += 1
+    async def _attempt(self, endpoint: Endpoint, method: str, path: str, build_body: BodyBuilder | None,
+                       attempt: int) -> tuple[str, UpstreamResponse | RelayError]:
+        config = self.pool.config
+        endpoint.health.in_flight += 1
+        started = self.clock()
         try:
-            resp = await self.transport.send(endpoint, method, path,
-                                             build_body(endpoint) if build_body else None)
+            resp = await self.transport.send(endpoint, method, path, build_body(endpoint) if build_body else None,
+                                             config.timeouts)
+        except UpstreamError as err:
+            endpoint.health.in_flight -= 1
+            outcome = err.outcome if err.outcome in h.OUTLIER_OUTCOMES else h.SERVER_ERROR
+            self._record(endpoint, outcome, attempt)
+            return outcome, err
         except BaseException:
-            endpoint.in_flight -= 1
+            endpoint.health.in_flight -= 1
             raise
-        if resp.status < 400 or resp.status in (400, 404, 409, 413, 415, 422):
-            return resp
+        endpoint.health.record_latency((self.clock() - started) * 1000)
+        if resp.status < 400:
+            self._record(endpoint, h.OK, attempt)
+            return h.OK, resp
+        try:
+            body = await resp.read()
+        except UpstreamError as err:
+            self.finish(resp)
+            self._record(endpoint, h.SERVER_ERROR, attempt)
+            return h.SERVER_ERROR, err
+        outcome = h.classify_status(resp.status, _error_code(body))
+        retry_after = _retry_after(resp.headers.get("Retry-After"))
+        self._record(endpoint, outcome, attempt, retry_after)
+        if outcome == h.CLIENT_ERROR:
+            return outcome, resp
         self.finish(resp)
-        raise _upstream_failure(resp)
+        return outcome, _failure(resp, outcome, retry_after)
+
+    def _record(self, endpoint: Endpoint, outcome: str, attempt: int, retry_after: float | None = None) -> None:
+        h.record_attempt(outcome, endpoint.health, endpoint.upstream_health, self.pool.config.health,
+                         self.clock(), retry_after)
+        for observe in self.observers:
+            observe(endpoint, outcome, attempt)
 
     def finish(self, resp: UpstreamResponse) -> None:
-        resp.close()
-        resp.endpoint.in_flight -= 1
+        if not resp.finished:
+            resp.finished = True
+            resp.close()
+            resp.endpoint.health.in_flight -= 1
 
 
-def _upstream_failure(resp: UpstreamResponse) -> UpstreamError | TooManyRequests:
-    err = _failure_for_status(resp)
-    err.upstream = resp.endpoint.upstream.name
-    return err
+def _error_code(body: bytes) -> str | None:
+    try:
+        err = json.loads(body).get("error")
+        return err.get("code") if isinstance(err, dict) else None
+    except (ValueError, AttributeError):
+        return None
 
 
-def _failure_for_status(resp: UpstreamResponse) -> UpstreamError | TooManyRequests:
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _failure(resp: UpstreamResponse, outcome: str, retry_after: float | None) -> RelayError:
     name = resp.endpoint.upstream.name
-    if resp.status == 429:
-        headers = {"Retry-After": resp.headers["Retry-After"]} if "Retry-After" in resp.headers else None
-        return TooManyRequests(f"upstream {name} is rate limited; retry shortly", headers=headers)
-    if resp.status in (401, 403):
+    if outcome == h.RATE_LIMITED:
+        err: RelayError = TooManyRequests(f"upstream {name} is rate limited; retry shortly",
+                                          headers={"Retry-After": str(int(retry_after))} if retry_after else None)
+    elif outcome in (h.AUTH, h.NO_CREDIT):
         err = UpstreamError(f"upstream {name} refused relay's credentials")
-        err.outcome = "auth"
-        return err
-    err = UpstreamError(f"upstream {name} failed with status {resp.status}")
-    err.outcome = "5xx" if resp.status >= 500 else "error"
+    else:
+        err = UpstreamError(f"upstream {name} failed with status {resp.status}")
+    err.outcome = outcome
+    err.upstream = name
     return err

@@ -24,6 +24,7 @@ class UpstreamResponse:
         self.endpoint = endpoint
         self.status = resp.status
         self.headers = resp.headers
+        self.finished = False  # set once the router has taken it back
 
     async def read(self) -> bytes:
         try:
@@ -68,32 +69,46 @@ class Transport:
                                                   cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
-    async def send(self, endpoint: Endpoint, method: str, path: str, body: bytes | None) -> UpstreamResponse:
-        t = self.timeouts
+    async def send(self, endpoint: Endpoint, method: str, path: str, body: bytes | None,
+                   timeouts: Timeouts | None = None) -> UpstreamResponse:
+        t = timeouts or self.timeouts
         headers = {"Authorization": f"Bearer {endpoint.key}", "Accept-Encoding": "identity"}
         if body is not None:
             headers["Content-Type"] = "application/json"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.idle_s)
         name = endpoint.upstream.name
         try:
-            return UpstreamResponse(await self._request(endpoint, method, path, body, headers, timeout), endpoint)
+            return UpstreamResponse(await self._request(endpoint, method, path, body, headers, timeout,
+                                                        t.first_byte_s), endpoint)
         except UpstreamError as err:
             err.upstream = name
             raise
 
-    async def _request(self, endpoint, method, path, body, headers, timeout) -> aiohttp.ClientResponse:
+    async def _request(self, endpoint, method, path, body, headers, timeout, first_byte_s) -> aiohttp.ClientResponse:
         name = endpoint.upstream.name
         try:
             return await asyncio.wait_for(
                 self._client().request(method, endpoint.upstream.base_url + path, data=body,
                                        headers=headers, timeout=timeout, allow_redirects=False),
-                self.timeouts.first_byte_s)
+                first_byte_s)
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"upstream {name} did not answer in time") from None
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError, OSError):
             raise UpstreamConnectError(f"could not reach upstream {name}") from None
         except aiohttp.ClientError:
             raise UpstreamError(f"upstream {name} sent an invalid reply") from None
+
+    async def probe(self, endpoint: Endpoint, timeout_s: float) -> tuple[int, bytes, str | None]:
+        """``GET {base_url}/models`` with the endpoint's key: costs no tokens.
+
+        Returns (status, body, Retry-After); raises UpstreamError subclasses like ``send``.
+        """
+        t = Timeouts(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s)
+        resp = await self.send(endpoint, "GET", "/models", None, t)
+        try:
+            return resp.status, await resp.read(), resp.headers.get("Retry-After")
+        finally:
+            resp.close()
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,0 +1,83 @@
+"""Live pool editing: watch upstreams.yaml, validate the new file whole, swap the pool atomically.
+
+A change is noticed by polling the file's identity (inode, size, mtime) every second, so an
+editor's or a config tool's replace-by-rename is seen too; SIGHUP and ``POST /admin/reload``
+reload at once. An invalid file changes nothing: the reason (file, key path) is logged and
+kept for ``/admin/upstreams`` and the metrics, and the old pool keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from relay.balancer.pool import Pool
+from relay.config import Config, ConfigError, load_config
+from relay.proxy.router import Router
+
+log = logging.getLogger("relay.reload")
+POLL_EVERY_S = 1.0
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    changed: bool
+    error: str | None = None
+
+
+class Reloader:
+    def __init__(self, path: str | None, router: Router, env: Mapping[str, str] = os.environ,
+                 on_result: Callable[[ReloadResult], None] | None = None):
+        self.path = path
+        self.router = router
+        self.env = env
+        self.on_result = on_result
+        self.last_error: str | None = None
+        self.last_reload_at: float | None = None
+        self._identity = self._stat()
+
+    def _stat(self):
+        if not self.path:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def reload(self) -> ReloadResult:
+        if not self.path:
+            return self._done(ReloadResult(False, False, "relay runs on the embedded example: no file to reload"))
+        self._identity = self._stat()
+        try:
+            config = load_config(self.path, self.env)
+        except ConfigError as exc:
+            log.error("config reload rejected, keeping the current pool: %s", exc)
+            return self._done(ReloadResult(False, False, str(exc)))
+        if config == self.router.pool.config:
+            return self._done(ReloadResult(True, False))
+        self.router.swap(Pool.from_config(config, previous=self.router.pool))
+        self.last_reload_at = time.time()
+        log.warning("config reloaded from %s: %d upstream(s), %d endpoint(s)", self.path, len(config.upstreams),
+                    sum(len(u.keys) for u in config.upstreams))
+        return self._done(ReloadResult(True, True))
+
+    def _done(self, result: ReloadResult) -> ReloadResult:
+        self.last_error = result.error
+        if self.on_result:
+            self.on_result(result)
+        return result
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_EVERY_S)
+            if self.path and self._stat() != self._identity and self._stat() is not None:
+                self.reload()
+
+    @property
+    def config(self) -> Config:
+        return self.router.pool.config
