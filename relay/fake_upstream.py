@@ -43,6 +43,7 @@ class Behaviour:
     stall_after_chunks: int | None = None     # stop sending (hang) after N content chunks
     truncate_after_chunks: int | None = None  # close the connection after N content chunks
     omit_usage: bool = False         # never report usage (relay must count itself)
+    key_status: dict = field(default_factory=dict)  # per upstream key: answer with this status
 
 
 def _error_body(message: str, type_: str, code: str | None) -> dict:
@@ -91,13 +92,14 @@ class _FakeHandler(tornado.web.RequestHandler):
             return False
         if b.first_byte_delay:
             await asyncio.sleep(b.first_byte_delay)
-        if b.status:
+        status = b.key_status.get(key) or b.status
+        if status:
             if b.retry_after is not None:
                 self.set_header("Retry-After", str(b.retry_after))
-            code = b.error_code or {429: "rate_limit_exceeded", 401: "invalid_api_key"}.get(b.status)
-            self.write_json(_error_body(f"fake upstream failure {b.status} (key {key})",
-                                        "server_error" if b.status >= 500 else "invalid_request_error",
-                                        code), b.status)
+            code = b.error_code or {429: "rate_limit_exceeded", 401: "invalid_api_key"}.get(status)
+            self.write_json(_error_body(f"fake upstream failure {status} (key {key})",
+                                        "server_error" if status >= 500 else "invalid_request_error",
+                                        code), status)
             return False
         return True
 

@@ -48,11 +48,25 @@ class Fake:
     def stop(self) -> None:
         self.server.stop()
 
+    async def go_down(self) -> None:
+        """Connections refused from now on, and open ones closed."""
+        self.server.stop()
+        await self.server.close_all_connections()
+
+    def come_back(self) -> None:
+        import tornado.netutil
+        self.server = tornado.httpserver.HTTPServer(make_fake_app(self.state, quiet=True))
+        self.server.add_sockets(tornado.netutil.bind_sockets(self.port, "127.0.0.1"))
+
+    def count(self, key: str | None = None) -> int:
+        """Chat and embedding requests seen, optionally only those sent with ``key``."""
+        return sum(1 for r in self.requests if key is None or r["authorization"] == f"Bearer {key}")
+
 
 def start_fake(keys: set[str] | None = None) -> Fake:
     sock, port = tornado.testing.bind_unused_port()
     state = FakeState(keys)
-    server = tornado.httpserver.HTTPServer(make_fake_app(state))
+    server = tornado.httpserver.HTTPServer(make_fake_app(state, quiet=True))
     server.add_socket(sock)
     return Fake(state, server, port)
 
@@ -90,15 +104,17 @@ async def add_key(store: MongoStore, key: str = TEST_KEY, quota: int = 1_000_000
     return key
 
 
-def relay_app(config_text: str, store: MongoStore, admin_token: str | None = "", **settings):
-    services = build_services(parse_config(config_text, os.environ), store, admin_token=admin_token)
+def relay_app(config_text: str, store: MongoStore, admin_token: str | None = "", config_path: str | None = None,
+              **settings):
+    services = build_services(parse_config(config_text, os.environ), store, admin_token=admin_token,
+                              config_path=config_path)
     services.start_maintenance()
     return make_app(services, **settings), services
 
 
-async def serve(config_text: str, store: MongoStore, admin_token: str | None = ""):
+async def serve(config_text: str, store: MongoStore, admin_token: str | None = "", config_path: str | None = None):
     """A relay on its own port (for tests that need a second or differently built relay)."""
-    app, services = relay_app(config_text, store, admin_token)
+    app, services = relay_app(config_text, store, admin_token, config_path)
     port = unused_port()
     server = app.listen(port, "127.0.0.1")
     return f"http://127.0.0.1:{port}", server, services

@@ -143,8 +143,9 @@ def record_probe(outcome: str, ep: EndpointHealth, up: UpstreamHealth, policy: H
 
 def probe_due(ep: EndpointHealth, policy: HealthPolicy, now: float) -> bool:
     """Auto-disabled keys are retested on the slower interval; others on every interval."""
-    every = policy.recheck_disabled_s if ep.disabled_reason else policy.interval_s
-    return now - ep.last_probe_at >= every - 1e-9
+    if ep.disabled_reason:
+        return now - max(ep.last_probe_at, ep.disabled_at) >= policy.recheck_disabled_s - 1e-9
+    return now - ep.last_probe_at >= policy.interval_s - 1e-9
 
 
 @dataclass
