@@ -16,6 +16,7 @@ setup(
         "pymongo==4.20.1",
         "motor==3.7.1",
         "secantusdb==0.7.0b3",  # the embedded store's server, run as a child process
+        "prometheus-client==0.26.0",
     ],
     extras_require={
         "test": [

@@ -14,8 +14,8 @@ from relay.balancer.pool import Pool
 from relay.charging import Charger
 from relay.config import Config
 from relay.handlers import admin, billing, openai_api
-from relay.handlers.base import HealthzHandler, NotFoundHandler, ReadyzHandler
-from relay.observability.access_log import log_request
+from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler
+from relay.observability import recorder
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
 from relay.proxy.transport import Transport
@@ -24,6 +24,7 @@ from relay.store.mongo import HEARTBEAT_EVERY_S, MongoStore
 
 log = logging.getLogger("relay.app")
 SWEEP_EVERY_S = 10.0
+GAUGES_EVERY_S = 1.0
 FLUSH_EVERY_S = 0.05  # ledger entries wait in their key's outbox at most about this long
 
 
@@ -47,8 +48,17 @@ class Services:
     def start_maintenance(self) -> None:
         """The ledger flusher; heartbeats that mark this process alive; the sweeper for crashed ones;
         active health checks; the config file watcher."""
-        for job in (self._flush_ledger(), self._maintain(), self.checker.run(), self.reloader.watch()):
+        for job in (self._flush_ledger(), self._maintain(), self.checker.run(), self.reloader.watch(),
+                    self._refresh_gauges()):
             self._tasks.append(asyncio.ensure_future(job))
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            try:
+                recorder.refresh_gauges(self.router.pool, self.router.clock())
+            except Exception:
+                log.exception("metrics refresh failed")
+            await asyncio.sleep(GAUGES_EVERY_S)
 
     async def _flush_ledger(self) -> None:
         store = self.store
@@ -91,9 +101,16 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
     if admin_token is None:
         admin_token = os.environ.get("RELAY_ADMIN_TOKEN") or None
     router = Router(Pool.from_config(config), transport, rng)
+    router.events = recorder.RouterEvents()
+    store.observe = recorder.on_store_op
+    recorder.on_start()
+
+    def settled(entry) -> None:
+        recorder.on_settled(router.pool.config, entry.model, entry.prompt_tokens, entry.completion_tokens, entry.cost)
+
     return Services(router=router, auth=Authenticator(store), transport=transport, store=store,
-                    charger=Charger(store), reloader=Reloader(config_path, router), checker=HealthChecker(router),
-                    trusted_proxies=trusted_proxies, admin_token=admin_token)
+                    charger=Charger(store, settled), reloader=Reloader(config_path, router, on_result=recorder.on_reload),
+                    checker=HealthChecker(router), trusted_proxies=trusted_proxies, admin_token=admin_token)
 
 
 def _api(path: str) -> str:
@@ -106,9 +123,11 @@ def _billing(path: str) -> str:
     return rf"/(?:openai/)?(?:v1/)?dashboard/billing{path}"
 
 
-def make_app(services: Services, **settings) -> tornado.web.Application:
+def make_app(services: Services, metrics: bool = True, **settings) -> tornado.web.Application:
+    """The application; ``metrics=False`` when /metrics is served on its own port instead."""
     kw = {"services": services}
-    routes = [
+    routes = [(r"/metrics", MetricsHandler, kw)] if metrics else []
+    routes += [
         (_api("/chat/completions"), openai_api.ChatCompletionsHandler, kw),
         (_api("/embeddings"), openai_api.EmbeddingsHandler, kw),
         (_api("/models"), openai_api.ModelsHandler, kw),
@@ -124,4 +143,11 @@ def make_app(services: Services, **settings) -> tornado.web.Application:
     ]
     return tornado.web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=kw,
-        log_function=log_request, compress_response=False, **settings)
+        log_function=recorder.on_request_end, compress_response=False, **settings)
+
+
+def make_metrics_app(services: Services) -> tornado.web.Application:
+    """Only /metrics, for --metrics-port."""
+    kw = {"services": services}
+    return tornado.web.Application([(r"/metrics", MetricsHandler, kw)], default_handler_class=NotFoundHandler,
+                                   default_handler_args=kw, log_function=lambda handler: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from relay.config import Price
 from relay.metering.pricing import cost
@@ -29,8 +30,9 @@ class Charge:
 
 
 class Charger:
-    def __init__(self, store: MongoStore):
+    def __init__(self, store: MongoStore, on_settled: Callable[[LedgerEntry], None] | None = None):
         self.store = store
+        self.on_settled = on_settled
 
     async def reserve(self, key_hash: str, request_id: str, quote: Quote, stream: bool) -> Charge:
         held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
@@ -52,6 +54,8 @@ class Charger:
         try:
             if not await self.store.settle(entry, charge.held):
                 log.warning("settlement of %s found no reservation (swept?)", charge.request_id)
+            elif self.on_settled is not None:
+                self.on_settled(entry)
         except Exception:
             # The hold stays on the key; the sweeper returns it, so nothing is charged twice.
             log.exception("settlement of %s failed", charge.request_id)

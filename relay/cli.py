@@ -11,14 +11,19 @@ import ssl
 import sys
 from importlib import resources
 
-import tornado.httpserver
+import tempfile
 
-from relay.app import build_services, make_app
+import tornado.httpserver
+import tornado.netutil
+import tornado.process
+
 from relay.config import Config, ConfigError, load_config, parse_config
 from relay.fake_upstream import FakeState, make_fake_app
-from relay.keys_cli import run_keys_command
 from relay.net import parse_trusted
 from relay.store.connect import CLIENTS, DEFAULT_CLIENT, close_client, locate_store, open_store
+
+# relay.app (and with it prometheus_client) is imported inside the commands that need it:
+# with --workers, PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported.
 
 log = logging.getLogger("relay")
 
@@ -54,28 +59,59 @@ def _ssl_context(args) -> ssl.SSLContext | None:
     return ctx
 
 
-def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0) -> tornado.httpserver.HTTPServer:
+def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0, sockets=None
+            ) -> tornado.httpserver.HTTPServer:
     # The handlers enforce the configured body limit themselves (with an OpenAI-shaped 413);
     # Tornado's own cap is a backstop far above it.
     server = tornado.httpserver.HTTPServer(app, ssl_options=ssl_options, idle_connection_timeout=120,
                                            body_timeout=300, max_body_size=max(max_body * 4, 64 << 20))
-    server.listen(port, host)
+    if sockets is not None:
+        server.add_sockets(sockets)
+    else:
+        server.listen(port, host)
     return server
 
 
-async def _serve(args, store_uri: str) -> int:
+async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None) -> int:
+    from relay.app import build_services, make_app
     config = _load(args.config)
     store = await open_store(store_uri, args.mongo_client)
     services = build_services(config, store, parse_trusted(args.trusted_proxy), config_path=args.config)
     services.start_maintenance()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.reloader.reload)
-    server = _listen(make_app(services), args.port, args.host, _ssl_context(args), config.limits.max_body_bytes)
+    servers = [_listen(make_app(services, metrics=metrics_sockets is None), args.port, args.host,
+                       _ssl_context(args), config.limits.max_body_bytes, sockets)]
+    if metrics_sockets is not None:
+        from relay.app import make_metrics_app
+        servers.append(_listen(make_metrics_app(services), 0, "", sockets=metrics_sockets))
     log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
     await _until_signalled()
-    server.stop()
+    for server in servers:
+        server.stop()
     await services.close()
     await close_client(store.client)
     return 0
+
+
+def _serve_command(args) -> int:
+    """Bind, start the store, and with --workers N fork N processes sharing the sockets."""
+    _load(args.config)  # a bad file fails before any store starts
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
+    sockets = tornado.netutil.bind_sockets(args.port, args.host)
+    metrics_sockets = tornado.netutil.bind_sockets(args.metrics_port, args.host) if args.metrics_port else None
+    # The embedded store starts here, on the main thread: it is tied to this thread's life.
+    location = locate_store(args.mongodb_uri, args.data_dir)
+    try:
+        if args.workers > 1:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the supervisor stops the store on its way out
+            tornado.process.fork_processes(args.workers, max_restarts=100)
+            _die_with_parent()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            location.embedded = None  # the store belongs to the supervisor
+        return asyncio.run(_serve(args, location.uri, sockets, metrics_sockets))
+    finally:
+        location.stop()
 
 
 async def _fake(args) -> int:
@@ -87,7 +123,13 @@ async def _fake(args) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    from relay.store.embedded import _die_with_parent as prctl_pdeathsig
+    prctl_pdeathsig()
+
+
 async def _demo(args, store_uri: str) -> int:
+    from relay.app import build_services, make_app
     fake = _listen(make_fake_app(FakeState(), quiet=True), args.upstream_port, "127.0.0.1")
     config = _pointed_at(_load(None), f"http://127.0.0.1:{args.upstream_port}/v1")
     store = await open_store(store_uri, args.mongo_client)
@@ -159,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trusted-proxy", action="append", default=[],
                        help="address or CIDR of a reverse proxy whose X-Forwarded-* headers are believed")
 
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the port (one per core); metrics are aggregated across them")
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="serve /metrics on this port only (default: on the main port)")
     _store_options(serve)
 
     fake = sub.add_parser("fake-upstream", help="run an OpenAI-compatible fake upstream")
@@ -205,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fake-upstream":
             return asyncio.run(_fake(args))
         if args.command == "serve":
-            _load(args.config)  # a bad file fails before any store starts
-        runner = {"serve": _serve, "demo": _demo, "keys": run_keys_command}[args.command]
+            return _serve_command(args)
+        from relay.keys_cli import run_keys_command
+        runner = {"demo": _demo, "keys": run_keys_command}[args.command]
         # The embedded store starts here, on the main thread: it is tied to this thread's life.
         location = locate_store(args.mongodb_uri, args.data_dir)
         try:

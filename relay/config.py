@@ -189,6 +189,8 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
     name = u["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
         raise ConfigError(f"{path}.name", "must be 1-64 letters, digits, '_', '.' or '-'")
+    if name.startswith(("sk-", "ak-")):
+        raise ConfigError(f"{path}.name", "must not look like a key: names appear in logs and metrics")
     base_url = u["base_url"]
     parts = urlsplit(base_url) if isinstance(base_url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:

@@ -183,16 +183,21 @@ async def test_unreachable_upstream_is_502(io_loop, http_server_client):
     await services.close()
 
 
-async def test_upstream_rejecting_relays_key_is_502_without_the_key(io_loop):
-    fake = start_fake(keys={"sk-the-only-good-key"})
+async def test_upstream_rejecting_relays_key_is_502_then_503_without_the_key(io_loop):
+    fake = start_fake(keys={UPSTREAM_KEY})
     url, server, services = await _relay_on(one_upstream_config(fake.base_url))
-    resp = await fetch(
-        f"{url}{CHAT}", method="POST",
-        headers={"Authorization": f"Bearer {TEST_KEY}"},
-        body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
+    while not fake.probes:  # the start-up probe found the key working
+        await asyncio.sleep(0.01)
+    fake.state.keys = {"sk-the-only-good-key"}  # now the upstream revokes relay's key
+    chat = {"method": "POST", "headers": {"Authorization": f"Bearer {TEST_KEY}"},
+            "body": json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})}
+    resp = await fetch(f"{url}{CHAT}", **chat)
     assert_openai_error(resp, 502, "bad_gateway")
-    text = resp.body.decode()
-    assert "sk-" not in text and UPSTREAM_KEY[-4:] not in text
+    again = await fetch(f"{url}{CHAT}", **chat)  # the key is out of rotation: nothing left to try
+    assert_openai_error(again, 503, "no_available_endpoint")
+    for r in (resp, again):
+        text = r.body.decode()
+        assert "sk-" not in text and UPSTREAM_KEY[-4:] not in text
     server.stop()
     fake.stop()
     await services.close()

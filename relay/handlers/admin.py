@@ -19,6 +19,7 @@ class KeyNotFound(RelayError):
 
 
 class AdminHandler(RelayHandler):
+    route = "admin"
     def prepare(self) -> None:
         if self.request.method == "OPTIONS":
             return

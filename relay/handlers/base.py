@@ -13,6 +13,7 @@ import tornado.web
 from relay.errors import InvalidRequest, MethodNotAllowed, NotFound, RelayError
 from relay.net import client_address
 from relay.observability.access_log import flag_for
+from relay.observability.metrics import IN_FLIGHT, exposition
 
 log = logging.getLogger("relay.app")
 
@@ -20,9 +21,14 @@ ALLOWED_HEADERS = "Authorization, Content-Type"
 
 
 class RelayHandler(tornado.web.RequestHandler):
+    route = "other"  # the route label in metrics
+
     def initialize(self, services) -> None:
         self.services = services
         self.started = time.perf_counter()
+        self.upstream_wait: float | None = None  # seconds spent waiting on upstreams, for the overhead metric
+        IN_FLIGHT.inc()
+        self._counted = True
         self.key_prefix = "-"
         self.model = "-"
         self.upstream_name = "-"
@@ -37,6 +43,18 @@ class RelayHandler(tornado.web.RequestHandler):
         # header; no cookies are involved, so "*" is safe for the origin.
         self.set_header("Access-Control-Allow-Origin", "*")
         self.set_header("Access-Control-Expose-Headers", "X-Request-Id")
+
+    def on_finish(self) -> None:
+        self._uncount()
+
+    def on_connection_close(self) -> None:
+        self._uncount()
+        super().on_connection_close()
+
+    def _uncount(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            IN_FLIGHT.dec()
 
     def options(self, *args: Any) -> None:
         # "*" in Allow-Headers does not cover Authorization, so name what the browser asks for.
@@ -131,12 +149,16 @@ class NotFoundHandler(RelayHandler):
 class HealthzHandler(RelayHandler):
     """The process is alive."""
 
+    route = "health"
+
     def get(self) -> None:
         self.write_json({"status": "ok"})
 
 
 class ReadyzHandler(RelayHandler):
     """Ready for traffic: the store answers and at least one endpoint is available."""
+
+    route = "health"
 
     async def get(self) -> None:
         services = self.services
@@ -150,3 +172,14 @@ class ReadyzHandler(RelayHandler):
         ready = store_ok and endpoints_ok
         self.write_json({"status": "ready" if ready else "not ready", "store": store_ok,
                          "available_endpoint": endpoints_ok}, status=200 if ready else 503)
+
+
+class MetricsHandler(RelayHandler):
+    """Prometheus text format: every metric of observability.metrics."""
+
+    route = "metrics"
+
+    def get(self) -> None:
+        body, content_type = exposition()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)

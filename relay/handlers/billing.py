@@ -15,6 +15,7 @@ MAX_RANGE_DAYS = 100
 
 
 class SubscriptionHandler(AuthenticatedHandler):
+    route = "billing"
     async def get(self) -> None:
         doc = await self.services.store.key_doc(self.key.key_hash)
         granted = doc["granted"] if doc else 0
@@ -36,6 +37,7 @@ def _date(value: str | None, name: str) -> dt.date:
 
 
 class UsageHandler(AuthenticatedHandler):
+    route = "billing"
     async def get(self) -> None:
         start = _date(self.get_query_argument("start_date", None), "start_date")
         end = _date(self.get_query_argument("end_date", None), "end_date")  # exclusive, as OpenAI's

@@ -12,6 +12,7 @@ from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamEr
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding
 from relay.metering.tokens import count_text
+from relay.observability.recorder import on_upstream_done
 from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
 from relay.proxy.transport import UpstreamResponse
 from relay.redact import scrub
@@ -59,7 +60,7 @@ class ProxyHandler(AuthenticatedHandler):
 
     def on_connection_close(self) -> None:
         self._client_gone = True
-        if self._upstream is not None:
+        if getattr(self, "_upstream", None) is not None:
             self._upstream.close()  # cancels the upstream's work
         super().on_connection_close()
 
@@ -103,10 +104,13 @@ class ProxyHandler(AuthenticatedHandler):
         self._completion_text = ""
         self._delivered = False
         self._ttfb_ms = 0.0
+        self.upstream_wait = 0.0
         resp = None
+        sent_at = time.perf_counter()
         try:
             resp = await services.router.send(served, "POST", self.upstream_path,
                                               self.body_builder(body, served, extra))
+            self.upstream_wait += time.perf_counter() - sent_at
             self._upstream = resp
             self.upstream_name = resp.endpoint.upstream.name
             if resp.status >= 400:
@@ -119,6 +123,9 @@ class ProxyHandler(AuthenticatedHandler):
             self._upstream = None
             if resp is not None:
                 services.router.finish(resp)
+                on_upstream_done(resp.endpoint.upstream.name, time.perf_counter() - sent_at)
+            elif self.upstream_wait == 0.0:
+                self.upstream_wait = time.perf_counter() - sent_at  # every attempt failed
             await self._end_charge(quote, resp)
 
     async def _end_charge(self, quote: Quote, resp: UpstreamResponse | None) -> None:
@@ -156,7 +163,9 @@ class ProxyHandler(AuthenticatedHandler):
         self.finish(data)
 
     async def _relay_json(self, resp: UpstreamResponse) -> None:
+        waited = time.perf_counter()
         data = await resp.read()
+        self.upstream_wait += time.perf_counter() - waited
         try:
             reply = json.loads(data)
         except ValueError:
@@ -180,8 +189,16 @@ class ProxyHandler(AuthenticatedHandler):
         self.set_header("X-Accel-Buffering", "no")
         decoder = SSEDecoder()
         meter = StreamMeter(forward_usage_chunk=_asked_for_usage(body))
+        chunks = resp.chunks().__aiter__()
         try:
-            async for chunk in resp.chunks():
+            while True:
+                waited = time.perf_counter()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self.upstream_wait += time.perf_counter() - waited
                 wrote = False
                 for event in decoder.decode(chunk):
                     if meter.accept(event):
@@ -220,6 +237,7 @@ def _asked_for_usage(body: dict) -> bool:
 
 class ChatCompletionsHandler(ProxyHandler):
     upstream_path = "/chat/completions"
+    route = "chat"
 
     async def post(self) -> None:
         body = self.parsed_body()
@@ -234,6 +252,7 @@ class ChatCompletionsHandler(ProxyHandler):
 
 class EmbeddingsHandler(ProxyHandler):
     upstream_path = "/embeddings"
+    route = "embeddings"
 
     async def post(self) -> None:
         body = self.parsed_body()
@@ -277,6 +296,8 @@ def _typed(body: dict, name: str, kind: type) -> None:
 
 
 class ModelsHandler(AuthenticatedHandler):
+    route = "models"
+
     def get(self) -> None:
         names = self.services.config.client_model_names()
         self.write_json({"object": "list", "data": [

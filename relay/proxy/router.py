@@ -22,6 +22,16 @@ from relay.proxy.transport import Transport, UpstreamResponse
 BodyBuilder = Callable[[Endpoint], bytes]
 
 
+class NoEvents:
+    """What the router reports; the metrics recorder implements the same methods."""
+
+    def on_attempt(self, endpoint: Endpoint, outcome: str, attempt: int, seconds: float | None) -> None:
+        pass
+
+    def on_retry(self, reason: str, failed: Endpoint, following: Endpoint) -> None:
+        pass
+
+
 class Router:
     def __init__(self, pool: Pool, transport: Transport, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -31,7 +41,7 @@ class Router:
         self.clock = clock
         r = pool.config.retries
         self.budget = h.RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
-        self.observers: list[Callable[[Endpoint, str, int], None]] = []  # (endpoint, outcome, attempt)
+        self.events = NoEvents()
 
     def swap(self, pool: Pool) -> None:
         """Requests in flight keep the endpoints they hold; new ones see the new pool."""
@@ -44,8 +54,9 @@ class Router:
     def choose(self, model: str, exclude: frozenset | set = frozenset(), last_hope: bool = True) -> Endpoint:
         """The lowest tier with an available endpoint not yet tried; within it, P2C by weight.
 
-        When nothing is available, the endpoint whose ejection or cooldown ends soonest: a
-        pool that is all ejected still gets a chance instead of a total outage.
+        When nothing is available, the endpoint whose ejection or cooldown ends soonest (a
+        panic mode, in Envoy's terms): a pool that is all ejected still gets a chance instead
+        of a total outage, and a retry may take the next such endpoint.
         """
         pool, now = self.pool, self.clock()
         tiers = pool.tiers_for(model)
@@ -69,14 +80,17 @@ class Router:
         self.budget.record_request(self.clock())
         tried: set[Endpoint] = set()
         last_error: RelayError | None = None
+        failed: tuple[str, Endpoint] | None = None
         for attempt in range(max_attempts):
             if attempt and not self.budget.try_retry(self.clock()):
                 break
             try:
-                endpoint = self.choose(model, tried, last_hope=not tried)
+                endpoint = self.choose(model, tried)
             except NoEndpoint as exc:
                 last_error = last_error or exc
                 break
+            if failed:
+                self.events.on_retry(failed[0], failed[1], endpoint)
             tried.add(endpoint)
             outcome, result = await self._attempt(endpoint, method, path, build_body, attempt)
             if isinstance(result, UpstreamResponse):
@@ -84,6 +98,7 @@ class Router:
             last_error = result
             if outcome not in h.RETRYABLE_OUTCOMES:
                 break
+            failed = (outcome, endpoint)
         raise last_error or NoEndpoint(f"no endpoint is available for model {model} right now")
 
     async def _attempt(self, endpoint: Endpoint, method: str, path: str, build_body: BodyBuilder | None,
@@ -97,34 +112,35 @@ class Router:
         except UpstreamError as err:
             endpoint.health.in_flight -= 1
             outcome = err.outcome if err.outcome in h.OUTLIER_OUTCOMES else h.SERVER_ERROR
-            self._record(endpoint, outcome, attempt)
+            self._record(endpoint, outcome, attempt, None)
             return outcome, err
         except BaseException:
             endpoint.health.in_flight -= 1
             raise
-        endpoint.health.record_latency((self.clock() - started) * 1000)
+        ttfb = self.clock() - started
+        endpoint.health.record_latency(ttfb * 1000)
         if resp.status < 400:
-            self._record(endpoint, h.OK, attempt)
+            self._record(endpoint, h.OK, attempt, ttfb)
             return h.OK, resp
         try:
             body = await resp.read()
         except UpstreamError as err:
             self.finish(resp)
-            self._record(endpoint, h.SERVER_ERROR, attempt)
+            self._record(endpoint, h.SERVER_ERROR, attempt, ttfb)
             return h.SERVER_ERROR, err
         outcome = h.classify_status(resp.status, _error_code(body))
         retry_after = _retry_after(resp.headers.get("Retry-After"))
-        self._record(endpoint, outcome, attempt, retry_after)
+        self._record(endpoint, outcome, attempt, ttfb, retry_after)
         if outcome == h.CLIENT_ERROR:
             return outcome, resp
         self.finish(resp)
         return outcome, _failure(resp, outcome, retry_after)
 
-    def _record(self, endpoint: Endpoint, outcome: str, attempt: int, retry_after: float | None = None) -> None:
+    def _record(self, endpoint: Endpoint, outcome: str, attempt: int, ttfb: float | None,
+                retry_after: float | None = None) -> None:
         h.record_attempt(outcome, endpoint.health, endpoint.upstream_health, self.pool.config.health,
                          self.clock(), retry_after)
-        for observe in self.observers:
-            observe(endpoint, outcome, attempt)
+        self.events.on_attempt(endpoint, outcome, attempt, ttfb)
 
     def finish(self, resp: UpstreamResponse) -> None:
         if not resp.finished:

@@ -18,14 +18,16 @@ owning process stopped sending heartbeats (a crash), and flushes every outbox.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUnavailable
+from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, RelayError, StoreUnavailable
 from relay.keys import display_prefix, generate_key, hash_key
 from relay.store.base import KeyRecord
 
@@ -52,6 +54,26 @@ class LedgerEntry:
     at: dt.datetime
 
 
+def _timed(op: str):
+    """Report each call's latency and success to ``store.observe`` (the metrics recorder)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def timed(self, *args, **kwargs):
+            started, ok = time.perf_counter(), False
+            try:
+                result = await fn(self, *args, **kwargs)
+                ok = True
+                return result
+            except RelayError:
+                ok = True  # an answer about the key (no quota, disabled), not a store failure
+                raise
+            finally:
+                if self.observe is not None:
+                    self.observe(op, time.perf_counter() - started, ok)
+        return timed
+    return wrap
+
+
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -73,6 +95,7 @@ class MongoStore:
         self.processes = self.db["processes"]
         self.round_trips = 0  # store operations issued, for the benchmark's per-request count
         self.dirty: set[str] = set()  # keys whose outbox this process filled since its last flush
+        self.observe: Callable[[str, float, bool], None] | None = None
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -100,6 +123,7 @@ class MongoStore:
         await self.grants.insert_one({"key_hash": doc["_id"], "amount": quota, "kind": "create", "at": now})
         return key, doc
 
+    @_timed("find_key")
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         self.round_trips += 1
         doc = await self.keys.find_one({"_id": key_hash}, {"prefix": 1, "status": 1, "note": 1})
@@ -149,6 +173,7 @@ class MongoStore:
 
     # --- charging -----------------------------------------------------------------------
 
+    @_timed("reserve")
     async def reserve(self, key_hash: str, request_id: str, minimum: int, full: int) -> int:
         """Hold ``full`` units, or whatever is left if that still covers ``minimum``.
 
@@ -178,6 +203,7 @@ class MongoStore:
             amount = min(full, balance)
         raise StoreUnavailable("The quota could not be reserved under contention; retry.")
 
+    @_timed("refund")
     async def refund(self, key_hash: str, request_id: str, amount: int) -> bool:
         """Return a hold of ``amount`` in full. False when it was already settled or swept."""
         self.round_trips += 1
@@ -186,6 +212,7 @@ class MongoStore:
             {"$pull": {"holds": {"rid": request_id}}, "$inc": {"balance": amount, "reserved": -amount}})
         return res.modified_count == 1
 
+    @_timed("settle")
     async def settle(self, entry: LedgerEntry, held: int) -> bool:
         """Charge ``entry.cost`` against the hold: balance, usage, day and outbox move together.
 
@@ -208,6 +235,7 @@ class MongoStore:
             return True
         return False
 
+    @_timed("flush_ledger")
     async def flush_ledger(self, key_hashes: set[str] | None = None) -> int:
         """Move outbox entries to the ledger collection; returns how many were moved.
 
@@ -255,9 +283,11 @@ class MongoStore:
 
     # --- crash recovery -----------------------------------------------------------------
 
+    @_timed("heartbeat")
     async def heartbeat(self) -> None:
         await self.processes.update_one({"_id": self.instance_id}, {"$set": {"at": self.clock()}}, upsert=True)
 
+    @_timed("sweep")
     async def sweep(self) -> int:
         """Refund holds of processes that stopped heartbeating, and holds older than any request.
 

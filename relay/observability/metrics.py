@@ -1,0 +1,97 @@
+"""Every metric relay exports, defined once, with its help text.
+
+Labels carry no key and no content: upstreams by their configured name, keys by their
+position (``k0``), models only by configured names (anything else is ``other``), so junk
+input cannot create series. With several worker processes, set PROMETHEUS_MULTIPROC_DIR
+before this module is imported (``relay serve --workers N`` does) and /metrics aggregates
+across them.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+# Sub-millisecond resolution where relay's own work lives; coarser where upstreams live.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+                    0.025, 0.05, 0.1, 0.25, 1.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+REQUESTS = Counter("relay_requests", "Client requests answered, by route, model and status class.",
+                   ["route", "model", "status_class"])
+REQUEST_SECONDS = Histogram("relay_request_duration_seconds",
+                            "Client request duration, from the first byte read to the last written.",
+                            ["route", "model", "status_class"], buckets=LATENCY_BUCKETS)
+OVERHEAD_SECONDS = Histogram("relay_overhead_seconds",
+                             "Time relay itself spent on a proxied request: its duration minus the time "
+                             "spent waiting on upstreams.", buckets=OVERHEAD_BUCKETS)
+IN_FLIGHT = Gauge("relay_requests_in_flight", "Client requests being served now.", multiprocess_mode="livesum")
+
+UPSTREAM_TTFB = Histogram("relay_upstream_ttfb_seconds",
+                          "Time from sending a request to an upstream to its response headers.",
+                          ["upstream"], buckets=LATENCY_BUCKETS)
+UPSTREAM_SECONDS = Histogram("relay_upstream_duration_seconds",
+                             "Time from sending a request to an upstream to the end of its response.",
+                             ["upstream"], buckets=LATENCY_BUCKETS)
+ATTEMPTS = Counter("relay_upstream_attempts", "Attempts sent to upstreams, by outcome "
+                   "(ok, 5xx, 429, auth, quota, timeout, connect_error, client_error).", ["upstream", "outcome"])
+RETRIES = Counter("relay_retries", "Attempts retried on another endpoint, by the failed attempt's outcome.",
+                  ["reason"])
+FAILOVERS = Counter("relay_failovers", "Retries that moved to another upstream, by the failed attempt's outcome.",
+                    ["reason"])
+ENDPOINT_STATE = Gauge("relay_endpoint_state", "1 for the state each endpoint (upstream × key) is in: healthy, "
+                       "ejected, cooling, unhealthy, disabled_by_checker, disabled_by_operator.",
+                       ["upstream", "key_id", "state"], multiprocess_mode="livemax")
+MODEL_ENDPOINTS = Gauge("relay_model_available_endpoints", "Endpoints available now for each configured model.",
+                        ["model"], multiprocess_mode="livemax")
+
+TOKENS = Counter("relay_tokens", "Tokens metered, by model and kind (prompt, completion).", ["model", "kind"])
+QUOTA_CHARGED = Counter("relay_quota_units_charged", "Quota units charged to relay keys.", ["model"])
+QUOTA_REJECTIONS = Counter("relay_quota_rejections", "Requests refused with insufficient_quota.")
+
+STORE_SECONDS = Histogram("relay_store_operation_seconds", "Store operation latency.", ["op"],
+                          buckets=STORE_BUCKETS)
+STORE_ERRORS = Counter("relay_store_errors", "Store operations that failed.", ["op"])
+CONFIG_RELOADS = Counter("relay_config_reloads", "Config reloads by result (ok, unchanged, invalid).",
+                         ["result"])
+CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config reload succeeded, 0 when the "
+                         "file on disk was rejected.", multiprocess_mode="livemin")
+
+ENDPOINT_STATES = ("healthy", "ejected", "cooling", "unhealthy", "disabled_by_checker", "disabled_by_operator")
+ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other")
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format for /metrics; aggregated over worker processes in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class ModelLabels:
+    """Model label values limited to the configured names; everything else is ``other``."""
+
+    def __init__(self) -> None:
+        self._config = None
+        self._known: frozenset[str] = frozenset()
+
+    def __call__(self, config, model: str | None) -> str:
+        if config is not self._config:
+            names = set(config.client_model_names()) | set(config.pricing) | set(config.model_map.values())
+            for u in config.upstreams:
+                names.update(u.models or ())
+                names.update(u.model_map.values())
+            self._known, self._config = frozenset(names), config
+        return model if model in self._known else "other"
+
+
+model_label = ModelLabels()
