@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="OpenAI-API relay and multi-upstream load balancer on Tornado",
     packages=find_packages(include=["relay", "relay.*"]),
-    package_data={"relay": ["examples/*.yaml"]},
+    package_data={"relay": ["examples/*.yaml", "web/*"]},
     python_requires=">=3.11",
     install_requires=[
         "tornado==6.6.1",
@@ -25,6 +25,7 @@ setup(
             "openai==3.57.0",
             "mongomock-motor==0.0.36",
             "typing_extensions==4.16.0",  # needed by mongomock-motor, which does not declare it
+            "playwright==1.65.2",  # drives Debian's /usr/bin/chromium; no browser download
         ],
     },
     entry_points={"console_scripts": ["relay=relay.cli:main"]},

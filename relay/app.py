@@ -13,7 +13,7 @@ from relay.auth import Authenticator
 from relay.balancer.pool import Pool
 from relay.charging import Charger
 from relay.config import Config
-from relay.handlers import admin, billing, openai_api
+from relay.handlers import admin, billing, openai_api, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler
 from relay.observability import recorder
 from relay.proxy.health_checker import HealthChecker
@@ -138,6 +138,10 @@ def make_app(services: Services, metrics: bool = True, **settings) -> tornado.we
         (r"/admin/keys/([^/]+)/(topup|disable|enable)", admin.KeyActionHandler, kw),
         (r"/admin/upstreams", admin.UpstreamsHandler, kw),
         (r"/admin/reload", admin.ReloadHandler, kw),
+        (r"/usage", usage_page.UsagePageHandler, kw),
+        (r"/usage/static/([a-z.]+)", usage_page.UsageStaticHandler, kw),
+        (r"/usage/api/summary", usage_page.UsageSummaryHandler, kw),
+        (r"/", usage_page.UsageRootHandler, kw),
         (r"/healthz", HealthzHandler, kw),
         (r"/readyz", ReadyzHandler, kw),
     ]

@@ -89,6 +89,17 @@ class Quota:
 
 
 @dataclass(frozen=True)
+class Site:
+    """What the key holder's page shows: where to reach relay and where to buy keys."""
+
+    primary_host: str | None = None   # e.g. api.example.com (snippets use it)
+    backup_host: str | None = None    # e.g. api-backup.example.net
+    usage_host: str | None = None     # "/" of this host serves the usage page
+    shop_url: str | None = None       # where keys are bought and topped up
+    scheme: str = "https"             # of the hostnames above
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: tuple[Upstream, ...]
     model_map: Mapping[str, str] = field(default_factory=dict)
@@ -99,6 +110,7 @@ class Config:
     quota: Quota = Quota()
     health: HealthPolicy = HealthPolicy()
     retries: Retries = Retries()
+    site: Site = Site()
 
     def map_model(self, model: str) -> str:
         return self.model_map.get(model, model)
@@ -159,7 +171,7 @@ def _config(data: Any, env: Mapping[str, str]) -> Config:
     if data is None:
         raise ConfigError("", "empty file: expected a mapping with 'upstreams'")
     top = _mapping(data, "", {"upstreams", "model_map", "pricing", "timeouts", "limits", "quota", "health",
-                              "retries"}, {"upstreams"})
+                              "retries", "site"}, {"upstreams"})
     raw_ups = top["upstreams"]
     if not isinstance(raw_ups, list) or not raw_ups:
         raise ConfigError("upstreams", "must be a non-empty list")
@@ -180,7 +192,35 @@ def _config(data: Any, env: Mapping[str, str]) -> Config:
         quota=_numbers(top.get("quota", {}), "quota", Quota),
         health=_numbers(top.get("health", {}), "health", HealthPolicy),
         retries=_numbers(top.get("retries", {}), "retries", Retries),
+        site=_site(top.get("site", {}), "site"),
     )
+
+
+_HOST = re.compile(r"(?=.{1,253}(:|$))[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*(:[0-9]{1,5})?")
+
+
+def _site(raw: Any, path: str) -> Site:
+    if raw is None:
+        return Site()
+    values = _mapping(raw, path, {"primary_host", "backup_host", "usage_host", "shop_url", "scheme"})
+    out = {}
+    for key in ("primary_host", "backup_host", "usage_host"):
+        if key in values:
+            host = values[key]
+            if not isinstance(host, str) or not _HOST.fullmatch(host):
+                raise ConfigError(f"{path}.{key}", "must be a hostname such as api.example.com (a port may follow)")
+            out[key] = host.lower()
+    if "shop_url" in values:
+        url = values["shop_url"]
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{path}.shop_url", "not an http(s) URL")
+        out["shop_url"] = url
+    if "scheme" in values:
+        if values["scheme"] not in ("http", "https"):
+            raise ConfigError(f"{path}.scheme", "must be http or https")
+        out["scheme"] = values["scheme"]
+    return Site(**out)
 
 
 def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:

@@ -101,3 +101,25 @@ def test_check_config_as_installed_command(tmp_path):
     bad.write_text("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], colour: red}\n")
     proc = subprocess.run([sys.executable, "-m", "relay", "check-config", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "upstreams[0].colour: unknown key" in proc.stderr
+
+
+def test_site_section_is_validated():
+    base = "upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\n"
+    cfg = parse_config(base + "site: {primary_host: API.example.com, backup_host: 'b.example.net:8443', "
+                              "usage_host: u.example.com, shop_url: 'https://shop.example.com/r'}", {})
+    assert (cfg.site.primary_host, cfg.site.backup_host, cfg.site.shop_url) == (
+        "api.example.com", "b.example.net:8443", "https://shop.example.com/r")
+    for bad, path in (("{primary_host: 'https://x.com'}", "site.primary_host"), ("{shop_url: 'shop'}", "site.shop_url"),
+                      ("{scheme: ftp}", "site.scheme"), ("{colour: red}", "site.colour")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + f"site: {bad}", {})
+        assert info.value.path == path
+
+
+def test_commented_site_example_is_valid_when_uncommented():
+    text = (ROOT / "upstreams.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# site:")
+    block = [line[2:] for line in lines[start:start + 6]]
+    cfg = parse_config(text + "\n" + "\n".join(block) + "\n", {})
+    assert cfg.site.usage_host == "usage.example.com" and cfg.site.shop_url.startswith("https://")

@@ -103,6 +103,7 @@ class MongoStore:
         await self.keys.create_index("prefix")
         await self.keys.create_index("holds.owner")
         await self.ledger.create_index([("key_hash", 1), ("at", -1)])
+        await self.ledger.create_index([("at", -1)])
         await self.grants.create_index([("key_hash", 1), ("at", 1)])
 
     async def ping(self) -> None:
@@ -274,6 +275,12 @@ class MongoStore:
 
     async def recent_ledger(self, key_hash: str, limit: int = 50) -> list[dict]:
         return await self.ledger.find({"key_hash": key_hash}).sort("at", -1).to_list(length=limit)
+
+    async def recent_timings(self, since: dt.datetime, limit: int = 5000) -> list[dict]:
+        """Model and time to first byte of recent requests of every key, for the speed panel."""
+        cursor = self.ledger.find({"at": {"$gte": since}, "status": 200},
+                                  {"model": 1, "ttfb_ms": 1, "stream": 1, "_id": 0})
+        return await cursor.sort("at", -1).to_list(length=limit)
 
     async def ledger_total(self, key_hash: str) -> int:
         """Σ cost of the key's ledger entries, flushed or still in its outbox."""

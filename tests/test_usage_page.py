@@ -1,0 +1,218 @@
+"""The key holder's page in a real headless Chromium (Debian's), driven by Playwright."""
+import asyncio
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient
+
+from relay.keys import hash_key
+from tests.conservation import settled
+from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, serve, start_fake, unused_port
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"]
+ADMIN = "admin-token-usage-page"
+
+
+def site_config(fake) -> str:
+    return f"""
+upstreams:
+  - {{name: primary, base_url: '{fake.base_url}', keys: [sk-page-1]}}
+model_map: {{gpt-3.5-turbo: gpt-3.5-turbo-1106}}
+site:
+  primary_host: api.example.com
+  backup_host: api-backup.example.net
+  usage_host: usage.example.com
+  shop_url: https://shop.example.com/relay
+{PRICING}"""
+
+
+@pytest.fixture
+def page_env(io_loop):
+    fake = start_fake()
+    store = mock_store()
+    io_loop.run_sync(lambda: add_key(store, quota=2_000_000))
+    url, server, services = io_loop.run_sync(lambda: serve(site_config(fake), store, admin_token=ADMIN))
+    yield url, store
+    server.stop()
+    io_loop.run_sync(services.close)
+    fake.stop()
+
+
+async def browser():
+    assert shutil.which("chromium") or Path(CHROMIUM).exists(), "Debian's chromium is required (.ci/run installs it)"
+    from playwright.async_api import async_playwright
+    pw = await async_playwright().start()
+    b = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+    return pw, b
+
+
+async def make_traffic(url, store):
+    c = AsyncHTTPClient()
+    for model, stream in (("gpt-4", False), ("gpt-4", True), ("gpt-3.5-turbo", False), ("gpt-3.5-turbo", True)):
+        body = json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Hi"}]})
+        await c.fetch(url + "/v1/chat/completions", method="POST", body=body,
+                      headers={"Authorization": f"Bearer {TEST_KEY}"})
+    await settled(store)
+    # Usage on earlier days, as the settlement would have counted it then.
+    earlier = {(dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=d)).isoformat(): cost
+               for d, cost in ((3, 1200), (10, 45))}
+    await store.keys.update_one({"_id": hash_key(TEST_KEY)}, {"$inc": {
+        **{f"days.{day}.cost": c for day, c in earlier.items()}, **{f"days.{day}.requests": 1 for day in earlier},
+        "used": sum(earlier.values()), "balance": -sum(earlier.values())}})
+
+
+async def api(url, path, headers=None):
+    resp = await AsyncHTTPClient().fetch(url + path, headers=headers or {"Authorization": f"Bearer {TEST_KEY}"})
+    return json.loads(resp.body)
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", "").strip())
+
+
+async def test_page_shows_what_the_billing_api_says(page_env):
+    url, store = page_env
+    await make_traffic(url, store)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    sub = await api(url, "/v1/dashboard/billing/subscription")
+    usage = await api(url, f"/v1/dashboard/billing/usage?start_date={today - dt.timedelta(days=40)}"
+                           f"&end_date={today + dt.timedelta(days=1)}")
+    view = await api(url, f"/admin/keys/{TEST_KEY}", {"Authorization": f"Bearer {ADMIN}"})
+    ARTIFACTS.mkdir(exist_ok=True)
+    pw, b = await browser()
+    try:
+        page = await b.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+        await page.goto(url + "/usage")
+        assert await page.locator("h1").inner_text() == "用量查询", "Chinese first"
+        await page.fill("input[name=key]", TEST_KEY)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("#result", state="visible")
+        assert "key=" not in page.url and TEST_KEY not in page.url
+        assert number(await page.inner_text("#granted")) == sub["hard_limit_usd"] == 2_000_000
+        assert number(await page.inner_text("#used")) == usage["total_usage"] // 100 == view["used"]
+        assert number(await page.inner_text("#balance")) == view["balance"]
+        await page.click("#result details summary")  # open the per-day table, as a person would
+        rows = {await r.get_attribute("data-day"): number(await r.locator("td").nth(1).inner_text())
+                for r in await page.locator("#days tbody tr").all()}
+        billed = {dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc).date().isoformat():
+                  d["line_items"][0]["cost"] // 100 for d in usage["daily_costs"]}
+        assert {day: cost for day, cost in rows.items() if cost} == billed and len(billed) == 3
+        bars = await page.locator("#chart rect").count()
+        assert bars == 30
+        recent = await page.locator("#recent tbody tr").count()
+        assert recent == 4
+        assert "gpt-4" in await page.inner_text("#speed") and "ms" in await page.inner_text("#speed")
+        await page.wait_for_function("document.getElementById('rtt').textContent.endsWith('ms')")
+        snippets = await page.inner_text("#snippet-list")
+        for expected in ("https://api.example.com/openai/v1", "https://api.example.com/v1",
+                         "https://api-backup.example.net/v1/chat/completions"):
+            assert expected in snippets
+        assert await page.get_attribute("#shop-link", "href") == "https://shop.example.com/relay"
+        assert "gpt-3.5" in await page.inner_text("#messages")
+        await page.screenshot(path=str(ARTIFACTS / "usage-desktop.png"), full_page=True)
+        await page.click("#lang")
+        assert await page.locator("h1").inner_text() == "Usage"
+        assert number(await page.inner_text("#balance")) == view["balance"]
+        phone = await b.new_page(viewport={"width": 390, "height": 844}, locale="en-US", is_mobile=True)
+        await phone.goto(url + "/usage")
+        assert await phone.locator("h1").inner_text() == "Usage", "English for an English browser"
+        await phone.fill("input[name=key]", TEST_KEY)
+        await phone.click("button[type=submit]")
+        await phone.wait_for_selector("#result", state="visible")
+        overflow = await phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, "fits a phone-sized screen"
+        await phone.screenshot(path=str(ARTIFACTS / "usage-phone.png"), full_page=True)
+    finally:
+        await b.close()
+        await pw.stop()
+    for name in ("usage-desktop.png", "usage-phone.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+async def test_wrong_key_shows_a_clear_message(page_env):
+    url, store = page_env
+    pw, b = await browser()
+    try:
+        page = await b.new_page(locale="zh-CN")
+        await page.goto(url + "/usage")
+        await page.fill("input[name=key]", "ak-" + "x" * 40)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("#message", state="visible")
+        assert "密钥无效" in await page.inner_text("#message")
+        assert await page.locator("#result").is_hidden()
+    finally:
+        await b.close()
+        await pw.stop()
+
+
+async def test_page_headers_and_no_inline_script(page_env):
+    url, store = page_env
+    c = AsyncHTTPClient()
+    resp = await c.fetch(url + "/usage")
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "connect-src 'self'" in csp
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    html = resp.body.decode()
+    assert "<script>" not in html and 'src="/usage/static/usage.js"' in html
+    assert 'name="key"' in html and "http://" not in html.replace('xmlns="http://', "") and "cdn" not in html.lower()
+    summary = await c.fetch(url + "/usage/api/summary", headers={"Authorization": f"Bearer {TEST_KEY}"})
+    assert summary.headers["Cache-Control"] == "no-store"
+    posted = await c.fetch(url + "/usage", method="POST", body=f"key={TEST_KEY}", follow_redirects=False,
+                           raise_error=False)
+    assert posted.code == 303 and TEST_KEY not in posted.body.decode()
+    root = await c.fetch(url + "/", headers={"Host": "usage.example.com"})
+    assert root.code == 200 and b'name="key"' in root.body
+    other = await c.fetch(url + "/", headers={"Host": "api.example.com"}, raise_error=False)
+    assert other.code == 404
+
+
+CROSS_ORIGIN_PAGE = """<!doctype html><html><body><pre id="json"></pre><pre id="stream"></pre>
+<script>
+const relay = "%s", key = "%s";
+async function run() {
+  const headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"};
+  const msg = [{"role": "user", "content": "Hi"}];
+  const r = await fetch(relay + "/v1/chat/completions", {method: "POST", headers,
+    body: JSON.stringify({model: "gpt-4", messages: msg})});
+  document.getElementById("json").textContent = (await r.json()).choices[0].message.content;
+  const s = await fetch(relay + "/v1/chat/completions", {method: "POST", headers,
+    body: JSON.stringify({model: "gpt-4", messages: msg, stream: true})});
+  const reader = s.body.getReader(); let text = "";
+  for (;;) { const {done, value} = await reader.read(); if (done) break; text += new TextDecoder().decode(value); }
+  document.getElementById("stream").textContent = text.trim().endsWith("data: [DONE]") ? "DONE" : "BROKEN";
+}
+run().catch(e => { document.getElementById("json").textContent = "ERROR " + e; });
+</script></body></html>"""
+
+
+async def test_a_page_from_another_origin_can_call_relay(page_env):
+    url, store = page_env
+    html = CROSS_ORIGIN_PAGE % (url, TEST_KEY)
+
+    class Page(tornado.web.RequestHandler):
+        def get(self):
+            self.finish(html)
+
+    port = unused_port()
+    other = tornado.web.Application([(r"/", Page)]).listen(port, "127.0.0.1")
+    pw, b = await browser()
+    try:
+        page = await b.new_page()
+        preflights = []
+        page.on("request", lambda r: preflights.append(r) if r.method == "OPTIONS" else None)
+        # localhost and 127.0.0.1 are different origins: every call below is cross-origin.
+        await page.goto(f"http://localhost:{port}/")
+        await page.wait_for_function("document.getElementById('stream').textContent !== ''", timeout=15000)
+        assert await page.inner_text("#json") == "Hello from the fake upstream, relay says hi!"
+        assert await page.inner_text("#stream") == "DONE"
+    finally:
+        await b.close()
+        await pw.stop()
+        other.stop()
