@@ -20,6 +20,7 @@ from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
 from relay.proxy.transport import Transport
 from relay.reload import Reloader
+from relay.settlement_queue import SettlementQueue
 from relay.store.mongo import HEARTBEAT_EVERY_S, MongoStore
 
 log = logging.getLogger("relay.app")
@@ -39,6 +40,7 @@ class Services:
     checker: HealthChecker
     trusted_proxies: tuple = field(default_factory=tuple)
     admin_token: str | None = None
+    active: int = 0  # requests being handled, for a graceful drain
     _tasks: list = field(default_factory=list)
 
     @property
@@ -49,7 +51,7 @@ class Services:
         """The ledger flusher; heartbeats that mark this process alive; the sweeper for crashed ones;
         active health checks; the config file watcher."""
         for job in (self._flush_ledger(), self._maintain(), self.checker.run(), self.reloader.watch(),
-                    self._refresh_gauges()):
+                    self._refresh_gauges(), self.charger.queue.run()):
             self._tasks.append(asyncio.ensure_future(job))
 
     async def _refresh_gauges(self) -> None:
@@ -86,17 +88,37 @@ class Services:
             await asyncio.sleep(HEARTBEAT_EVERY_S)
             since_sweep += HEARTBEAT_EVERY_S
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for requests in flight to finish (the server no longer accepts new ones)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.active == 0
+
     async def close(self) -> None:
+        """Stop background work, then hand the store what is still owed (best effort)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        try:
+            await asyncio.wait_for(self._final_writes(), 10)
+        except Exception:
+            log.exception("final store writes failed; the journal and the sweeper cover them")
         await self.transport.close()
+
+    async def _final_writes(self) -> None:
+        if len(self.charger.queue):
+            await self.charger.queue.drain()
+        if self.store.dirty:
+            keys, self.store.dirty = self.store.dirty, set()
+            await self.store.flush_ledger(keys)
 
 
 def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (),
                    rng: random.Random | None = None, admin_token: str | None = None,
-                   config_path: str | None = None) -> Services:
+                   config_path: str | None = None, journal_path: str | None = None) -> Services:
     transport = Transport(config.limits, config.timeouts)
     if admin_token is None:
         admin_token = os.environ.get("RELAY_ADMIN_TOKEN") or None
@@ -109,7 +131,7 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
         recorder.on_settled(router.pool.config, entry.model, entry.prompt_tokens, entry.completion_tokens, entry.cost)
 
     return Services(router=router, auth=Authenticator(store), transport=transport, store=store,
-                    charger=Charger(store, settled), reloader=Reloader(config_path, router, on_result=recorder.on_reload),
+                    charger=Charger(store, settled, SettlementQueue(store, journal_path)), reloader=Reloader(config_path, router, on_result=recorder.on_reload),
                     checker=HealthChecker(router), trusted_proxies=trusted_proxies, admin_token=admin_token)
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from relay.errors import InvalidApiKey, KeyDisabled
+from relay.errors import InvalidApiKey, KeyDisabled, StoreUnavailable
 from relay.keys import bearer_token, hash_key, is_well_formed
 from relay.store.base import KeyRecord, KeyStore
+
+
+STALE_IF_ERROR_S = 60.0
 
 
 class Authenticator:
@@ -40,7 +43,14 @@ class Authenticator:
         hit = self._cache.get(key_hash)
         if hit is not None and hit[0] > now:
             return hit[1]
-        record = await self.store.find_key(key_hash)
+        try:
+            record = await self.store.find_key(key_hash)
+        except Exception:
+            # Store outage: a key seen recently is still known (its requests then meet the
+            # reservation, which needs the store); an unknown one cannot be checked.
+            if hit is not None and hit[0] + STALE_IF_ERROR_S > now:
+                return hit[1]
+            raise StoreUnavailable("The key store is unavailable; retry shortly.") from None
         if len(self._cache) >= self.max_entries:
             self._cache.clear()  # bounded: a flood of random keys cannot grow memory
         self._cache[key_hash] = (now + self.ttl_s, record)

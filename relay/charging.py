@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from relay.config import Price
+from relay.errors import RelayError, StoreUnavailable
 from relay.metering.pricing import cost
 from relay.metering.quote import Quote
+from relay.settlement_queue import SettlementQueue
 from relay.store.mongo import LedgerEntry, MongoStore, utc_now
 
 log = logging.getLogger("relay.charging")
@@ -30,12 +32,23 @@ class Charge:
 
 
 class Charger:
-    def __init__(self, store: MongoStore, on_settled: Callable[[LedgerEntry], None] | None = None):
+    """Store outage policy: no reservation, no forwarding (503 ``store_unavailable``); a
+    settlement or refund that fails after the response is queued, journaled and retried."""
+
+    def __init__(self, store: MongoStore, on_settled: Callable[[LedgerEntry], None] | None = None,
+                 queue: SettlementQueue | None = None):
         self.store = store
         self.on_settled = on_settled
+        self.queue = queue or SettlementQueue(store)
 
     async def reserve(self, key_hash: str, request_id: str, quote: Quote, stream: bool) -> Charge:
-        held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
+        try:
+            held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
+        except (RelayError, LookupError):
+            raise
+        except Exception as exc:
+            log.error("reservation of %s failed: store unavailable (%s)", request_id, type(exc).__name__)
+            raise StoreUnavailable("The quota store is unavailable; nothing was charged. Retry shortly.") from None
         return Charge(key_hash, request_id, quote, held, stream)
 
     async def settle(self, charge: Charge, *, prompt_tokens: int, completion_tokens: int, status: int,
@@ -56,9 +69,9 @@ class Charger:
                 log.warning("settlement of %s found no reservation (swept?)", charge.request_id)
             elif self.on_settled is not None:
                 self.on_settled(entry)
-        except Exception:
-            # The hold stays on the key; the sweeper returns it, so nothing is charged twice.
-            log.exception("settlement of %s failed", charge.request_id)
+        except Exception as exc:
+            log.error("settlement of %s failed (%s); queued for retry", charge.request_id, type(exc).__name__)
+            self.queue.put_settle(entry, charge.held)
 
     async def refund(self, charge: Charge) -> None:
         if charge.ended:
@@ -66,5 +79,6 @@ class Charger:
         charge.ended = True
         try:
             await self.store.refund(charge.key_hash, charge.request_id, charge.held)
-        except Exception:
-            log.exception("refund of %s failed; the sweeper will return it", charge.request_id)
+        except Exception as exc:
+            log.error("refund of %s failed (%s); queued for retry", charge.request_id, type(exc).__name__)
+            self.queue.put_refund(charge.key_hash, charge.request_id, charge.held)

@@ -72,11 +72,14 @@ def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0, sock
     return server
 
 
-async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None) -> int:
+async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worker: int | None = None) -> int:
     from relay.app import build_services, make_app
     config = _load(args.config)
     store = await open_store(store_uri, args.mongo_client)
-    services = build_services(config, store, parse_trusted(args.trusted_proxy), config_path=args.config)
+    os.makedirs(args.data_dir, exist_ok=True)
+    journal = os.path.join(args.data_dir, "settlements.journal" if worker is None else f"settlements-w{worker}.journal")
+    services = build_services(config, store, parse_trusted(args.trusted_proxy), config_path=args.config,
+                              journal_path=journal)
     services.start_maintenance()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.reloader.reload)
     servers = [_listen(make_app(services, metrics=metrics_sockets is None), args.port, args.host,
@@ -86,8 +89,15 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None) -> in
         servers.append(_listen(make_metrics_app(services), 0, "", sockets=metrics_sockets))
     log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
     await _until_signalled()
+    # Graceful: stop accepting, let requests in flight finish (streams included) within the
+    # drain timeout, settle them, then close connections; the embedded store stops last.
     for server in servers:
         server.stop()
+    log.info("draining %d request(s) in flight (up to %.0f s)", services.active, args.drain_timeout)
+    if not await services.drain(args.drain_timeout):
+        log.warning("drain timeout: %d request(s) still in flight are cut", services.active)
+    for server in servers:
+        await server.close_all_connections()
     await services.close()
     await close_client(store.client)
     return 0
@@ -104,11 +114,17 @@ def _serve_command(args) -> int:
     location = locate_store(args.mongodb_uri, args.data_dir)
     try:
         if args.workers > 1:
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the supervisor stops the store on its way out
-            tornado.process.fork_processes(args.workers, max_restarts=100)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            try:
+                worker = tornado.process.fork_processes(args.workers, max_restarts=100)
+            except SystemExit:
+                # The supervisor: workers drain first, the store stops last (in finally).
+                _stop_workers(location, args.drain_timeout + 15)
+                raise
             _die_with_parent()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             location.embedded = None  # the store belongs to the supervisor
+            return asyncio.run(_serve(args, location.uri, sockets, metrics_sockets, worker))
         return asyncio.run(_serve(args, location.uri, sockets, metrics_sockets))
     finally:
         location.stop()
@@ -121,6 +137,32 @@ async def _fake(args) -> int:
     await _until_signalled()
     server.stop()
     return 0
+
+
+def _stop_workers(location, timeout_s: float) -> None:
+    """SIGTERM every worker (each drains gracefully) and wait for them, not for the store."""
+    import time
+    store_pid = location.embedded.proc.pid if location.embedded and location.embedded.proc else None
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as fh:
+            workers = [int(p) for p in fh.read().split() if int(p) != store_pid]
+    except OSError:
+        workers = []
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for pid in workers:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                break
+            time.sleep(0.05)
 
 
 def _die_with_parent() -> None:
@@ -203,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the port (one per core); metrics are aggregated across them")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="on SIGTERM, how long requests in flight may take to finish (default 30 s)")
     serve.add_argument("--metrics-port", type=int, default=0,
                        help="serve /metrics on this port only (default: on the main port)")
     _store_options(serve)

@@ -28,6 +28,7 @@ class RelayHandler(tornado.web.RequestHandler):
         self.started = time.perf_counter()
         self.upstream_wait: float | None = None  # seconds spent waiting on upstreams, for the overhead metric
         IN_FLIGHT.inc()
+        services.active += 1
         self._counted = True
         self.key_prefix = "-"
         self.model = "-"
@@ -55,6 +56,7 @@ class RelayHandler(tornado.web.RequestHandler):
         if getattr(self, "_counted", False):
             self._counted = False
             IN_FLIGHT.dec()
+            self.services.active -= 1
 
     def options(self, *args: Any) -> None:
         # "*" in Allow-Headers does not cover Authorization, so name what the browser asks for.

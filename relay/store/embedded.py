@@ -95,7 +95,7 @@ class EmbeddedServer:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(_server_command(port, os.path.join(self.data_dir, "db")),
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_die_with_parent, start_new_session=True)
         with open(os.path.join(self.data_dir, INFO_FILE), "w") as fh:
             json.dump({"port": port, "pid": self.proc.pid}, fh)
         self.uri = _uri(port)

@@ -17,9 +17,11 @@ owning process stopped sending heartbeats (a crash), and flushes every outbox.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
+import random
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ from relay.store.base import KeyRecord
 log = logging.getLogger("relay.store")
 
 HEARTBEAT_EVERY_S = 5.0
+RESERVE_ATTEMPTS = 50
 DEAD_AFTER_S = 30.0          # a process silent this long has crashed; its holds are swept
 MAX_HOLD_AGE_S = 6 * 3600.0  # no request lives this long, whatever its owner says
 
@@ -182,7 +185,9 @@ class MongoStore:
         """
         hold_base = {"rid": request_id, "owner": self.instance_id, "at": self.clock()}
         amount = full
-        for _ in range(8):  # compare-and-set on the balance when only a part is left
+        for attempt in range(RESERVE_ATTEMPTS):  # compare-and-set on the balance when only a part is left
+            if attempt > 1:
+                await asyncio.sleep(random.uniform(0.001, 0.005))  # others settle and reserve meanwhile
             flt = {"_id": key_hash, "status": "active"}
             flt["balance"] = {"$gte": amount} if amount == full else amount
             self.round_trips += 1
