@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import tornado.web
 
-from relay.auth import Authenticator
+from relay.auth import Authenticator, FailedAuthThrottle
 from relay.balancer.pool import Pool
 from relay.charging import Charger
 from relay.config import Config
@@ -40,6 +40,7 @@ class Services:
     checker: HealthChecker
     trusted_proxies: tuple = field(default_factory=tuple)
     admin_token: str | None = None
+    throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)
     active: int = 0  # requests being handled, for a graceful drain
     _tasks: list = field(default_factory=list)
 
@@ -111,9 +112,8 @@ class Services:
     async def _final_writes(self) -> None:
         if len(self.charger.queue):
             await self.charger.queue.drain()
-        if self.store.dirty:
-            keys, self.store.dirty = self.store.dirty, set()
-            await self.store.flush_ledger(keys)
+        self.store.dirty.clear()
+        await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done
 
 
 def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (),
@@ -177,3 +177,17 @@ def make_metrics_app(services: Services) -> tornado.web.Application:
     kw = {"services": services}
     return tornado.web.Application([(r"/metrics", MetricsHandler, kw)], default_handler_class=NotFoundHandler,
                                    default_handler_args=kw, log_function=lambda handler: None)
+
+
+def make_server(app: tornado.web.Application, ssl_options=None, max_body: int = 0, client_timeout_s: float = 60.0,
+                body_timeout_s: float = 120.0):
+    """The HTTP server, with the limits that protect it from slow and idle clients.
+
+    ``client_timeout_s`` bounds both reading a request's headers (slow-header clients) and an
+    idle keep-alive connection; ``body_timeout_s`` bounds reading a body. The handlers enforce
+    the configured body size limit themselves, with an OpenAI-shaped 413; Tornado's own cap is
+    a backstop far above it.
+    """
+    import tornado.httpserver
+    return tornado.httpserver.HTTPServer(app, ssl_options=ssl_options, idle_connection_timeout=client_timeout_s,
+                                         body_timeout=body_timeout_s, max_body_size=max(max_body * 4, 64 << 20))

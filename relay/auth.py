@@ -58,3 +58,35 @@ class Authenticator:
 
     def forget(self, key_hash: str) -> None:
         self._cache.pop(key_hash, None)
+
+
+class FailedAuthThrottle:
+    """Counts bad keys per client address; past ``max_failures`` in ``window_s`` the bad-key
+    answers to that address are slowed and become 429s. Good keys are never held back, and
+    other addresses are untouched. Memory is bounded."""
+
+    def __init__(self, max_failures: int = 20, window_s: float = 60.0, delay_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 100_000):
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.delay_s = delay_s
+        self.clock = clock
+        self.max_addresses = max_addresses
+        self._failures: dict[str, tuple[float, int]] = {}  # address -> (window start, count)
+
+    def record_failure(self, address: str) -> bool:
+        """Count one bad key; True when the address is over its limit."""
+        now = self.clock()
+        start, count = self._failures.get(address, (now, 0))
+        if now - start > self.window_s:
+            start, count = now, 0
+        if len(self._failures) >= self.max_addresses and address not in self._failures:
+            self._prune(now)
+        self._failures[address] = (start, count + 1)
+        return count + 1 > self.max_failures
+
+    def _prune(self, now: float) -> None:
+        for addr in [a for a, (start, _) in self._failures.items() if now - start > self.window_s]:
+            del self._failures[addr]
+        if len(self._failures) >= self.max_addresses:
+            self._failures.clear()

@@ -39,7 +39,7 @@ class Charger:
                  queue: SettlementQueue | None = None):
         self.store = store
         self.on_settled = on_settled
-        self.queue = queue or SettlementQueue(store)
+        self.queue = queue if queue is not None else SettlementQueue(store)  # an empty queue is falsy
 
     async def reserve(self, key_hash: str, request_id: str, quote: Quote, stream: bool) -> Charge:
         try:

@@ -59,12 +59,10 @@ def _ssl_context(args) -> ssl.SSLContext | None:
     return ctx
 
 
-def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0, sockets=None
-            ) -> tornado.httpserver.HTTPServer:
-    # The handlers enforce the configured body limit themselves (with an OpenAI-shaped 413);
-    # Tornado's own cap is a backstop far above it.
-    server = tornado.httpserver.HTTPServer(app, ssl_options=ssl_options, idle_connection_timeout=120,
-                                           body_timeout=300, max_body_size=max(max_body * 4, 64 << 20))
+def _listen(app, port: int, host: str, ssl_options=None, max_body: int = 0, sockets=None,
+            client_timeout_s: float = 60.0, body_timeout_s: float = 120.0) -> tornado.httpserver.HTTPServer:
+    from relay.app import make_server
+    server = make_server(app, ssl_options, max_body, client_timeout_s, body_timeout_s)
     if sockets is not None:
         server.add_sockets(sockets)
     else:
@@ -83,7 +81,8 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
     services.start_maintenance()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.reloader.reload)
     servers = [_listen(make_app(services, metrics=metrics_sockets is None), args.port, args.host,
-                       _ssl_context(args), config.limits.max_body_bytes, sockets)]
+                       _ssl_context(args), config.limits.max_body_bytes, sockets, args.client_timeout,
+                       args.body_timeout)]
     if metrics_sockets is not None:
         from relay.app import make_metrics_app
         servers.append(_listen(make_metrics_app(services), 0, "", sockets=metrics_sockets))
@@ -245,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the port (one per core); metrics are aggregated across them")
+    serve.add_argument("--client-timeout", type=float, default=60.0,
+                       help="seconds a client may take to send its headers, or stay idle between requests")
+    serve.add_argument("--body-timeout", type=float, default=120.0, help="seconds a client may take to send a body")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="on SIGTERM, how long requests in flight may take to finish (default 30 s)")
     serve.add_argument("--metrics-port", type=int, default=0,

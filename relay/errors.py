@@ -64,6 +64,10 @@ class TooManyRequests(RelayError):
     status, type, code = 429, "requests", "rate_limit_exceeded"
 
 
+class TooManyFailedAttempts(RelayError):
+    status, type, code = 429, "requests", "too_many_failed_attempts"
+
+
 class UpstreamError(RelayError):
     """The upstream failed (connect error, 5xx, bad reply): the client's request may be fine."""
 

@@ -44,6 +44,7 @@ class Behaviour:
     truncate_after_chunks: int | None = None  # close the connection after N content chunks
     omit_usage: bool = False         # never report usage (relay must count itself)
     key_status: dict = field(default_factory=dict)  # per upstream key: answer with this status
+    broken: str | None = None        # "invalid_json", "html" (a 200 error page), "sse_garbage"
 
 
 def _error_body(message: str, type_: str, code: str | None) -> dict:
@@ -140,6 +141,12 @@ class ChatHandler(_FakeHandler):
             return self.write_json(_error_body(f"The model `{model}` does not exist", "invalid_request_error",
                                                "model_not_found"), 404)
         b = self.state.behaviour
+        if b.broken == "invalid_json":
+            self.set_header("Content-Type", "application/json")
+            return self.finish(b'{"id": "chatcmpl-broken", "choices": [')
+        if b.broken == "html":
+            self.set_header("Content-Type", "text/html")
+            return self.finish(b"<html><body><h1>502 Bad Gateway</h1>cloudflare</body></html>")
         n = b.reply_tokens
         if isinstance(body.get("max_tokens"), int):
             n = min(n, body["max_tokens"])
@@ -176,7 +183,10 @@ class ChatHandler(_FakeHandler):
             return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
         events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-        events += [chunk({"content": p}) for p in pieces]
+        for p in pieces:
+            events.append(chunk({"content": p}))
+            if b.broken == "sse_garbage":
+                events.append(b"data: {not json at all\n\n: a comment line\n\nrandom garbage\n\n")
         events.append(chunk({}, finish="stop"))
         if with_usage:
             events.append(chunk(None, choices=False, usage_value=usage))

@@ -18,3 +18,11 @@ def scrub(body: bytes, secrets: tuple[str, ...] = ()) -> bytes:
 def mask_key(key: str) -> str:
     """``sk-...abcd``: enough for an operator to tell keys apart, too little to use."""
     return f"{key[:3]}...{key[-4:]}" if len(key) > 12 else "***"
+
+
+_KEY_IN_PATH = re.compile(r"((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_-]+")
+
+
+def redact_path(path: str) -> str:
+    """A URL path for a log line: a key in it (admin routes take one) keeps only its prefix."""
+    return _KEY_IN_PATH.sub(r"\1...", path) if "k-" in path else path

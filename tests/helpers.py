@@ -112,9 +112,12 @@ def relay_app(config_text: str, store: MongoStore, admin_token: str | None = "",
     return make_app(services, **settings), services
 
 
-async def serve(config_text: str, store: MongoStore, admin_token: str | None = "", config_path: str | None = None):
+async def serve(config_text: str, store: MongoStore, admin_token: str | None = "", config_path: str | None = None,
+                **server_options):
     """A relay on its own port (for tests that need a second or differently built relay)."""
+    from relay.app import make_server
     app, services = relay_app(config_text, store, admin_token, config_path)
     port = unused_port()
-    server = app.listen(port, "127.0.0.1")
+    server = make_server(app, **server_options)
+    server.listen(port, "127.0.0.1")
     return f"http://127.0.0.1:{port}", server, services

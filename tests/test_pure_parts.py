@@ -16,7 +16,7 @@ from relay.metering.tokens import count_chat_prompt, count_embedding_input, coun
 from relay.net import client_address, parse_trusted
 from relay.proxy.router import Router
 from relay.proxy.sse import SSEDecoder, StreamMeter
-from relay.redact import mask_key, scrub
+from relay.redact import mask_key, redact_path, scrub
 
 
 def _chunk(content=None, usage=None, choices=True, finish=None):
@@ -52,9 +52,11 @@ def test_meter_drops_the_usage_chunk_unless_asked_and_collects_text():
     assert all(asked.accept(e) for e in events)
 
 
-def test_meter_survives_garbage_lines():
+def test_meter_drops_garbage_events():
     m = StreamMeter(False)
-    assert m.accept(b"data: {oops\n\n") and m.malformed == 1 and m.usage is None
+    assert not m.accept(b"data: {oops\n\n") and not m.accept(b"data: 42\n\n") and not m.accept(b"hello\n\n")
+    assert m.malformed == 3 and m.usage is None and m.accept(_chunk("ok"))
+    assert m.accept(b": keep-alive\n\n"), "comment-only events (keep-alives) pass"
 
 
 def _pool(text):
@@ -147,6 +149,8 @@ def test_scrub_removes_keys_whole_or_masked():
     out = scrub(body, ("sk-secret-123",))
     assert b"sk-" not in out and b"wxyz" not in out
     assert mask_key("sk-abcdefghijklmnop") == "sk-...mnop"
+    key = "ak-" + "Q" * 40
+    assert redact_path(f"/admin/keys/{key}/topup") == "/admin/keys/ak-QQQQQQQ.../topup"
 
 
 def test_pure_modules_import_no_io_frameworks():

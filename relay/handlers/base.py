@@ -10,8 +10,9 @@ from typing import Any
 
 import tornado.web
 
-from relay.errors import InvalidRequest, MethodNotAllowed, NotFound, RelayError
+from relay.errors import InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFound, RelayError, TooManyFailedAttempts
 from relay.net import client_address
+from relay.redact import redact_path
 from relay.observability.access_log import flag_for
 from relay.observability.metrics import IN_FLIGHT, exposition
 
@@ -111,7 +112,7 @@ class RelayHandler(tornado.web.RequestHandler):
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, (RelayError, tornado.web.HTTPError)):
             return  # expected; the access line records it
-        log.error("unhandled error in %s %s [%s]", self.request.method, self.request.path,
+        log.error("unhandled error in %s %s [%s]", self.request.method, redact_path(self.request.path),
                   self.request_id, exc_info=(typ, value, tb))
 
 
@@ -138,7 +139,15 @@ class AuthenticatedHandler(RelayHandler):
     async def prepare(self) -> None:
         if self.request.method == "OPTIONS":
             return
-        self.key = await self.services.auth.authenticate(self.request.headers.get("Authorization"))
+        try:
+            self.key = await self.services.auth.authenticate(self.request.headers.get("Authorization"))
+        except InvalidApiKey:
+            throttle = self.services.throttle
+            if throttle.record_failure(self.client_ip):
+                await asyncio.sleep(throttle.delay_s)  # slows a guesser down; nobody else waits
+                raise TooManyFailedAttempts("Too many requests with invalid API keys from your address; "
+                                            "slow down and check your key.") from None
+            raise
         self.key_prefix = self.key.prefix
 
 

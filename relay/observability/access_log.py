@@ -10,6 +10,7 @@ import logging
 import time
 
 from relay.errors import RelayError
+from relay.redact import redact_path
 
 access_log = logging.getLogger("relay.access")
 
@@ -37,7 +38,7 @@ def log_request(handler) -> None:
     latency_ms = (time.perf_counter() - getattr(handler, "started", time.perf_counter())) * 1000
     access_log.info(
         "%s %s %s %s key=%s model=%s upstream=%s status=%d latency_ms=%.1f flag=%s",
-        getattr(handler, "request_id", "-"), handler.request.method, handler.request.path,
+        getattr(handler, "request_id", "-"), handler.request.method, redact_path(handler.request.path),
         getattr(handler, "client_ip", handler.request.remote_ip), getattr(handler, "key_prefix", "-"),
         getattr(handler, "model", "-"), getattr(handler, "upstream_name", "-"), status, latency_ms,
         getattr(handler, "flag", "-"))

@@ -74,14 +74,18 @@ class StreamMeter:
         if data == DONE:
             self.done = True
             return True
+        if all(line.startswith(b":") for line in event.split(b"\n") if line):
+            return True  # comments only: keep-alives some upstreams send, which SSE parsers skip
         try:
             obj = json.loads(data)
         except ValueError:
+            # Garbage from a broken upstream would break the client's JSON parser: drop it.
             self.malformed += 1
-            return True
+            return False
         self.events += 1
         if not isinstance(obj, dict):
-            return True
+            self.malformed += 1
+            return False
         usage = parse_usage(obj)
         if usage is not None:
             self.usage = usage

@@ -288,10 +288,13 @@ class MongoStore:
         return await cursor.sort("at", -1).to_list(length=limit)
 
     async def ledger_total(self, key_hash: str) -> int:
-        """Σ cost of the key's ledger entries, flushed or still in its outbox."""
-        docs = await self.ledger.find({"key_hash": key_hash}, {"cost": 1}).to_list(length=None)
+        """Σ cost of the key's ledger entries, flushed or still in its outbox (an entry a flush
+        inserted but has not yet pulled is in both, and counts once)."""
+        costs = {d["_id"]: d["cost"] for d in await self.ledger.find({"key_hash": key_hash}, {"cost": 1}).to_list(
+            length=None)}
         key = await self.keys.find_one({"_id": key_hash}, {"pending": 1}) or {}
-        return sum(d["cost"] for d in docs) + sum(e["cost"] for e in key.get("pending", []))
+        costs.update({e["_id"]: e["cost"] for e in key.get("pending", [])})
+        return sum(costs.values())
 
     # --- crash recovery -----------------------------------------------------------------
 
