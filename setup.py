@@ -26,6 +26,7 @@ setup(
             "mongomock-motor==0.0.36",
             "typing_extensions==4.16.0",  # needed by mongomock-motor, which does not declare it
             "playwright==1.65.2",  # drives Debian's /usr/bin/chromium; no browser download
+            "hypothesis==6.155.2",
         ],
     },
     entry_points={"console_scripts": ["relay=relay.cli:main"]},
