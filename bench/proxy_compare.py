@@ -1,0 +1,261 @@
+"""relay beside a bare upstream and nginx as a proxy floor, in one run, pinned to cores.
+
+Layout (2 cores): the proxy under test (relay, or nginx as the floor) alone on core 0; the
+load generator, the upstream fake (bench/lean_upstream.py: canned OpenAI replies from a bare
+asyncio protocol; its own CPU per request is printed as the "direct" row) and relay's store
+server on core 1.
+Targets are measured interleaved, round by round, at concurrency 1, 16 and 64, for JSON
+chats and 20-chunk streams. Reported per row: requests/s, p50/p99 latency, p50 time to
+first byte, CPU per request of the proxy's processes (from /proc) and their peak RSS.
+
+    python bench/proxy_compare.py [--seconds 5] [--rounds 2]
+    python bench/proxy_compare.py --soak 600     # RSS and open fds once a second; fails on growth
+
+Needs Debian's nginx-light (`apt-get install nginx-light`); loopback only, bounded in time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import Result, child_pids, free_port, proc_cpu_seconds, relay_cmd, rss_mb, spawn, stop, wait_port  # noqa
+
+import aiohttp  # noqa: E402
+
+PROXY_CORE, OTHER_CORE = "0", "1"
+
+
+def nginx_conf(workdir: str, listen: int, body: str) -> str:
+    path = os.path.join(workdir, f"nginx-{listen}.conf")
+    with open(path, "w") as fh:
+        fh.write(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx-{listen}.pid;
+error_log {workdir}/nginx-{listen}.err warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body-{listen};
+    proxy_temp_path {workdir}/proxy-{listen};
+    keepalive_requests 1000000;
+    {body}
+}}
+""")
+    return path
+
+
+def proxy_server_block(port: int, upstream_port: int) -> str:
+    return f"""
+    upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}"""
+
+
+def relay_config(fake_port: int) -> str:
+    return f"""
+upstreams:
+  - name: json
+    base_url: http://127.0.0.1:{fake_port}/json/v1
+    keys: [sk-bench-1]
+    models: [bench-json]
+  - name: stream
+    base_url: http://127.0.0.1:{fake_port}/stream/v1
+    keys: [sk-bench-2]
+    models: [bench-stream]
+pricing:
+  bench-json: {{input: 1, output: 1}}
+  bench-stream: {{input: 1, output: 1}}
+quota:
+  default_max_tokens: 64
+"""
+
+
+class Target:
+    def __init__(self, name: str, port: int, pids_fn, path_prefix: str = ""):
+        self.name, self.port, self.pids_fn, self.path_prefix = name, port, pids_fn, path_prefix
+
+    def url(self, mode: str) -> str:
+        if self.name == "relay":
+            return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        return f"http://127.0.0.1:{self.port}/{mode}/v1/chat/completions"
+
+
+async def measure(target: Target, mode: str, conc: int, seconds: float, headers: dict) -> tuple[Result, float, float]:
+    body = json.dumps({"model": f"bench-{mode}", "stream": mode == "stream", "max_tokens": 64,
+                       "messages": [{"role": "user", "content": "Say hi"}]}).encode()
+    pids = target.pids_fn()
+    cpu0 = proc_cpu_seconds(*pids)
+    peak = [0.0]
+    done = asyncio.Event()
+
+    async def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], sum(rss_mb(p) for p in pids))
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.ensure_future(sample())
+    result = await drive_for(target.url(mode), body, headers, seconds, conc, mode == "stream")
+    done.set()
+    await sampler
+    cpu = proc_cpu_seconds(*pids) - cpu0
+    n = max(len(result.latencies), 1)
+    return result, cpu / n * 1000, peak[0]
+
+
+async def drive_for(url: str, body: bytes, headers: dict, seconds: float, conc: int, stream: bool) -> Result:
+    lat, ttfb, errors = [], [], 0
+    deadline = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                first, tail = None, b""
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        async for chunk in resp.content.iter_any():
+                            first = first or time.perf_counter()
+                            tail = (tail + chunk)[-32:]
+                        ok = resp.status == 200 and (not stream or tail.endswith(b"data: [DONE]\n\n"))
+                except aiohttp.ClientError:
+                    ok = False
+                if not ok:
+                    errors += 1
+                    continue
+                t1 = time.perf_counter()
+                lat.append(t1 - t0)
+                ttfb.append((first or t1) - t0)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return Result(lat, ttfb, time.perf_counter() - t, errors)
+
+
+def merge(parts: list[tuple[Result, float, float]]) -> tuple[Result, float, float]:
+    lat = [x for r, _, _ in parts for x in r.latencies]
+    ttfb = [x for r, _, _ in parts for x in r.ttfbs]
+    res = Result(lat, ttfb, sum(r.wall for r, _, _ in parts), sum(r.errors for r, _, _ in parts))
+    return res, statistics.mean(c for _, c, _ in parts), max(p for _, _, p in parts)
+
+
+async def main(args) -> int:
+    if not shutil.which("nginx"):
+        print("needs nginx (apt-get install nginx-light)")
+        return 2
+    workdir = tempfile.mkdtemp(prefix="relay-proxy-bench-")
+    fake_port, nginx_port, relay_port = free_port(), free_port(), free_port()
+    procs = []
+    try:
+        fake = spawn([sys.executable, os.path.join(os.path.dirname(__file__), "lean_upstream.py"), str(fake_port)],
+                     cpu=OTHER_CORE)
+        floor = spawn(["nginx", "-c", nginx_conf(workdir, nginx_port, proxy_server_block(nginx_port, fake_port))],
+                      cpu=PROXY_CORE)
+        procs += [fake, floor]
+        from relay.store.embedded import EmbeddedServer
+        store = EmbeddedServer(os.path.join(workdir, "store"))
+        os.sched_setaffinity(0, {int(OTHER_CORE)})  # the store server (our child) and the load generator
+        uri = store.start()
+        cfg = os.path.join(workdir, "upstreams.yaml")
+        with open(cfg, "w") as fh:
+            fh.write(relay_config(fake_port))
+        relay = spawn(relay_cmd("serve", "--config", cfg, "--port", str(relay_port), "--mongodb-uri", uri,
+                                "--data-dir", workdir), cpu=PROXY_CORE)
+        procs.append(relay)
+        for port in (fake_port, nginx_port, relay_port):
+            wait_port(port, 60)
+        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
+                             capture_output=True, text=True, check=True).stdout.strip()
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        targets = [Target("direct", fake_port, lambda: [fake.pid]),
+                   Target("nginx", nginx_port, lambda: [floor.pid] + child_pids(floor.pid)),
+                   Target("relay", relay_port, lambda: [relay.pid])]
+        if args.soak:
+            return await soak(targets[2], headers, args.soak, relay.pid)
+        for t in targets:  # warm-up
+            for mode in ("json", "stream"):
+                await measure(t, mode, 8, 1.0, headers)
+        rows = []
+        for mode in ("json", "stream"):
+            for conc in (1, 16, 64):
+                parts = {t.name: [] for t in targets}
+                for _ in range(args.rounds):
+                    for t in targets:
+                        parts[t.name].append(await measure(t, mode, conc, args.seconds, headers))
+                direct = merge(parts["direct"])
+                for t in targets:
+                    rows.append((mode, conc, t.name, merge(parts[t.name]), direct))
+        store_cpu = proc_cpu_seconds(store.proc.pid)
+        print_table(rows)
+        total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] == "relay")
+        print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
+              f"{store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; RSS {rss_mb(store.proc.pid):.0f} MB")
+        store.stop()
+        return 0
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_table(rows) -> None:
+    print(f"{'mode':6} {'conc':>4} {'target':7} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'ttfb p50':>8} "
+          f"{'added p50':>9} | {'cpu/req ms':>10} {'peak RSS MB':>11} {'errors':>6}")
+    for mode, conc, name, (res, cpu, peak), (direct, _, _) in rows:
+        added = res.p50 - direct.p50 if name != "direct" else 0.0
+        print(f"{mode:6} {conc:>4} {name:7} | {res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} {res.ttfb50:8.2f} "
+              f"{added:9.2f} | {cpu:10.3f} {peak:11.1f} {res.errors:6d}")
+    print("direct = the lean fake upstream itself (its cpu/req is the fake's own cost); "
+          "cpu/req for nginx and relay is the proxy's process tree on core 0")
+
+
+async def soak(target: Target, headers: dict, seconds: float, pid: int) -> int:
+    """Moderate mixed load for ``seconds``; RSS and open fds sampled once a second."""
+    samples = []
+    stop_at = time.monotonic() + seconds
+
+    async def load():
+        while time.monotonic() < stop_at:
+            for mode in ("json", "stream"):
+                await measure(target, mode, 16, 2.0, headers)
+
+    async def watch():
+        while time.monotonic() < stop_at:
+            samples.append((rss_mb(pid), len(os.listdir(f"/proc/{pid}/fd"))))
+            await asyncio.sleep(1.0)
+
+    await asyncio.gather(load(), watch())
+    third = max(len(samples) // 3, 1)
+    first = statistics.median(s[0] for s in samples[:third])
+    last = statistics.median(s[0] for s in samples[-third:])
+    fds_first = statistics.median(s[1] for s in samples[:third])
+    fds_last = statistics.median(s[1] for s in samples[-third:])
+    print(f"soak {seconds:.0f} s, {len(samples)} samples: RSS {first:.1f} -> {last:.1f} MB "
+          f"(max {max(s[0] for s in samples):.1f}); open fds {fds_first:.0f} -> {fds_last:.0f}")
+    grew = last - first > 5 or fds_last - fds_first > 20
+    print("FAIL: growth" if grew else "ok: flat")
+    return 1 if grew else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--soak", type=float, default=0.0, help="run the soak for this many seconds instead")
+    sys.exit(asyncio.run(main(parser.parse_args())))
