@@ -79,29 +79,36 @@ class Result:
         return len(self.latencies) / self.wall
 
 
-async def drive(url: str, body: bytes, headers: dict, n: int, concurrency: int, stream: bool) -> Result:
-    """Send n requests, at most ``concurrency`` at once; streams are read to [DONE]."""
+async def drive(url: str, body: bytes, headers: dict, n: int | None, concurrency: int, stream: bool,
+                seconds: float | None = None) -> Result:
+    """Send n requests (or keep sending for ``seconds``), at most ``concurrency`` at once.
+
+    Streams are read to the end and count as errors unless they end with [DONE].
+    """
     lat, ttfb, errors = [], [], 0
-    queue = iter(range(n))
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    queue = iter(range(n)) if n is not None else None
+    deadline = time.perf_counter() + seconds if seconds is not None else None
+
+    def more() -> bool:
+        if queue is not None:
+            return next(queue, None) is not None
+        return time.perf_counter() < deadline
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         async def worker():
             nonlocal errors
-            for _ in queue:
+            while more():
                 t0 = time.perf_counter()
+                first, tail = None, b""
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
-                        first = None
                         async for chunk in resp.content.iter_any():
-                            if first is None:
-                                first = time.perf_counter()
-                        if resp.status != 200:
-                            errors += 1
-                            continue
-                        if stream and not chunk.endswith(b"data: [DONE]\n\n"):
-                            errors += 1
-                            continue
+                            first = first or time.perf_counter()
+                            tail = (tail + chunk)[-32:]
+                        ok = resp.status == 200 and (not stream or tail.endswith(b"data: [DONE]\n\n"))
                 except aiohttp.ClientError:
+                    ok = False
+                if not ok:
                     errors += 1
                     continue
                 t1 = time.perf_counter()

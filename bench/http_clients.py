@@ -6,7 +6,6 @@ Usage: python bench/http_clients.py [N]
 """
 import asyncio
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -49,7 +48,6 @@ async def main(n):
     await asyncio.sleep(1.5)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     import aiohttp
-    from tornado.httpclient import AsyncHTTPClient
     from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
     results = []

@@ -27,9 +27,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Result, child_pids, free_port, proc_cpu_seconds, relay_cmd, rss_mb, spawn, stop, wait_port  # noqa
+from common import Result, child_pids, drive, free_port, proc_cpu_seconds, relay_cmd, rss_mb, spawn, stop, wait_port  # noqa
 
-import aiohttp  # noqa: E402
 
 PROXY_CORE, OTHER_CORE = "0", "1"
 
@@ -111,41 +110,12 @@ async def measure(target: Target, mode: str, conc: int, seconds: float, headers:
             await asyncio.sleep(0.25)
 
     sampler = asyncio.ensure_future(sample())
-    result = await drive_for(target.url(mode), body, headers, seconds, conc, mode == "stream")
+    result = await drive(target.url(mode), body, headers, None, conc, mode == "stream", seconds=seconds)
     done.set()
     await sampler
     cpu = proc_cpu_seconds(*pids) - cpu0
     n = max(len(result.latencies), 1)
     return result, cpu / n * 1000, peak[0]
-
-
-async def drive_for(url: str, body: bytes, headers: dict, seconds: float, conc: int, stream: bool) -> Result:
-    lat, ttfb, errors = [], [], 0
-    deadline = time.perf_counter() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
-        async def worker():
-            nonlocal errors
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                first, tail = None, b""
-                try:
-                    async with session.post(url, data=body, headers=headers) as resp:
-                        async for chunk in resp.content.iter_any():
-                            first = first or time.perf_counter()
-                            tail = (tail + chunk)[-32:]
-                        ok = resp.status == 200 and (not stream or tail.endswith(b"data: [DONE]\n\n"))
-                except aiohttp.ClientError:
-                    ok = False
-                if not ok:
-                    errors += 1
-                    continue
-                t1 = time.perf_counter()
-                lat.append(t1 - t0)
-                ttfb.append((first or t1) - t0)
-
-        t = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conc)))
-        return Result(lat, ttfb, time.perf_counter() - t, errors)
 
 
 def merge(parts: list[tuple[Result, float, float]]) -> tuple[Result, float, float]:

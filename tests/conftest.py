@@ -1,5 +1,7 @@
 import pytest
 
+from relay.store.embedded import EmbeddedServer
+
 from tests.helpers import TEST_KEY, add_key, mock_store, one_upstream_config, relay_app, start_fake
 
 ADMIN_TOKEN = "admin-test-token-0123456789"
@@ -45,3 +47,12 @@ def base_url(http_server_client):
 @pytest.fixture
 def auth():
     return {"Authorization": f"Bearer {TEST_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A real MongoDB-compatible server (the embedded store's), shared by a test module."""
+    server = EmbeddedServer(str(tmp_path_factory.mktemp("store")))
+    uri = server.start()
+    yield uri
+    server.stop()

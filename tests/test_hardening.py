@@ -2,7 +2,6 @@
 import asyncio
 import json
 import logging
-import os
 import resource
 import signal
 import socket
@@ -16,7 +15,6 @@ from tornado.httpclient import AsyncHTTPClient
 from relay.auth import FailedAuthThrottle
 from relay.keys import hash_key
 from relay.store.connect import close_client, open_store
-from relay.store.embedded import EmbeddedServer
 from tests.conservation import assert_conserved, settled
 from tests.faultproxy import FaultProxy
 from tests.helpers import TEST_KEY, UPSTREAM_KEY, add_key, mock_store, one_upstream_config, serve, start_fake, \
@@ -26,14 +24,6 @@ from tests.processes import RelayProcess, db_uri
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    server = EmbeddedServer(str(tmp_path_factory.mktemp("store")))
-    uri = server.start()
-    yield uri
-    server.stop()
 
 
 def client(n=64):

@@ -1,17 +1,15 @@
 """Metrics: what /metrics holds after traffic, what it must never hold, and several workers."""
 import asyncio
 import json
-import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.helpers import PRICING, TEST_KEY, UPSTREAM_KEY, add_key, mock_store, serve, start_fake, unused_port
+from tests.helpers import PRICING, TEST_KEY, UPSTREAM_KEY, add_key, mock_store, serve, start_fake
 from tests.processes import RelayProcess, relay_cli
 
 CHAT = "/v1/chat/completions"

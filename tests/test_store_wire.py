@@ -5,7 +5,6 @@ top-ups, two processes on one store, and a kill -9 (the sweeper's job).
 """
 import asyncio
 import json
-import os
 import signal
 import socket
 import time
@@ -25,14 +24,6 @@ from tests.processes import RelayProcess, db_uri, relay_cli
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
 COST = 560  # gpt-4, 8 prompt + 10 completion tokens
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    server = EmbeddedServer(str(tmp_path_factory.mktemp("store")))
-    uri = server.start()
-    yield uri
-    server.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,4 @@
 """The key holder's page in a real headless Chromium (Debian's), driven by Playwright."""
-import asyncio
 import datetime as dt
 import json
 import shutil
