@@ -67,7 +67,7 @@ def proxy_server_block(port: int, upstream_port: int) -> str:
     }}"""
 
 
-def relay_config(fake_port: int) -> str:
+def relay_config(fake_port: int, leases: bool) -> str:
     return f"""
 upstreams:
   - name: json
@@ -83,6 +83,7 @@ pricing:
   bench-stream: {{input: 1, output: 1}}
 quota:
   default_max_tokens: 64
+  leases: {"true" if leases else "false"}
 """
 
 
@@ -144,7 +145,7 @@ async def main(args) -> int:
         uri = store.start()
         cfg = os.path.join(workdir, "upstreams.yaml")
         with open(cfg, "w") as fh:
-            fh.write(relay_config(fake_port))
+            fh.write(relay_config(fake_port, not args.no_leases))
         relay = spawn(relay_cmd("serve", "--config", cfg, "--port", str(relay_port), "--mongodb-uri", uri,
                                 "--data-dir", workdir), cpu=PROXY_CORE)
         procs.append(relay)
@@ -172,6 +173,7 @@ async def main(args) -> int:
                 for t in targets:
                     rows.append((mode, conc, t.name, merge(parts[t.name]), direct))
         store_cpu = proc_cpu_seconds(store.proc.pid)
+        print(f"relay with quota.leases: {not args.no_leases}")
         print_table(rows)
         total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] == "relay")
         print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
@@ -228,4 +230,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--soak", type=float, default=0.0, help="run the soak for this many seconds instead")
+    parser.add_argument("--no-leases", action="store_true",
+                        help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))

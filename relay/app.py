@@ -19,6 +19,7 @@ from relay.observability import recorder
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
 from relay.proxy.transport import Transport
+from relay.lease import COMMIT_EVERY_S, LeaseBook
 from relay.reload import Reloader
 from relay.settlement_queue import SettlementQueue
 from relay.store.mongo import HEARTBEAT_EVERY_S, MongoStore
@@ -51,9 +52,20 @@ class Services:
     def start_maintenance(self) -> None:
         """The ledger flusher; heartbeats that mark this process alive; the sweeper for crashed ones;
         active health checks; the config file watcher."""
-        for job in (self._flush_ledger(), self._maintain(), self.checker.run(), self.reloader.watch(),
-                    self._refresh_gauges(), self.charger.queue.run()):
+        jobs = [self._flush_ledger(), self._maintain(), self.checker.run(), self.reloader.watch(),
+                self._refresh_gauges(), self.charger.queue.run()]
+        if self.charger.book is not None:
+            jobs.append(self._commit_leases())
+        for job in jobs:
             self._tasks.append(asyncio.ensure_future(job))
+
+    async def _commit_leases(self) -> None:
+        while True:
+            await asyncio.sleep(COMMIT_EVERY_S)
+            try:
+                await self.charger.book.commit_all()
+            except Exception:
+                log.exception("lease commit failed; retrying")
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -110,6 +122,8 @@ class Services:
         await self.transport.close()
 
     async def _final_writes(self) -> None:
+        if self.charger.book is not None:
+            await self.charger.book.release_all()
         if len(self.charger.queue):
             await self.charger.queue.drain()
         self.store.dirty.clear()
@@ -131,7 +145,8 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
         recorder.on_settled(router.pool.config, entry.model, entry.prompt_tokens, entry.completion_tokens, entry.cost)
 
     return Services(router=router, auth=Authenticator(store), transport=transport, store=store,
-                    charger=Charger(store, settled, SettlementQueue(store, journal_path)), reloader=Reloader(config_path, router, on_result=recorder.on_reload),
+                    charger=Charger(store, settled, SettlementQueue(store, journal_path),
+                                    LeaseBook(store) if config.quota.leases else None), reloader=Reloader(config_path, router, on_result=recorder.on_reload),
                     checker=HealthChecker(router), trusted_proxies=trusted_proxies, admin_token=admin_token)
 
 

@@ -5,6 +5,7 @@ how long a disable made elsewhere (CLI, another process) takes to reach this pro
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable
 
@@ -24,6 +25,7 @@ class Authenticator:
         self.clock = clock
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._inflight: dict[str, asyncio.Future] = {}  # one store lookup per key at a time
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         token = bearer_token(authorization)
@@ -43,6 +45,23 @@ class Authenticator:
         hit = self._cache.get(key_hash)
         if hit is not None and hit[0] > now:
             return hit[1]
+        pending = self._inflight.get(key_hash)
+        if pending is not None:  # a burst on a cold key shares the lookup already under way
+            return await asyncio.shield(pending)
+        future = self._inflight[key_hash] = asyncio.get_running_loop().create_future()
+        try:
+            record = await self._fetch(key_hash, hit, now)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here: waiters re-raise it, nobody logs it as lost
+            raise
+        else:
+            future.set_result(record)
+            return record
+        finally:
+            del self._inflight[key_hash]
+
+    async def _fetch(self, key_hash: str, hit, now: float) -> KeyRecord | None:
         try:
             record = await self.store.find_key(key_hash)
         except Exception:

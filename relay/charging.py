@@ -14,6 +14,7 @@ from relay.config import Price
 from relay.errors import RelayError, StoreUnavailable
 from relay.metering.pricing import cost
 from relay.metering.quote import Quote
+from relay.lease import LeaseBook
 from relay.settlement_queue import SettlementQueue
 from relay.store.mongo import LedgerEntry, MongoStore, utc_now
 
@@ -36,14 +37,18 @@ class Charger:
     settlement or refund that fails after the response is queued, journaled and retried."""
 
     def __init__(self, store: MongoStore, on_settled: Callable[[LedgerEntry], None] | None = None,
-                 queue: SettlementQueue | None = None):
+                 queue: SettlementQueue | None = None, book: LeaseBook | None = None):
         self.store = store
         self.on_settled = on_settled
         self.queue = queue if queue is not None else SettlementQueue(store)  # an empty queue is falsy
+        self.book = book  # with leases, requests reserve, settle and refund in memory
 
     async def reserve(self, key_hash: str, request_id: str, quote: Quote, stream: bool) -> Charge:
         try:
-            held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
+            if self.book is not None:
+                held = await self.book.reserve(key_hash, request_id, quote.minimum, quote.full)
+            else:
+                held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
         except (RelayError, LookupError):
             raise
         except Exception as exc:
@@ -64,6 +69,11 @@ class Charger:
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=charge.cost, status=status,
             latency_ms=round(latency_ms, 3), ttfb_ms=round(ttfb_ms, 3),
             stream=charge.stream, at=utc_now())
+        if self.book is not None:
+            self.book.settle(charge.key_hash, charge.request_id, entry)  # committed with its group
+            if self.on_settled is not None:
+                self.on_settled(entry)
+            return
         try:
             if not await self.store.settle(entry, charge.held):
                 log.warning("settlement of %s found no reservation (swept?)", charge.request_id)
@@ -77,6 +87,9 @@ class Charger:
         if charge.ended:
             return
         charge.ended = True
+        if self.book is not None:
+            self.book.refund(charge.key_hash, charge.request_id)
+            return
         try:
             await self.store.refund(charge.key_hash, charge.request_id, charge.held)
         except Exception as exc:

@@ -86,6 +86,9 @@ class Limits:
 class Quota:
     # Completion allowance reserved when a request does not set max_tokens.
     default_max_tokens: int = 1024
+    # Each process spends a leased slice of a key's balance locally, committing in groups
+    # (relay/lease.py), so requests wait for no store round trip. Read at start-up.
+    leases: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,11 @@ def _numbers(raw: Any, path: str, cls: type):
     out = {}
     for key, value in values.items():
         kind = type(getattr(defaults, key))
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}.{key}", "must be true or false")
+            out[key] = value
+            continue
         ok = _is_int(value) if kind is int else (isinstance(value, (int, float)) and not isinstance(value, bool))
         if not ok or value <= 0:
             raise ConfigError(f"{path}.{key}", f"must be a {'whole ' if kind is int else ''}number > 0")

@@ -24,7 +24,8 @@ async def conserved_now(store: MongoStore, settled: bool) -> list[dict]:
         ledger = await store.ledger_total(doc["_id"])
         grants = await store.grants.find({"key_hash": doc["_id"]}).to_list(length=None)
         assert doc["granted"] == sum(g["amount"] for g in grants), doc["prefix"]
-        assert doc["reserved"] == sum(h["amount"] for h in doc["holds"]), doc["prefix"]
+        leased = sum(lease["amount"] for lease in doc.get("leases", {}).values())
+        assert doc["reserved"] == sum(h["amount"] for h in doc["holds"]) + leased, doc["prefix"]
         assert doc["used"] == ledger, (doc["prefix"], doc["used"], ledger)
         assert doc["granted"] == doc["balance"] + doc["reserved"] + ledger, \
             (doc["prefix"], doc["granted"], doc["balance"], doc["reserved"], ledger)

@@ -184,6 +184,17 @@ class MongoStore:
         Returns the amount held. Raises InsufficientQuota when even ``minimum`` is not there.
         """
         hold_base = {"rid": request_id, "owner": self.instance_id, "at": self.clock()}
+        return await self._take(key_hash, minimum, full, lambda amount: {
+            "$inc": {"balance": -amount, "reserved": amount}, "$push": {"holds": {**hold_base, "amount": amount}}})
+
+    @_timed("open_lease")
+    async def open_lease(self, key_hash: str, rid: str, minimum: int, full: int) -> int:
+        """A lease: a slice of the balance this process spends locally (see relay/lease.py)."""
+        lease = {"owner": self.instance_id, "at": self.clock(), "seq": 0}
+        return await self._take(key_hash, minimum, full, lambda amount: {
+            "$inc": {"balance": -amount, "reserved": amount}, "$set": {f"leases.{rid}": {**lease, "amount": amount}}})
+
+    async def _take(self, key_hash: str, minimum: int, full: int, update_for) -> int:
         amount = full
         for attempt in range(RESERVE_ATTEMPTS):  # compare-and-set on the balance when only a part is left
             if attempt > 1:
@@ -191,8 +202,7 @@ class MongoStore:
             flt = {"_id": key_hash, "status": "active"}
             flt["balance"] = {"$gte": amount} if amount == full else amount
             self.round_trips += 1
-            res = await self.keys.update_one(flt, {"$inc": {"balance": -amount, "reserved": amount},
-                                                   "$push": {"holds": {**hold_base, "amount": amount}}})
+            res = await self.keys.update_one(flt, update_for(amount))
             if res.modified_count == 1:
                 return amount
             self.round_trips += 1
@@ -240,6 +250,53 @@ class MongoStore:
             self.dirty.add(entry.key_hash)
             return True
         return False
+
+    @_timed("commit_lease")
+    async def commit_lease(self, key_hash: str, rid: str, amount: int, seq: int, entries: list[LedgerEntry],
+                           returned: int, extra: int) -> int | None:
+        """Apply one process's batch against its lease hold, in one atomic update.
+
+        The lease ``rid`` holds ``amount`` (at version ``seq``). The batch charges the entries'
+        costs, gives ``returned`` units back to the balance and takes ``extra`` more from it.
+        Returns the lease's new amount, or None when the balance lacks
+        ``extra``. Idempotent: it applies only to the hold as it was at ``seq``; a repeat after
+        a lost answer finds the lease at ``seq + 1`` and reports the same result.
+        """
+        spent = sum(e.cost for e in entries)
+        new_amount = amount - spent - returned + extra
+        inc: dict = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent}
+        for e in entries:
+            day = f"days.{day_of(e.at)}"
+            for field, value in (("cost", e.cost), ("requests", 1), ("prompt_tokens", e.prompt_tokens),
+                                 ("completion_tokens", e.completion_tokens)):
+                inc[f"{day}.{field}"] = inc.get(f"{day}.{field}", 0) + value
+        flt: dict = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
+        if extra:
+            flt["balance"] = {"$gte": extra}
+        update: dict = {"$inc": inc}
+        if entries:
+            docs = []
+            for e in entries:
+                doc = dict(asdict(e))
+                doc["_id"] = doc.pop("request_id")
+                docs.append(doc)
+            update["$push"] = {"pending": {"$each": docs}}
+        # An emptied lease stays (amount 0) so that a repeat of this batch can still tell it applied.
+        update["$set"] = {f"leases.{rid}.amount": new_amount, f"leases.{rid}.seq": seq + 1,
+                          f"leases.{rid}.at": self.clock()}
+        self.round_trips += 1
+        res = await self.keys.update_one(flt, update)
+        if res.modified_count == 1:
+            if entries:
+                self.dirty.add(key_hash)
+            return new_amount
+        # Not applied now: applied before (an answer lost on the way), or the balance is short.
+        done = await self.keys.find_one({"_id": key_hash, f"leases.{rid}.seq": seq + 1}, {"_id": 1})
+        if done is not None:
+            return new_amount
+        if extra:
+            return None
+        raise LookupError(f"lease {rid} is gone (swept?)")
 
     @_timed("flush_ledger")
     async def flush_ledger(self, key_hashes: set[str] | None = None) -> int:
@@ -322,6 +379,17 @@ class MongoStore:
                         swept += 1
                         log.warning("returned a stale reservation of %d units (owner %s)",
                                     hold["amount"], hold.get("owner"))
+        leased = await self.keys.find({"leases": {"$exists": True, "$ne": {}}}, {"leases": 1}).to_list(length=None)
+        for doc in leased:
+            for rid, lease in doc["leases"].items():
+                if lease.get("owner") not in alive or lease["at"] < oldest:
+                    res = await self.keys.update_one(
+                        {"_id": doc["_id"], f"leases.{rid}.seq": lease["seq"], f"leases.{rid}.amount": lease["amount"]},
+                        {"$unset": {f"leases.{rid}": ""},
+                         "$inc": {"balance": lease["amount"], "reserved": -lease["amount"]}})
+                    if res.modified_count == 1 and lease["amount"]:
+                        swept += 1
+                        log.warning("returned a stale lease of %d units (owner %s)", lease["amount"], lease.get("owner"))
         await self.processes.delete_many({"at": {"$lt": now - dt.timedelta(seconds=MAX_HOLD_AGE_S)}})
         await self.flush_ledger()
         return swept

@@ -1,0 +1,163 @@
+"""Leases: each process holds a slice of a key's balance and spends it locally.
+
+The common request then waits for no store round trip: it reserves from, settles into and
+refunds to this process's wallet for the key, in memory. The slice is recorded on the key's
+document (``leases.<rid>``, counted in ``reserved``), so conservation and crash recovery are
+the store's usual ones: granted = balance + reserved + used, and the sweeper returns the
+leases of a process that stopped heartbeating.
+
+Every ``COMMIT_EVERY_S`` a batch per key goes to the store in one atomic update (group
+commit): the settled requests' costs, their ledger entries (into the key's outbox), and any
+units handed back or taken on. A wallet takes more from the balance when its slice cannot
+cover a request, and hands its slice back after ``IDLE_RETURN_S`` without traffic.
+
+After a kill -9 at most the last commit interval of a process's requests goes unbilled (its
+slice is returned whole by the sweeper); no unit is charged twice (each batch applies to one
+version of the hold) and no unit of a balance is lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from relay.errors import InsufficientQuota
+from relay.store.mongo import LedgerEntry, MongoStore
+
+log = logging.getLogger("relay.charging")
+
+COMMIT_EVERY_S = 0.05
+IDLE_RETURN_S = 2.0
+SLICE_REQUESTS = 8  # a slice covers this many requests like the one that asked for it
+EXHAUSTED_RECHECK_S = 1.0  # after the balance could not grow a slice, ask the store again only this late
+
+
+@dataclass
+class Wallet:
+    """This process's share of one key."""
+
+    rid: str = ""          # the lease on the key's document (``leases.<rid>``; "" while there is none)
+    amount: int = 0        # the lease's amount in the store, as of ``seq``
+    seq: int = 0
+    available: int = 0     # in the slice, neither held nor spent (negative after an overdraft)
+    holds: dict[str, int] = field(default_factory=dict)
+    batch: list[LedgerEntry] = field(default_factory=list)  # settled here, not yet committed
+    last_used: float = 0.0
+    exhausted_until: float = float("-inf")  # the balance had nothing more: spare the store until then
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def uncommitted(self) -> int:
+        return sum(e.cost for e in self.batch)
+
+
+class LeaseBook:
+    def __init__(self, store: MongoStore, clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.clock = clock
+        self.wallets: dict[str, Wallet] = {}
+        self._leases = 0
+
+    def _wallet(self, key_hash: str) -> Wallet:
+        w = self.wallets.get(key_hash)
+        if w is None:
+            w = self.wallets[key_hash] = Wallet()
+        w.last_used = self.clock()
+        return w
+
+    async def reserve(self, key_hash: str, request_id: str, minimum: int, full: int) -> int:
+        """Hold ``full`` units from the slice (or what is left, if that covers ``minimum``)."""
+        w = self._wallet(key_hash)
+        if w.available < full and self.clock() >= w.exhausted_until:
+            async with w.lock:
+                if w.available < full and self.clock() >= w.exhausted_until:
+                    if not await self._grow(key_hash, w, full - w.available, max(minimum - w.available, 0), full):
+                        w.exhausted_until = self.clock() + EXHAUSTED_RECHECK_S
+            if self.wallets.get(key_hash) is not w:  # its slice was swept meanwhile: start afresh
+                return await self.reserve(key_hash, request_id, minimum, full)
+        if w.available >= full:
+            held = full
+        elif w.available >= max(minimum, 1) or (minimum == 0 and full == 0):
+            held = max(w.available, 0)
+        else:
+            raise InsufficientQuota(
+                "You exceeded your current quota: this key's balance does not cover the prompt "
+                f"({minimum} units). Top it up to continue.")
+        w.available -= held
+        w.holds[request_id] = held
+        return held
+
+    async def _grow(self, key_hash: str, w: Wallet, need: int, least: int, full: int) -> bool:
+        """Take more of the balance into the slice: ``need`` wanted, ``least`` required.
+
+        False when the balance had not even ``least``."""
+        want = need + full * (SLICE_REQUESTS - 1)
+        if not w.rid:
+            self._leases += 1
+            rid = f"lease-{self.store.instance_id}-{self._leases}"
+            try:
+                got = await self.store.open_lease(key_hash, rid, least, want)
+            except InsufficientQuota:
+                return False
+            w.rid, w.amount, w.seq = rid, got, 0
+            w.available += got
+            return True
+        for extra in (want, need, least):  # less and less, down to what this request needs
+            if extra <= 0:
+                return True
+            new_amount = await self._commit(key_hash, w, extra=extra)
+            if new_amount is not None:
+                w.available += extra
+                return True
+        return False
+
+    def settle(self, key_hash: str, request_id: str, entry: LedgerEntry) -> None:
+        w = self._wallet(key_hash)
+        held = w.holds.pop(request_id, 0)
+        w.available += held - entry.cost
+        w.batch.append(entry)
+
+    def refund(self, key_hash: str, request_id: str) -> None:
+        w = self._wallet(key_hash)
+        w.available += w.holds.pop(request_id, 0)
+
+    async def _commit(self, key_hash: str, w: Wallet, extra: int = 0, returned: int = 0) -> int | None:
+        """Send the batch (and any change to the slice) in one update; None if ``extra`` is not there."""
+        entries = list(w.batch)
+        try:
+            new_amount = await self.store.commit_lease(key_hash, w.rid, w.amount, w.seq, entries, returned, extra)
+        except LookupError:
+            # The sweeper returned the slice (this process looked dead): what it held is back on
+            # the balance, and what was spent from it since the last commit goes unbilled.
+            log.error("lease %s was swept; %d unit(s) of settled requests go unbilled", w.rid,
+                      sum(e.cost for e in entries))
+            self.wallets.pop(key_hash, None)
+            return None
+        if new_amount is None:
+            return None
+        del w.batch[:len(entries)]
+        w.amount, w.seq = new_amount, w.seq + 1
+        w.available -= returned
+        return new_amount
+
+    async def commit_all(self, return_idle: bool = True) -> None:
+        """One group commit: every key with settled requests; idle slices handed back."""
+        now = self.clock()
+        for key_hash, w in list(self.wallets.items()):
+            if not w.rid:
+                continue
+            idle = return_idle and not w.holds and now - w.last_used > IDLE_RETURN_S and w.available != 0
+            if not w.batch and not idle:
+                continue
+            async with w.lock:
+                # Handing back a slice that ended overdrawn charges the overdraft to the balance.
+                returned = w.available if idle else 0
+                await self._commit(key_hash, w, returned=returned)
+
+    async def release_all(self) -> None:
+        """At shutdown: commit everything and hand every slice back."""
+        for w in self.wallets.values():
+            w.last_used = float("-inf")
+        await self.commit_all()

@@ -1,0 +1,151 @@
+"""Leases: requests reserve, settle and refund in memory; group commits keep the money exact."""
+import asyncio
+import datetime as dt
+import json
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from relay.errors import InsufficientQuota
+from relay.keys import hash_key
+from relay.lease import LeaseBook
+from relay.store import mongo
+from relay.store.mongo import LedgerEntry, MongoStore
+from tests.conservation import assert_conserved, conserved_now
+from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, serve, start_fake
+
+H = hash_key(TEST_KEY)
+
+
+def entry(rid, cost):
+    return LedgerEntry(rid, H, "gpt-4", "p", 8, 10, cost, 200, 1.0, 1.0, False, mongo.utc_now())
+
+
+async def spend(book, rid, minimum, full, cost):
+    held = await book.reserve(H, rid, minimum, full)
+    book.settle(H, rid, entry(rid, cost))
+    return held
+
+
+@pytest.fixture
+def store(io_loop):
+    return mock_store()
+
+
+async def test_a_hundred_requests_cost_a_handful_of_store_operations(store):
+    await add_key(store, quota=1_000_000)
+    book = LeaseBook(store)
+    before = store.round_trips
+    for i in range(100):
+        await spend(book, f"r{i}", 160, 560, 560)
+        if i % 10 == 9:
+            await book.commit_all()
+    assert store.round_trips - before < 30, "one lease and a commit per group, not two writes per request"
+    await conserved_now(store, settled=False)  # exact while the slice is out, too
+    await book.release_all()
+    doc = await store.key_doc(H)
+    assert (doc["used"], doc["balance"], doc["reserved"]) == (56_000, 1_000_000 - 56_000, 0)
+    assert await store.ledger_total(H) == 56_000
+    await assert_conserved(store)
+
+
+async def test_refunds_return_to_the_slice(store):
+    await add_key(store, quota=10_000)
+    book = LeaseBook(store)
+    await book.reserve(H, "a", 160, 560)
+    book.refund(H, "a")
+    await book.release_all()
+    assert (await store.key_doc(H))["balance"] == 10_000
+    await assert_conserved(store)
+
+
+async def test_small_balance_partial_slice_and_bounded_overdraft(store):
+    await add_key(store, quota=1_000)
+    book = LeaseBook(store)
+    assert await spend(book, "r1", 160, 560, 560) == 560
+    assert await spend(book, "r2", 160, 560, 560) == 440  # what is left covers the prompt
+    with pytest.raises(InsufficientQuota):
+        await book.reserve(H, "r3", 160, 560)
+    await book.release_all()
+    doc = await store.key_doc(H)
+    assert doc["balance"] == -120, "overdrawn by that request's excess over its reservation, no more"
+    assert doc["used"] == 1120
+    await assert_conserved(store)
+
+
+async def test_commit_is_idempotent_when_an_answer_is_lost(store):
+    await add_key(store, quota=10_000)
+    held = await store.open_lease(H, "lease-x", 0, 5_000)
+    first = await store.commit_lease(H, "lease-x", held, 0, [entry("e1", 300)], 0, 0)
+    again = await store.commit_lease(H, "lease-x", held, 0, [entry("e1", 300)], 0, 0)
+    assert first == again == 4_700
+    doc = await store.key_doc(H)
+    assert doc["used"] == 300 and len(doc["pending"]) == 1
+    await conserved_now(store, settled=False)
+
+
+async def test_a_swept_slice_is_replaced_and_nothing_is_lost(io_loop):
+    now = [dt.datetime(2026, 1, 1)]
+    client = mock_store().client
+    store = MongoStore(client, instance_id="p_sleepy", clock=lambda: now[0])
+    sweeper = MongoStore(client, instance_id="p_other", clock=lambda: now[0])
+    await add_key(store, quota=100_000)
+    await store.heartbeat()
+    book = LeaseBook(store)
+    await spend(book, "before", 160, 560, 560)
+    await book.commit_all()
+    await spend(book, "lost", 160, 560, 560)  # settled here, not committed when the slice goes
+    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
+    await sweeper.heartbeat()
+    assert await sweeper.sweep() == 1
+    await book.commit_all()  # finds its slice gone: the uncommitted request goes unbilled
+    assert H not in book.wallets
+    await store.heartbeat()
+    await spend(book, "after", 160, 560, 560)  # a new slice
+    await book.release_all()
+    doc = await store.key_doc(H)
+    assert doc["used"] == 1120 and doc["balance"] == 100_000 - 1120
+    await assert_conserved(store)
+
+
+async def test_concurrent_requests_on_half_a_budget(store):
+    await add_key(store, quota=560 * 50)
+    book = LeaseBook(store)
+
+    async def one(i):
+        try:
+            held = await book.reserve(H, f"c{i}", 160, 560)
+        except InsufficientQuota:
+            return 429
+        await asyncio.sleep(0.001)
+        book.settle(H, f"c{i}", entry(f"c{i}", 560))
+        return 200
+    codes = await asyncio.gather(*(one(i) for i in range(100)))
+    assert codes.count(200) == 50 and codes.count(429) == 50
+    await book.release_all()
+    assert (await store.key_doc(H))["balance"] == 0
+    await assert_conserved(store)
+
+
+async def test_http_with_leases_charges_exactly(io_loop):
+    fake = start_fake()
+    store = mock_store()
+    await add_key(store, quota=1_000_000)
+    text = f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-l1]}}\n" \
+           f"quota: {{leases: true}}\n{PRICING}"
+    url, server, services = await serve(text, store)
+    assert services.charger.book is not None
+    c = AsyncHTTPClient(force_instance=True, max_clients=50)
+    results = await asyncio.gather(*(c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
+                                             headers={"Authorization": f"Bearer {TEST_KEY}"},
+                                             body=json.dumps({"model": "gpt-4", "stream": i % 2 == 0,
+                                                              "messages": [{"role": "user", "content": "Hi"}]}))
+                                     for i in range(40)))
+    assert {r.code for r in results} == {200}
+    server.stop()
+    await services.close()  # commits and hands the slice back
+    doc = await store.key_doc(H)
+    assert doc["used"] == 40 * 560 and doc["balance"] == 1_000_000 - 40 * 560 and doc["reserved"] == 0
+    await assert_conserved(store)
+    fake.stop()
+    c.close()

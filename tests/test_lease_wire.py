@@ -1,0 +1,103 @@
+"""Leases over the wire: the embedded store, several processes, and a kill -9."""
+import asyncio
+import json
+import signal
+import time
+import uuid
+
+from tornado.httpclient import AsyncHTTPClient
+
+from relay.keys import hash_key
+from relay.store.connect import close_client, open_store
+from tests.conservation import assert_conserved, settled
+from tests.helpers import PRICING, TEST_KEY, add_key, serve, start_fake
+from tests.processes import RelayProcess, db_uri
+
+COST = 560
+
+
+def leased_config(fake) -> str:
+    return f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-w1]}}\nquota: {{leases: true}}\n{PRICING}"
+
+
+async def post(c, url, stream=False):
+    return await c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
+                         headers={"Authorization": f"Bearer {TEST_KEY}"},
+                         body=json.dumps({"model": "gpt-4", "stream": stream, "max_tokens": 10,
+                                          "messages": [{"role": "user", "content": "Hi"}]}))
+
+
+async def test_leases_conserve_under_concurrency_on_the_embedded_store(embedded, io_loop):
+    store = await open_store(db_uri(embedded, "lease" + uuid.uuid4().hex[:6]))
+    await add_key(store, quota=COST * 50)
+    fake = start_fake()
+    url, server, services = await serve(leased_config(fake), store)
+    c = AsyncHTTPClient(force_instance=True, max_clients=100)
+    before = store.round_trips
+    codes = [r.code for r in await asyncio.gather(*(post(c, url, stream=i % 2 == 0) for i in range(100)))]
+    assert codes.count(200) == 50 and codes.count(429) == 50
+    assert store.round_trips - before < 50, "far fewer store operations than requests"
+    server.stop()
+    await services.close()
+    await settled(store)
+    doc = await store.key_doc(hash_key(TEST_KEY))
+    assert (doc["balance"], doc["used"], doc["reserved"]) == (0, COST * 50, 0)
+    await assert_conserved(store)
+    await close_client(store.client)
+    fake.stop()
+    c.close()
+
+
+async def test_two_processes_with_leases_stay_exact(embedded, tmp_path, io_loop):
+    uri = db_uri(embedded, "lease2" + uuid.uuid4().hex[:6])
+    store = await open_store(uri)
+    await add_key(store, quota=COST * 50)
+    fake = start_fake()
+    relays = [await RelayProcess(leased_config(fake), tmp_path, "--mongodb-uri", uri,
+                                 "--data-dir", str(tmp_path / f"d{i}")).start() for i in range(2)]
+    c = AsyncHTTPClient(force_instance=True, max_clients=100)
+    codes = [r.code for r in await asyncio.gather(*(post(c, relays[i % 2].url, stream=i % 3 == 0)
+                                                    for i in range(100)))]
+    ok = codes.count(200)
+    assert set(codes) <= {200, 429} and 0 < ok <= 50
+    for r in relays:
+        await r.stop()  # SIGTERM: each commits and hands its slice back
+    await settled(store)
+    doc = await store.key_doc(hash_key(TEST_KEY))
+    assert doc["used"] == COST * ok and doc["balance"] == COST * (50 - ok) and doc["reserved"] == 0
+    await assert_conserved(store)
+    await close_client(store.client)
+    fake.stop()
+    c.close()
+
+
+async def test_kill_9_with_leases_loses_no_unit(embedded, tmp_path, io_loop):
+    uri = db_uri(embedded, "lease9" + uuid.uuid4().hex[:6])
+    store = await open_store(uri)
+    await add_key(store, quota=10_000_000)
+    fake = start_fake()
+    relay = await RelayProcess(leased_config(fake), tmp_path, "--mongodb-uri", uri).start()
+    c = AsyncHTTPClient(force_instance=True, max_clients=50)
+    done = [r.code for r in await asyncio.gather(*(post(c, relay.url) for _ in range(30)))]
+    assert set(done) == {200}
+    fake.state.behaviour.chunk_delay = 0.2
+    streams = [asyncio.ensure_future(post(c, relay.url, stream=True)) for _ in range(5)]
+    await asyncio.sleep(0.5)
+    await relay.stop(signal.SIGKILL)
+    await asyncio.gather(*streams, return_exceptions=True)
+    h = hash_key(TEST_KEY)
+    assert (await store.key_doc(h))["leases"], "the crash left its slice behind"
+    restarted = time.monotonic()
+    relay = await RelayProcess(leased_config(fake), tmp_path, "--mongodb-uri", uri).start()
+    while any(lease["amount"] for lease in (await store.key_doc(h)).get("leases", {}).values()):
+        assert time.monotonic() - restarted < 60, "the dead process's slice is returned within 60 s"
+        await asyncio.sleep(0.5)
+    await settled(store)
+    doc = await store.key_doc(h)
+    assert doc["used"] <= 30 * COST, "at most what was served is charged"
+    assert doc["used"] >= 30 * COST - 35 * COST, "and at most the last commit interval goes unbilled"
+    await assert_conserved(store)
+    await relay.stop()
+    await close_client(store.client)
+    fake.stop()
+    c.close()
