@@ -101,3 +101,39 @@ async def test_kill_9_with_leases_loses_no_unit(embedded, tmp_path, io_loop):
     await close_client(store.client)
     fake.stop()
     c.close()
+
+
+async def test_store_outage_with_leases_keeps_known_keys_served_and_loses_nothing(embedded, io_loop):
+    from tests.faultproxy import FaultProxy
+    port = int(embedded.split(":")[2].split("/")[0])
+    proxy = await FaultProxy(port).start()
+    name = "lease_outage" + uuid.uuid4().hex[:6]
+    store = await open_store(db_uri(f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true", name))
+    direct = await open_store(db_uri(embedded, name))
+    await add_key(store, quota=10_000_000)
+    fake = start_fake()
+    url, server, services = await serve(leased_config(fake), store)
+    c = AsyncHTTPClient(force_instance=True, max_clients=20)
+    assert (await post(c, url)).code == 200  # the key is known; its process holds a slice
+    proxy.cut()
+    during = [(await post(c, url, stream=i % 2 == 0)).code for i in range(6)]
+    assert during == [200] * 6, "served from the slice while the store is away"
+    await asyncio.sleep(0.5)  # commits fail meanwhile and are kept
+    assert services.charger.book.wallets[hash_key(TEST_KEY)].batch, "charges wait in memory"
+    proxy.restore()
+    t0 = time.monotonic()
+    while services.charger.book.wallets[hash_key(TEST_KEY)].batch:
+        assert time.monotonic() - t0 < 20, "committed once the store is back"
+        await asyncio.sleep(0.1)
+    server.stop()
+    await services.close()
+    await settled(direct)
+    doc = await direct.key_doc(hash_key(TEST_KEY))
+    assert doc["used"] == 7 * COST and doc["reserved"] == 0
+    assert await direct.ledger.count_documents({}) == 7
+    await assert_conserved(direct)
+    await close_client(store.client)
+    await close_client(direct.client)
+    await proxy.stop()
+    fake.stop()
+    c.close()
