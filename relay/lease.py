@@ -48,10 +48,6 @@ class Wallet:
     exhausted_until: float = float("-inf")  # the balance had nothing more: spare the store until then
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    @property
-    def uncommitted(self) -> int:
-        return sum(e.cost for e in self.batch)
-
 
 class LeaseBook:
     def __init__(self, store: MongoStore, clock: Callable[[], float] = time.monotonic):

@@ -114,7 +114,7 @@ async def test_concurrent_requests_on_half_a_budget(store):
 
     async def one(i):
         try:
-            held = await book.reserve(H, f"c{i}", 160, 560)
+            assert await book.reserve(H, f"c{i}", 160, 560) == 560
         except InsufficientQuota:
             return 429
         await asyncio.sleep(0.001)
