@@ -72,7 +72,7 @@ class Result:
 
     @property
     def ttfb50(self) -> float:
-        return statistics.median(self.ttfbs) * 1000
+        return statistics.median(self.ttfbs) * 1000 if self.ttfbs else float("nan")
 
     @property
     def rps(self) -> float:

@@ -97,6 +97,9 @@ class Target:
         return f"http://127.0.0.1:{self.port}/{mode}/v1/chat/completions"
 
 
+GENERATOR = {"name": "python"}
+
+
 async def measure(target: Target, mode: str, conc: int, seconds: float, headers: dict) -> tuple[Result, float, float]:
     body = json.dumps({"model": f"bench-{mode}", "stream": mode == "stream", "max_tokens": 64,
                        "messages": [{"role": "user", "content": "Say hi"}]}).encode()
@@ -111,12 +114,32 @@ async def measure(target: Target, mode: str, conc: int, seconds: float, headers:
             await asyncio.sleep(0.25)
 
     sampler = asyncio.ensure_future(sample())
-    result = await drive(target.url(mode), body, headers, None, conc, mode == "stream", seconds=seconds)
+    if GENERATOR["name"] == "wrk":
+        result = await run_wrk(target.url(mode), body, headers, conc, seconds)
+    else:
+        result = await drive(target.url(mode), body, headers, None, conc, mode == "stream", seconds=seconds)
     done.set()
     await sampler
     cpu = proc_cpu_seconds(*pids) - cpu0
     n = max(len(result.latencies), 1)
     return result, cpu / n * 1000, peak[0]
+
+
+async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: float) -> Result:
+    """wrk (C, one thread on core 1): requests/s and latency percentiles; no time to first byte."""
+    script = os.path.join(os.path.dirname(__file__), "wrk_post.lua")
+    env = {**os.environ, "RELAY_BENCH_BODY": body.decode(), "RELAY_BENCH_AUTH": headers["Authorization"]}
+    proc = await asyncio.create_subprocess_exec(
+        "taskset", "-c", OTHER_CORE, "wrk", "-t1", f"-c{conc}", f"-d{max(int(seconds), 1)}s", "-s", script, url,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    line = next(x for x in out.decode().splitlines() if x.startswith("RESULT"))
+    _, n, micros, p50, p99, errors = line.split()
+    n = int(n)
+    # Percentiles stand in for the sample list: the table reads p50, p99 and their count.
+    tail = max(n // 50, 1)
+    lat = [float(p50) / 1000] * (n - tail) + [float(p99) / 1000] * tail
+    return Result(lat, [], int(micros) / 1e6, int(errors))
 
 
 def merge(parts: list[tuple[Result, float, float]]) -> tuple[Result, float, float]:
@@ -127,6 +150,7 @@ def merge(parts: list[tuple[Result, float, float]]) -> tuple[Result, float, floa
 
 
 async def main(args) -> int:
+    GENERATOR["name"] = args.generator
     if not shutil.which("nginx"):
         print("needs nginx (apt-get install nginx-light)")
         return 2
@@ -173,7 +197,7 @@ async def main(args) -> int:
                 for t in targets:
                     rows.append((mode, conc, t.name, merge(parts[t.name]), direct))
         store_cpu = proc_cpu_seconds(store.proc.pid)
-        print(f"relay with quota.leases: {not args.no_leases}")
+        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}")
         print_table(rows)
         total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] == "relay")
         print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
@@ -230,6 +254,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--soak", type=float, default=0.0, help="run the soak for this many seconds instead")
+    parser.add_argument("--generator", choices=("python", "wrk"), default="python",
+                        help="python (aiohttp; records time to first byte) or wrk (leaner; no TTFB)")
     parser.add_argument("--no-leases", action="store_true",
                         help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))
