@@ -13,7 +13,7 @@ from typing import Callable
 from relay.balancer import health as h
 from relay.balancer.pool import Endpoint
 from relay.errors import UpstreamError
-from relay.proxy.router import Router, _error_code, _retry_after
+from relay.proxy.router import Router, error_code_of, retry_after_seconds
 
 log = logging.getLogger("relay.health")
 MAX_CONCURRENT_PROBES = 32
@@ -48,8 +48,8 @@ class HealthChecker:
             retry_after = None
             try:
                 status, body, retry_header = await self.router.transport.probe(ep, policy.probe_timeout_s)
-                outcome = h.classify_status(status, _error_code(body) if status >= 400 else None)
-                retry_after = _retry_after(retry_header)
+                outcome = h.classify_status(status, error_code_of(body) if status >= 400 else None)
+                retry_after = retry_after_seconds(retry_header)
             except UpstreamError as err:
                 outcome = err.outcome if err.outcome in h.OUTLIER_OUTCOMES else h.SERVER_ERROR
         was = ep.state(self.router.pool.config, self.router.clock()).state

@@ -128,8 +128,8 @@ class Router:
             self.finish(resp)
             self._record(endpoint, h.SERVER_ERROR, attempt, ttfb)
             return h.SERVER_ERROR, err
-        outcome = h.classify_status(resp.status, _error_code(body))
-        retry_after = _retry_after(resp.headers.get("Retry-After"))
+        outcome = h.classify_status(resp.status, error_code_of(body))
+        retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         self._record(endpoint, outcome, attempt, ttfb, retry_after)
         if outcome == h.CLIENT_ERROR:
             return outcome, resp
@@ -149,7 +149,7 @@ class Router:
             resp.endpoint.health.in_flight -= 1
 
 
-def _error_code(body: bytes) -> str | None:
+def error_code_of(body: bytes) -> str | None:
     try:
         err = json.loads(body).get("error")
         return err.get("code") if isinstance(err, dict) else None
@@ -157,7 +157,7 @@ def _error_code(body: bytes) -> str | None:
         return None
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
     except ValueError:
