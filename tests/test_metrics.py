@@ -135,3 +135,38 @@ def test_dashboard_json_is_generated_from_its_source():
     finally:
         sys.path.pop(0)
     assert (MONITORING / "grafana/dashboards/relay.json").read_text() == dashboard.render()
+
+
+async def test_access_line_flags_say_why_a_request_failed(caplog, io_loop):
+    caplog.set_level("INFO", logger="relay.access")
+    fake = start_fake()
+    store = mock_store()
+    await add_key(store)
+    poor = "ak-poor000000000000000000000000000000000000002"
+    await add_key(store, key=poor, quota=10)
+    text = f"upstreams:\n  - {{name: primary, base_url: '{fake.base_url}', keys: [sk-flag-1]}}\n" \
+           f"timeouts: {{first_byte_s: 0.3}}\n{PRICING}"
+    url, server, services = await serve(text, store)
+    c = AsyncHTTPClient(force_instance=True)
+    body = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+
+    async def call(headers=AUTH):
+        return await c.fetch(url + CHAT, method="POST", body=body, headers=headers, raise_error=False)
+
+    fake.state.behaviour.status = 500
+    assert (await call()).code == 502
+    fake.state.behaviour.status = None
+    fake.state.behaviour.first_byte_delay = 1.0
+    assert (await call()).code == 504
+    fake.state.behaviour.first_byte_delay = 0
+    assert (await call({"Authorization": f"Bearer {poor}"})).code == 429
+    fake.state.keys = set()  # the only key is refused: then nothing is left to serve
+    assert (await call()).code == 502
+    assert (await call()).code == 503
+    flags = [r.getMessage().rsplit("flag=", 1)[1] for r in caplog.records if r.name == "relay.access"
+             and "/chat/completions" in r.getMessage()]
+    assert flags == ["upstream_5xx", "upstream_timeout", "quota_exhausted", "upstream_auth", "no_endpoint"]
+    server.stop()
+    await services.close()
+    fake.stop()
+    c.close()
