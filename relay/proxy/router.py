@@ -67,9 +67,8 @@ class Router:
             if ready:
                 return pick(ready, self.rng)
         if last_hope:
-            waiting = [(ep.state(pool.config, now).until, ep) for tier in tiers for ep in tier
-                       if ep not in exclude and ep.state(pool.config, now).state in ("ejected", "cooling",
-                                                                                       "unhealthy")]
+            states = [(ep.state(pool.config, now), ep) for tier in tiers for ep in tier if ep not in exclude]
+            waiting = [(st.until, ep) for st, ep in states if st.state in ("ejected", "cooling", "unhealthy")]
             if waiting:
                 return min(waiting, key=lambda pair: pair[0])[1]
         raise NoEndpoint(f"no endpoint is available for model {model} right now (all ejected, cooling or disabled)")

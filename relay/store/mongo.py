@@ -85,6 +85,24 @@ def day_of(at: dt.datetime) -> str:
     return at.strftime("%Y-%m-%d")
 
 
+def _ledger_doc(entry: LedgerEntry) -> dict:
+    """A ledger entry as stored: its request id is the document's _id."""
+    doc = asdict(entry)
+    doc["_id"] = doc.pop("request_id")
+    return doc
+
+
+def _day_counts(entries: list[LedgerEntry]) -> dict[str, int]:
+    """``$inc`` fields that count these entries into the key's per-day usage (``days``)."""
+    inc: dict[str, int] = {}
+    for e in entries:
+        day = f"days.{day_of(e.at)}"
+        for field, value in (("cost", e.cost), ("requests", 1), ("prompt_tokens", e.prompt_tokens),
+                             ("completion_tokens", e.completion_tokens)):
+            inc[f"{day}.{field}"] = inc.get(f"{day}.{field}", 0) + value
+    return inc
+
+
 class MongoStore:
     def __init__(self, client: Any, db_name: str = "relay",
                  instance_id: str | None = None, clock: Callable[[], dt.datetime] = utc_now):
@@ -234,18 +252,13 @@ class MongoStore:
 
         False when the hold was gone (already settled, or swept): nothing is charged.
         """
-        doc = dict(asdict(entry))
-        doc["_id"] = doc.pop("request_id")
-        day = f"days.{day_of(entry.at)}"
         self.round_trips += 1
         res = await self.keys.update_one(
             {"_id": entry.key_hash, "holds": {"$elemMatch": {"rid": entry.request_id, "amount": held}}},
             {"$pull": {"holds": {"rid": entry.request_id}},
-             "$push": {"pending": doc},
+             "$push": {"pending": _ledger_doc(entry)},
              "$inc": {"reserved": -held, "balance": held - entry.cost, "used": entry.cost,
-                      f"{day}.cost": entry.cost, f"{day}.requests": 1,
-                      f"{day}.prompt_tokens": entry.prompt_tokens,
-                      f"{day}.completion_tokens": entry.completion_tokens}})
+                      **_day_counts([entry])}})
         if res.modified_count == 1:
             self.dirty.add(entry.key_hash)
             return True
@@ -264,23 +277,13 @@ class MongoStore:
         """
         spent = sum(e.cost for e in entries)
         new_amount = amount - spent - returned + extra
-        inc: dict = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent}
-        for e in entries:
-            day = f"days.{day_of(e.at)}"
-            for field, value in (("cost", e.cost), ("requests", 1), ("prompt_tokens", e.prompt_tokens),
-                                 ("completion_tokens", e.completion_tokens)):
-                inc[f"{day}.{field}"] = inc.get(f"{day}.{field}", 0) + value
+        inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **_day_counts(entries)}
         flt: dict = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
             flt["balance"] = {"$gte": extra}
         update: dict = {"$inc": inc}
         if entries:
-            docs = []
-            for e in entries:
-                doc = dict(asdict(e))
-                doc["_id"] = doc.pop("request_id")
-                docs.append(doc)
-            update["$push"] = {"pending": {"$each": docs}}
+            update["$push"] = {"pending": {"$each": [_ledger_doc(e) for e in entries]}}
         # An emptied lease stays (amount 0) so that a repeat of this batch can still tell it applied.
         update["$set"] = {f"leases.{rid}.amount": new_amount, f"leases.{rid}.seq": seq + 1,
                           f"leases.{rid}.at": self.clock()}
