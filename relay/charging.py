@@ -33,8 +33,9 @@ class Charge:
 
 
 class Charger:
-    """Store outage policy: no reservation, no forwarding (503 ``store_unavailable``); a
-    settlement or refund that fails after the response is queued, journaled and retried."""
+    """Store outage policy: no reservation, no forwarding (503 ``store_unavailable``). Without
+    leases a settlement or refund that fails after the response is queued, journaled and
+    retried; with leases they happen in memory and the lease book's group commits retry."""
 
     def __init__(self, store: MongoStore, on_settled: Callable[[LedgerEntry], None] | None = None,
                  queue: SettlementQueue | None = None, book: LeaseBook | None = None):
