@@ -20,10 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(args: list[str], env: dict | None = None, cpu: str | None = None) -> subprocess.Popen:
-    cmd = ([ "taskset", "-c", cpu] if cpu else []) + args
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+def spawn(args: list[str], env: dict | None = None, cpu: str | None = None,
+          log_path: str | None = None) -> subprocess.Popen:
+    """``log_path``: where the child's stderr (relay's log, access lines included) goes; a pipe
+    nobody reads would block the child once it fills, so without a path it is discarded."""
+    cmd = (["taskset", "-c", cpu] if cpu else []) + args
+    err = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    finally:
+        if log_path:
+            err.close()
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -46,8 +54,8 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def relay_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "relay", "--log-level", "warning", *args]
+def relay_cmd(*args: str, log_level: str = "warning") -> list[str]:
+    return [sys.executable, "-m", "relay", "--log-level", log_level, *args]
 
 
 @dataclass

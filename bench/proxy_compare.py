@@ -170,8 +170,10 @@ async def main(args) -> int:
         cfg = os.path.join(workdir, "upstreams.yaml")
         with open(cfg, "w") as fh:
             fh.write(relay_config(fake_port, not args.no_leases))
+        # At level info, as in production: one access line per request, written to a file.
         relay = spawn(relay_cmd("serve", "--config", cfg, "--port", str(relay_port), "--mongodb-uri", uri,
-                                "--data-dir", workdir), cpu=PROXY_CORE)
+                                "--data-dir", workdir, log_level="info"), cpu=PROXY_CORE,
+                      log_path=os.path.join(workdir, "relay.log"))
         procs.append(relay)
         for port in (fake_port, nginx_port, relay_port):
             wait_port(port, 60)
@@ -202,6 +204,9 @@ async def main(args) -> int:
         total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] == "relay")
         print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
               f"{store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; RSS {rss_mb(store.proc.pid):.0f} MB")
+        with open(os.path.join(workdir, "relay.log"), "rb") as fh:
+            access_lines = sum(1 for line in fh if b" key=" in line)
+        print(f"relay wrote {access_lines} access lines at log level info")
         store.stop()
         return 0
     finally:

@@ -6,14 +6,16 @@ document (``leases.<rid>``, counted in ``reserved``), so conservation and crash 
 the store's usual ones: granted = balance + reserved + used, and the sweeper returns the
 leases of a process that stopped heartbeating.
 
-Every ``COMMIT_EVERY_S`` a batch per key goes to the store in one atomic update (group
-commit): the settled requests' costs, their ledger entries (into the key's outbox), and any
-units handed back or taken on. A wallet takes more from the balance when its slice cannot
-cover a request, and hands its slice back after ``IDLE_RETURN_S`` without traffic.
+Every ``COMMIT_EVERY_S`` a batch per key goes to the store (group commit): the settled
+requests' ledger entries in one insert, then their costs and any units handed back or taken
+on in one atomic update of the key (``MongoStore.commit_lease``). A wallet takes more from
+the balance when its slice cannot cover a request, and hands its slice back after
+``IDLE_RETURN_S`` without traffic.
 
 After a kill -9 at most the last commit interval of a process's requests goes unbilled (its
-slice is returned whole by the sweeper); no unit is charged twice (each batch applies to one
-version of the hold) and no unit of a balance is lost.
+slice is returned whole by the sweeper, which also deletes the entries of batches that never
+applied); no unit is charged twice (each batch applies to one version of the hold, and a
+batch whose answer was lost is repeated exactly) and no unit of a balance is lost.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from relay.errors import InsufficientQuota
-from relay.store.mongo import LedgerEntry, MongoStore
+from relay.store.mongo import UNAPPLIED_MARGIN, LedgerEntry, MongoStore
 
 log = logging.getLogger("relay.charging")
 
@@ -46,6 +48,7 @@ class Wallet:
     batch: list[LedgerEntry] = field(default_factory=list)  # settled here, not yet committed
     last_used: float = 0.0
     exhausted_until: float = float("-inf")  # the balance had nothing more: spare the store until then
+    inflight: tuple | None = None  # a commit sent without an answer: (entries, returned, extra, taken_at)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -103,9 +106,7 @@ class LeaseBook:
         for extra in (want, need, least):  # less and less, down to what this request needs
             if extra <= 0:
                 return True
-            new_amount = await self._commit(key_hash, w, extra=extra)
-            if new_amount is not None:
-                w.available += extra
+            if await self._commit(key_hash, w, extra=extra) is not None:
                 return True
         return False
 
@@ -119,23 +120,41 @@ class LeaseBook:
         w = self._wallet(key_hash)
         w.available += w.holds.pop(request_id, 0)
 
-    async def _commit(self, key_hash: str, w: Wallet, extra: int = 0, returned: int = 0) -> int | None:
-        """Send the batch (and any change to the slice) in one update; None if ``extra`` is not there."""
-        entries = list(w.batch)
+    async def _commit(self, key_hash: str, w: Wallet, extra: int = 0, return_rest: bool = False) -> int | None:
+        """Send the batch (and any change to the slice) in one update; None if ``extra`` is not there.
+
+        An attempt whose outcome is unknown (the store did not answer) is repeated exactly,
+        same entries and amounts, before anything new is sent: the store can tell whether a
+        batch applied, not what it held."""
+        if w.inflight is not None:
+            if await self._send(key_hash, w, *w.inflight) is None and key_hash not in self.wallets:
+                return None
+        # Handing back a slice that ended overdrawn charges the overdraft to the balance.
+        returned = w.available if return_rest else 0
+        return await self._send(key_hash, w, list(w.batch), returned, extra, self.store.clock())
+
+    async def _send(self, key_hash: str, w: Wallet, entries: list[LedgerEntry], returned: int, extra: int,
+                    taken_at) -> int | None:
+        w.inflight = (entries, returned, extra, taken_at)
         try:
-            new_amount = await self.store.commit_lease(key_hash, w.rid, w.amount, w.seq, entries, returned, extra)
+            new_amount = await self.store.commit_lease(key_hash, w.rid, w.amount, w.seq, entries, returned, extra,
+                                                       taken_at)
         except LookupError:
             # The sweeper returned the slice (this process looked dead): what it held is back on
             # the balance, and what was spent from it since the last commit goes unbilled.
-            log.error("lease %s was swept; %d unit(s) of settled requests go unbilled", w.rid,
-                      sum(e.cost for e in entries))
+            w.inflight = None
             self.wallets.pop(key_hash, None)
+            log.error("lease %s was swept; %d unit(s) of settled requests go unbilled", w.rid,
+                      sum(e.cost for e in w.batch))
+            # Entries this attempt inserted belong to no charge: take them out of the ledger.
+            await self.store.discard_unapplied(key_hash, w.rid, w.seq, taken_at - UNAPPLIED_MARGIN)
             return None
+        w.inflight = None
         if new_amount is None:
             return None
         del w.batch[:len(entries)]
         w.amount, w.seq = new_amount, w.seq + 1
-        w.available -= returned
+        w.available += extra - returned
         return new_amount
 
     async def commit_all(self, return_idle: bool = True) -> None:
@@ -145,12 +164,10 @@ class LeaseBook:
             if not w.rid:
                 continue
             idle = return_idle and not w.holds and now - w.last_used > IDLE_RETURN_S and w.available != 0
-            if not w.batch and not idle:
+            if not w.batch and not idle and w.inflight is None:
                 continue
             async with w.lock:
-                # Handing back a slice that ended overdrawn charges the overdraft to the balance.
-                returned = w.available if idle else 0
-                await self._commit(key_hash, w, returned=returned)
+                await self._commit(key_hash, w, return_rest=idle)
 
     async def release_all(self) -> None:
         """At shutdown: commit everything and hand every slice back."""

@@ -14,6 +14,11 @@ Every update that removes a hold filters on that hold, so nothing happens twice.
 outbox is moved to the ``ledger`` collection by ``flush_ledger`` (insert by request id,
 then pull: a repeat after a crash inserts nothing twice). The sweeper refunds holds whose
 owning process stopped sending heartbeats (a crash), and flushes every outbox.
+
+With leases (relay/lease.py) a process charges batches against a slice it holds on the key
+(``leases.<rid>``, counted in ``reserved``); a batch's ledger entries are inserted first and
+charged second (``commit_lease``), and the sweeper returns a dead process's slice and deletes
+the entries of its batches that never applied.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ HEARTBEAT_EVERY_S = 5.0
 RESERVE_ATTEMPTS = 50
 DEAD_AFTER_S = 30.0          # a process silent this long has crashed; its holds are swept
 MAX_HOLD_AGE_S = 6 * 3600.0  # no request lives this long, whatever its owner says
+TOMBSTONE_SEQ = -1           # a returned lease: no batch can apply to it
+UNAPPLIED_MARGIN = dt.timedelta(seconds=60)  # wall clocks step back (NTP); a batch's entries are never older
 
 
 @dataclass(frozen=True)
@@ -85,10 +92,13 @@ def day_of(at: dt.datetime) -> str:
     return at.strftime("%Y-%m-%d")
 
 
-def _ledger_doc(entry: LedgerEntry) -> dict:
-    """A ledger entry as stored: its request id is the document's _id."""
+def _ledger_doc(entry: LedgerEntry, lease: str | None = None, lseq: int | None = None) -> dict:
+    """A ledger entry as stored: its request id is the document's _id; entries settled under a
+    lease carry the lease and the batch (``lseq``) that charges them."""
     doc = asdict(entry)
     doc["_id"] = doc.pop("request_id")
+    if lease is not None:
+        doc["lease"], doc["lseq"] = lease, lseq
     return doc
 
 
@@ -208,7 +218,8 @@ class MongoStore:
     @_timed("open_lease")
     async def open_lease(self, key_hash: str, rid: str, minimum: int, full: int) -> int:
         """A lease: a slice of the balance this process spends locally (see relay/lease.py)."""
-        lease = {"owner": self.instance_id, "at": self.clock(), "seq": 0}
+        now = self.clock()
+        lease = {"owner": self.instance_id, "at": now, "next_from": now, "seq": 0}
         return await self._take(key_hash, minimum, full, lambda amount: {
             "$inc": {"balance": -amount, "reserved": amount}, "$set": {f"leases.{rid}": {**lease, "amount": amount}}})
 
@@ -266,40 +277,68 @@ class MongoStore:
 
     @_timed("commit_lease")
     async def commit_lease(self, key_hash: str, rid: str, amount: int, seq: int, entries: list[LedgerEntry],
-                           returned: int, extra: int) -> int | None:
-        """Apply one process's batch against its lease hold, in one atomic update.
+                           returned: int, extra: int, taken_at: dt.datetime | None = None) -> int | None:
+        """Apply one process's batch against its lease hold.
 
         The lease ``rid`` holds ``amount`` (at version ``seq``). The batch charges the entries'
         costs, gives ``returned`` units back to the balance and takes ``extra`` more from it.
-        Returns the lease's new amount, or None when the balance lacks
-        ``extra``. Idempotent: it applies only to the hold as it was at ``seq``; a repeat after
-        a lost answer finds the lease at ``seq + 1`` and reports the same result.
+        Returns the lease's new amount, or None when the balance lacks ``extra``.
+
+        The entries go straight into ``ledger``, tagged with the lease and ``seq`` (``lease``,
+        ``lseq``), before the key's document is charged in one atomic update filtered on the
+        lease as it was at ``seq``. An entry thus exists before its cost leaves the lease, and
+        a crash in between leaves entries of a batch that was never charged: the sweeper
+        deletes them when it returns the lease (``lseq >= `` the lease's last ``seq``). No
+        outbox: the ledger is written once per entry (a third of the store's work per request
+        compared with outbox, flush and pull).
+
+        ``taken_at``: when the batch was taken from the process's list; entries of later
+        batches settled after it (``next_from`` on the lease), which bounds the sweeper's search.
+
+        Idempotent when repeated with the same arguments: the insert skips what is there, and
+        the update applies only to the hold as it was at ``seq``; a repeat after a lost answer
+        finds the lease at ``seq + 1`` and reports the same result. A repeat must carry exactly
+        the same batch (see ``LeaseBook``): the lease's version says that batch ``seq`` applied,
+        not which entries it held.
         """
         spent = sum(e.cost for e in entries)
         new_amount = amount - spent - returned + extra
+        if entries:
+            self.round_trips += 1
+            docs = [_ledger_doc(e, lease=rid, lseq=seq) for e in entries]
+            try:
+                await self.ledger.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
+                    raise
+                # Inserted by an attempt whose answer was lost: each entry is there once.
         inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **_day_counts(entries)}
         flt: dict = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
             flt["balance"] = {"$gte": extra}
-        update: dict = {"$inc": inc}
-        if entries:
-            update["$push"] = {"pending": {"$each": [_ledger_doc(e) for e in entries]}}
         # An emptied lease stays (amount 0) so that a repeat of this batch can still tell it applied.
-        update["$set"] = {f"leases.{rid}.amount": new_amount, f"leases.{rid}.seq": seq + 1,
-                          f"leases.{rid}.at": self.clock()}
+        now = self.clock()
+        update = {"$inc": inc, "$set": {f"leases.{rid}.amount": new_amount, f"leases.{rid}.seq": seq + 1,
+                                       f"leases.{rid}.at": now, f"leases.{rid}.next_from": taken_at or now}}
         self.round_trips += 1
         res = await self.keys.update_one(flt, update)
         if res.modified_count == 1:
-            if entries:
-                self.dirty.add(key_hash)
             return new_amount
         # Not applied now: applied before (an answer lost on the way), or the balance is short.
         done = await self.keys.find_one({"_id": key_hash, f"leases.{rid}.seq": seq + 1}, {"_id": 1})
         if done is not None:
             return new_amount
         if extra:
-            return None
+            return None  # the entries wait, inserted, for this ``seq`` to apply with a smaller ``extra``
         raise LookupError(f"lease {rid} is gone (swept?)")
+
+    async def discard_unapplied(self, key_hash: str, rid: str, seq: int, since: dt.datetime) -> int:
+        """Delete ledger entries of lease ``rid``'s batches from ``seq`` on, which were never
+        charged (the lease was returned before they applied). ``since``: no such entry is
+        older, so the key's ledger index finds them without reading the key's whole history."""
+        res = await self.ledger.delete_many({"key_hash": key_hash, "at": {"$gte": since}, "lease": rid,
+                                             "lseq": {"$gte": seq}})
+        return res.deleted_count
 
     @_timed("flush_ledger")
     async def flush_ledger(self, key_hashes: set[str] | None = None) -> int:
@@ -385,17 +424,39 @@ class MongoStore:
         leased = await self.keys.find({"leases": {"$exists": True, "$ne": {}}}, {"leases": 1}).to_list(length=None)
         for doc in leased:
             for rid, lease in doc["leases"].items():
-                if lease.get("owner") not in alive or lease["at"] < oldest:
-                    res = await self.keys.update_one(
-                        {"_id": doc["_id"], f"leases.{rid}.seq": lease["seq"], f"leases.{rid}.amount": lease["amount"]},
-                        {"$unset": {f"leases.{rid}": ""},
-                         "$inc": {"balance": lease["amount"], "reserved": -lease["amount"]}})
-                    if res.modified_count == 1 and lease["amount"]:
-                        swept += 1
-                        log.warning("returned a stale lease of %d units (owner %s)", lease["amount"], lease.get("owner"))
+                if lease["seq"] == TOMBSTONE_SEQ:
+                    await self._clear_tombstone(doc["_id"], rid, lease, oldest)
+                elif lease.get("owner") not in alive or lease["at"] < oldest:
+                    swept += await self._return_lease(doc["_id"], rid, lease, now)
         await self.processes.delete_many({"at": {"$lt": now - dt.timedelta(seconds=MAX_HOLD_AGE_S)}})
         await self.flush_ledger()
         return swept
+
+
+    async def _return_lease(self, key_hash: str, rid: str, lease: dict, now: dt.datetime) -> int:
+        """Give a dead process's slice back to the balance, leaving a tombstone that no commit
+        can match (``seq`` -1) and that remembers which batches never applied."""
+        amount = lease["amount"]
+        since = lease.get("next_from", lease["at"]) - UNAPPLIED_MARGIN
+        tomb = {"owner": lease.get("owner"), "amount": 0, "seq": TOMBSTONE_SEQ, "unapplied_from": lease["seq"],
+                "unapplied_since": since, "at": now}
+        res = await self.keys.update_one(
+            {"_id": key_hash, f"leases.{rid}.seq": lease["seq"], f"leases.{rid}.amount": amount},
+            {"$set": {f"leases.{rid}": tomb}, "$inc": {"balance": amount, "reserved": -amount}})
+        if res.modified_count != 1:
+            return 0
+        await self.discard_unapplied(key_hash, rid, lease["seq"], since)
+        if amount:
+            log.warning("returned a stale lease of %d units (owner %s)", amount, lease.get("owner"))
+        return 1 if amount else 0
+
+    async def _clear_tombstone(self, key_hash: str, rid: str, tomb: dict, oldest: dt.datetime) -> None:
+        """Every sweep deletes the lease's unapplied entries again: a process that only looked
+        dead (stalled past ``DEAD_AFTER_S``) may still insert a batch before its commit fails."""
+        await self.discard_unapplied(key_hash, rid, tomb["unapplied_from"], tomb["unapplied_since"])
+        if tomb["at"] < oldest:
+            await self.keys.update_one({"_id": key_hash, f"leases.{rid}.seq": TOMBSTONE_SEQ},
+                                       {"$unset": {f"leases.{rid}": ""}})
 
 
 def key_view(doc: dict) -> dict:
