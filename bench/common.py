@@ -148,6 +148,13 @@ def proc_cpu_seconds(*pids: int) -> float:
     return total
 
 
+def idle_priority(pid: int) -> None:
+    """SCHED_IDLE for every thread of ``pid`` (threads it starts later inherit it): the process
+    runs only when its core has nothing else to do."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in open(f"/proc/{pid}/status"):

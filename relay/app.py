@@ -7,6 +7,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+import tornado.httpserver
 import tornado.web
 
 from relay.auth import Authenticator, FailedAuthThrottle
@@ -113,7 +114,11 @@ class Services:
         """Stop background work, then hand the store what is still owed (best effort)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: a task stuck in a driver call must not keep the process from exiting.
+            _, stuck = await asyncio.wait(self._tasks, timeout=5)
+            for task in stuck:
+                log.warning("background task %s did not stop within 5 s", task.get_coro().__qualname__)
         self._tasks.clear()
         try:
             await asyncio.wait_for(self._final_writes(), 10)
@@ -203,6 +208,18 @@ def make_server(app: tornado.web.Application, ssl_options=None, max_body: int = 
     the configured body size limit themselves, with an OpenAI-shaped 413; Tornado's own cap is
     a backstop far above it.
     """
-    import tornado.httpserver
-    return tornado.httpserver.HTTPServer(app, ssl_options=ssl_options, idle_connection_timeout=client_timeout_s,
-                                         body_timeout=body_timeout_s, max_body_size=max(max_body * 4, 64 << 20))
+    return _NoDelayServer(app, ssl_options=ssl_options, idle_connection_timeout=client_timeout_s,
+                          body_timeout=body_timeout_s, max_body_size=max(max_body * 4, 64 << 20))
+
+
+class _NoDelayServer(tornado.httpserver.HTTPServer):
+    """TCP_NODELAY on every client connection.
+
+    Tornado leaves Nagle's algorithm on, so a write that follows an unacknowledged one (a
+    stream's next chunk, a response right after the previous one) can wait for the client's
+    delayed ACK; relay writes whole responses and whole events, never bytes it would want
+    coalesced. (asyncio and aiohttp, on the upstream side, set it already.)"""
+
+    def handle_stream(self, stream, address) -> None:
+        stream.set_nodelay(True)
+        super().handle_stream(stream, address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -87,6 +88,7 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
         from relay.app import make_metrics_app
         servers.append(_listen(make_metrics_app(services), 0, "", sockets=metrics_sockets))
     log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
+    _freeze_start_up_objects()
     await _until_signalled()
     # Graceful: stop accepting, let requests in flight finish (streams included) within the
     # drain timeout, settle them, then close connections; the embedded store stops last.
@@ -100,6 +102,19 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
     await services.close()
     await close_client(store.client)
     return 0
+
+
+def _freeze_start_up_objects() -> None:
+    """Keep the collector off what lives as long as the process.
+
+    A full collection walks every tracked object: modules, the driver, the app, ~60k of them,
+    10 ms on this machine, a stall in whichever request is in flight (it was relay's p99 at
+    concurrency 1). Frozen, they are never walked again; collections see only what requests
+    allocate. The token encoder loads first so that its tables are among them."""
+    from relay.metering.tokens import encoder
+    encoder()
+    gc.collect()
+    gc.freeze()
 
 
 def _serve_command(args) -> int:

@@ -32,7 +32,9 @@ log = logging.getLogger("relay.charging")
 
 COMMIT_EVERY_S = 0.05
 IDLE_RETURN_S = 2.0
-SLICE_REQUESTS = 8  # a slice covers this many requests like the one that asked for it
+SLICE_REQUESTS = 8     # a slice covers at least this many requests like the one that asked for it,
+SLICE_SECONDS = 0.5    # and at least this long of the key's recent reservations in this process
+RATE_WINDOW_S = 0.5    # the recent rate is measured over windows this long
 EXHAUSTED_RECHECK_S = 1.0  # after the balance could not grow a slice, ask the store again only this late
 
 
@@ -50,6 +52,21 @@ class Wallet:
     exhausted_until: float = float("-inf")  # the balance had nothing more: spare the store until then
     inflight: tuple | None = None  # a commit sent without an answer: (entries, returned, extra, taken_at)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    rate: float = 0.0           # units reserved per second, over the last window
+    window_units: int = 0
+    window_start: float = 0.0
+    topping_up: asyncio.Task | None = None
+    top_up_after: float = float("-inf")
+
+    def target(self, full: int) -> int:
+        """The slice size to aim for: several requests like this one, or half a second's worth."""
+        return max(full * SLICE_REQUESTS, int(self.rate * SLICE_SECONDS))
+
+    def count(self, units: int, now: float) -> None:
+        self.window_units += units
+        if now - self.window_start >= RATE_WINDOW_S:
+            self.rate = self.window_units / max(now - self.window_start, RATE_WINDOW_S)
+            self.window_units, self.window_start = 0, now
 
 
 class LeaseBook:
@@ -86,13 +103,33 @@ class LeaseBook:
                 f"({minimum} units). Top it up to continue.")
         w.available -= held
         w.holds[request_id] = held
+        now = self.clock()
+        w.count(full, now)
+        if w.rid and w.topping_up is None and w.available < w.target(full) // 2 and now >= w.top_up_after:
+            # Grow before the slice runs dry, so that requests keep being served from it meanwhile.
+            w.topping_up = asyncio.ensure_future(self._top_up(key_hash, w, full))
         return held
+
+    async def _top_up(self, key_hash: str, w: Wallet, full: int) -> None:
+        try:
+            async with w.lock:
+                want = w.target(full) - w.available
+                if self.wallets.get(key_hash) is w and w.available < w.target(full) // 2 and want > 0:
+                    if await self._commit(key_hash, w, extra=want) is None:
+                        # Not that much left: requests grow it by what they need, as they come.
+                        w.top_up_after = self.clock() + EXHAUSTED_RECHECK_S
+        except Exception as exc:
+            # The request that finds the slice empty asks again, and reports an outage if it is one.
+            log.warning("topping up the slice of a key failed (%s)", type(exc).__name__)
+            w.top_up_after = self.clock() + EXHAUSTED_RECHECK_S
+        finally:
+            w.topping_up = None
 
     async def _grow(self, key_hash: str, w: Wallet, need: int, least: int, full: int) -> bool:
         """Take more of the balance into the slice: ``need`` wanted, ``least`` required.
 
         False when the balance had not even ``least``."""
-        want = need + full * (SLICE_REQUESTS - 1)
+        want = max(need, w.target(full) - w.available)
         if not w.rid:
             self._leases += 1
             rid = f"lease-{self.store.instance_id}-{self._leases}"
@@ -173,4 +210,7 @@ class LeaseBook:
         """At shutdown: commit everything and hand every slice back."""
         for w in self.wallets.values():
             w.last_used = float("-inf")
+            w.top_up_after = float("inf")
+        await asyncio.gather(*(w.topping_up for w in self.wallets.values() if w.topping_up is not None),
+                             return_exceptions=True)
         await self.commit_all()

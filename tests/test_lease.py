@@ -240,3 +240,35 @@ async def test_http_with_leases_charges_exactly(io_loop):
     await assert_conserved(store)
     fake.stop()
     c.close()
+
+
+async def test_the_slice_is_topped_up_before_it_runs_dry(store):
+    """A top-up waits on the store in the background; requests go on spending what is left."""
+    await add_key(store, quota=1_000_000)
+    book = LeaseBook(store)
+    await spend(book, "first", 100, 100, 100)  # opens a slice of 8 such requests
+    gate = asyncio.Event()
+    real = store.commit_lease
+    sent = []
+
+    async def slow_commit(*args):
+        sent.append(args)
+        await gate.wait()
+        return await real(*args)
+    store.commit_lease = slow_commit
+    served = 0
+    for i in range(6):  # the slice still covers these: none of them waits for the store
+        await asyncio.wait_for(spend(book, f"r{i}", 100, 100, 100), 1.0)
+        served += 1
+    assert served == 6 and len(sent) == 1, "one top-up went out when half the slice was spent"
+    extra = sent[0][6]
+    assert extra > 0
+    top_up = book.wallets[H].topping_up
+    gate.set()
+    await top_up
+    assert book.wallets[H].available >= extra
+    store.commit_lease = real
+    await book.release_all()
+    doc = await store.key_doc(H)
+    assert doc["used"] == 700 and doc["balance"] == 1_000_000 - 700
+    await assert_conserved(store)
