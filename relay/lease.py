@@ -30,7 +30,7 @@ from relay.store.mongo import UNAPPLIED_MARGIN, LedgerEntry, MongoStore
 
 log = logging.getLogger("relay.charging")
 
-COMMIT_EVERY_S = 0.05
+COMMIT_EVERY_S = 0.1  # the bound on what a kill -9 leaves unbilled
 IDLE_RETURN_S = 2.0
 SLICE_REQUESTS = 8     # a slice covers at least this many requests like the one that asked for it,
 SLICE_SECONDS = 0.5    # and at least this long of the key's recent reservations in this process
