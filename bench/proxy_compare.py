@@ -204,6 +204,9 @@ async def main(args) -> int:
                 for _ in range(args.rounds):
                     for t in targets:
                         parts[t.name].append(await measure(t, mode, conc, args.seconds, headers))
+                if os.environ.get("BENCH_VERBOSE"):
+                    print(mode, conc, {k: [(round(r.rps), round(r.p99, 2)) for r, _, _ in v] for k, v in parts.items()},
+                          flush=True)
                 direct = merge(parts["direct"])
                 for t in targets:
                     rows.append((mode, conc, t.name, merge(parts[t.name]), direct))

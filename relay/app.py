@@ -213,13 +213,19 @@ def make_server(app: tornado.web.Application, ssl_options=None, max_body: int = 
 
 
 class _NoDelayServer(tornado.httpserver.HTTPServer):
-    """TCP_NODELAY on every client connection.
+    """TCP_NODELAY on every client connection, for its whole life.
 
-    Tornado leaves Nagle's algorithm on, so a write that follows an unacknowledged one (a
-    stream's next chunk, a response right after the previous one) can wait for the client's
-    delayed ACK; relay writes whole responses and whole events, never bytes it would want
-    coalesced. (asyncio and aiohttp, on the upstream side, set it already.)"""
+    Tornado turns Nagle's algorithm on again after every request (and off at the end of the
+    next), so a stream's second and later events can wait for the client's delayed ACK (up
+    to 40 ms on a real network) and every request pays two setsockopt calls. relay writes
+    whole responses and whole events, never bytes it would want coalesced. (asyncio and
+    aiohttp set it on the upstream side already.)"""
 
     def handle_stream(self, stream, address) -> None:
         stream.set_nodelay(True)
+        stream.set_nodelay = _keep_nodelay
         super().handle_stream(stream, address)
+
+
+def _keep_nodelay(value: bool) -> None:
+    """Tornado's per-request toggling, ignored: the connection keeps TCP_NODELAY."""

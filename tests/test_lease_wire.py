@@ -139,3 +139,38 @@ async def test_store_outage_with_leases_keeps_known_keys_served_and_loses_nothin
     await proxy.stop()
     fake.stop()
     c.close()
+
+
+async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded, io_loop):
+    """The wire server's duplicate-key answer to a repeated insert, and the sweeper's
+    deletion of entries whose batch never applied, on the real store."""
+    import datetime as dt
+    from relay.store import mongo
+    from relay.store.mongo import LedgerEntry, MongoStore
+    uri = db_uri(embedded, "leasedup" + uuid.uuid4().hex[:6])
+    store = await open_store(uri)
+    await add_key(store, quota=100_000)
+    h = hash_key(TEST_KEY)
+    now = [mongo.utc_now()]
+    dying = MongoStore(store.client, store.db.name, instance_id="p_dying", clock=lambda: now[0])
+    sweeper = MongoStore(store.client, store.db.name, instance_id="p_sweeper", clock=lambda: now[0])
+    await dying.heartbeat()
+
+    def entry(rid, cost):
+        return LedgerEntry(rid, h, "gpt-4", "p", 8, 10, cost, 200, 1.0, 1.0, False, now[0])
+    held = await dying.open_lease(h, "lease-d", 0, 10_000)
+    first = await dying.commit_lease(h, "lease-d", held, 0, [entry("a", 300), entry("b", 200)], 0, 0)
+    again = await dying.commit_lease(h, "lease-d", held, 0, [entry("a", 300), entry("b", 200)], 0, 0)
+    assert first == again == held - 500
+    assert await store.ledger.count_documents({"key_hash": h}) == 2
+    # Killed between the next batch's insert and its charge:
+    await store.ledger.insert_one(mongo._ledger_doc(entry("c", 400), lease="lease-d", lseq=1))
+    assert await store.ledger_total(h) == 900
+    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
+    await sweeper.heartbeat()
+    assert await sweeper.sweep() == 1
+    doc = await store.key_doc(h)
+    assert (doc["used"], doc["balance"], doc["reserved"]) == (500, 99_500, 0)
+    assert await store.ledger_total(h) == 500, "the entry nobody paid for is gone"
+    await assert_conserved(store)
+    await close_client(store.client)

@@ -1,5 +1,7 @@
 """The OpenAI API through relay, driven by the official openai SDK over real sockets."""
+import asyncio
 import json
+import socket
 import time
 
 import pytest
@@ -116,3 +118,26 @@ async def test_access_line_has_prefix_model_upstream_and_no_content(http_server_
     assert "key=ak-test000 " in line and "model=gpt-3.5-turbo " in line and "upstream=primary " in line
     assert "status=200" in line and "req_" in line
     assert marker not in caplog.text and TEST_KEY not in caplog.text and UPSTREAM_KEY not in caplog.text
+
+
+async def test_client_connections_keep_tcp_nodelay_across_requests(io_loop, fake):
+    """Tornado turns Nagle back on after each request; a stream's later events would then
+    wait for the client's delayed ACK."""
+    from tests.helpers import add_key, mock_store, serve
+    store = mock_store()
+    await add_key(store)
+    url, server, services = await serve(f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-n]}}\n",
+                                        store)
+    port = int(url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(2):  # two requests on one keep-alive connection
+        writer.write(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+    [conn] = server._connections
+    assert conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    writer.close()
+    server.stop()
+    await services.close()

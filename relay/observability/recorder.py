@@ -5,10 +5,19 @@ prometheus_client, so they stay testable without it.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 from relay.observability import metrics as m
 from relay.observability.access_log import log_request
+
+
+@functools.lru_cache(maxsize=8192)
+def _child(metric, *values: str):
+    """``metric.labels(*values)``, remembered: prometheus_client validates and locks on every
+    call, and each request makes eight of them. The label sets are bounded (model labels are
+    the configured names, upstreams the configured ones), and no child is ever removed."""
+    return metric.labels(*values)
 
 
 def on_request_end(handler) -> None:
@@ -20,8 +29,8 @@ def on_request_end(handler) -> None:
     route = getattr(handler, "route", "other")
     cls = m.status_class(status)
     total = time.perf_counter() - handler.started
-    m.REQUESTS.labels(route, model, cls).inc()
-    m.REQUEST_SECONDS.labels(route, model, cls).observe(total)
+    _child(m.REQUESTS, route, model, cls).inc()
+    _child(m.REQUEST_SECONDS, route, model, cls).observe(total)
     wait = getattr(handler, "upstream_wait", None)
     if wait is not None:
         m.OVERHEAD_SECONDS.observe(max(total - wait, 0.0))
@@ -31,31 +40,31 @@ def on_request_end(handler) -> None:
 
 class RouterEvents:
     def on_attempt(self, endpoint, outcome: str, attempt: int, seconds: float | None) -> None:
-        m.ATTEMPTS.labels(endpoint.upstream.name, outcome).inc()
+        _child(m.ATTEMPTS, endpoint.upstream.name, outcome).inc()
         if seconds is not None:
-            m.UPSTREAM_TTFB.labels(endpoint.upstream.name).observe(seconds)
+            _child(m.UPSTREAM_TTFB, endpoint.upstream.name).observe(seconds)
 
     def on_retry(self, reason: str, failed, following) -> None:
-        m.RETRIES.labels(reason).inc()
+        _child(m.RETRIES, reason).inc()
         if failed.upstream.name != following.upstream.name:
-            m.FAILOVERS.labels(reason).inc()
+            _child(m.FAILOVERS, reason).inc()
 
 
 def on_upstream_done(upstream: str, seconds: float) -> None:
-    m.UPSTREAM_SECONDS.labels(upstream).observe(seconds)
+    _child(m.UPSTREAM_SECONDS, upstream).observe(seconds)
 
 
 def on_settled(config, model: str, prompt_tokens: int, completion_tokens: int, cost: int) -> None:
     label = m.model_label(config, model)
-    m.TOKENS.labels(label, "prompt").inc(prompt_tokens)
-    m.TOKENS.labels(label, "completion").inc(completion_tokens)
-    m.QUOTA_CHARGED.labels(label).inc(cost)
+    _child(m.TOKENS, label, "prompt").inc(prompt_tokens)
+    _child(m.TOKENS, label, "completion").inc(completion_tokens)
+    _child(m.QUOTA_CHARGED, label).inc(cost)
 
 
 def on_store_op(op: str, seconds: float, ok: bool) -> None:
-    m.STORE_SECONDS.labels(op).observe(seconds)
+    _child(m.STORE_SECONDS, op).observe(seconds)
     if not ok:
-        m.STORE_ERRORS.labels(op).inc()
+        _child(m.STORE_ERRORS, op).inc()
 
 
 def on_start() -> None:
@@ -63,7 +72,7 @@ def on_start() -> None:
 
 
 def on_reload(result) -> None:
-    m.CONFIG_RELOADS.labels("invalid" if not result.ok else "ok" if result.changed else "unchanged").inc()
+    _child(m.CONFIG_RELOADS, "invalid" if not result.ok else "ok" if result.changed else "unchanged").inc()
     m.CONFIG_RELOAD_OK.set(1 if result.ok else 0)
 
 
@@ -74,10 +83,10 @@ def refresh_gauges(pool, now: float) -> None:
     for ep in pool.endpoints:
         current = ep.state(config, now).state
         for state in m.ENDPOINT_STATES:
-            m.ENDPOINT_STATE.labels(ep.upstream.name, ep.key_id, state).set(1 if state == current else 0)
+            _child(m.ENDPOINT_STATE, ep.upstream.name, ep.key_id, state).set(1 if state == current else 0)
         if current == "healthy":
             available[ep] = True
     for model in config.client_model_names():
         served = config.map_model(model)
         count = sum(1 for ep in available if ep.upstream.serves(served))
-        m.MODEL_ENDPOINTS.labels(m.model_label(config, model)).set(count)
+        _child(m.MODEL_ENDPOINTS, m.model_label(config, model)).set(count)
