@@ -218,13 +218,21 @@ async def main(args) -> int:
               f"{store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; RSS {rss_mb(store.proc.pid):.0f} MB")
         with open(os.path.join(workdir, "relay.log"), "rb") as fh:
             access_lines = sum(1 for line in fh if b" key=" in line)
-        print(f"relay wrote {access_lines} access lines at log level info")
+        print(f"relay wrote {access_lines} access lines at log level info; "
+              f"{metric_value(relay_port, 'relay_quota_store_waits_total'):.0f} reservations waited for the store")
         store.stop()
         return 0
     finally:
         for p in procs:
             stop(p)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def metric_value(port: int, name: str) -> float:
+    """One unlabelled sample from relay's /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), float("nan"))
 
 
 def pin(pid: int, cores: str) -> None:

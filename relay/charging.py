@@ -43,12 +43,15 @@ class Charger:
         self.on_settled = on_settled
         self.queue = queue if queue is not None else SettlementQueue(store)  # an empty queue is falsy
         self.book = book  # with leases, requests reserve, settle and refund in memory
+        self.on_store_wait: Callable[[], None] | None = None  # without leases, every reservation
 
     async def reserve(self, key_hash: str, request_id: str, quote: Quote, stream: bool) -> Charge:
         try:
             if self.book is not None:
                 held = await self.book.reserve(key_hash, request_id, quote.minimum, quote.full)
             else:
+                if self.on_store_wait is not None:
+                    self.on_store_wait()
                 held = await self.store.reserve(key_hash, request_id, quote.minimum, quote.full)
         except (RelayError, LookupError):
             raise

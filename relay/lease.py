@@ -59,13 +59,18 @@ class Wallet:
     top_up_after: float = float("-inf")
 
     def target(self, full: int) -> int:
-        """The slice size to aim for: several requests like this one, or half a second's worth."""
-        return max(full * SLICE_REQUESTS, int(self.rate * SLICE_SECONDS))
+        """The slice size to aim for: several requests like this one (twice as many as are in
+        flight, when that is more), or half a second's worth."""
+        return max(full * max(SLICE_REQUESTS, 2 * len(self.holds)), int(self.rate * SLICE_SECONDS))
 
     def count(self, units: int, now: float) -> None:
         self.window_units += units
-        if now - self.window_start >= RATE_WINDOW_S:
-            self.rate = self.window_units / max(now - self.window_start, RATE_WINDOW_S)
+        elapsed = now - self.window_start
+        if elapsed >= RATE_WINDOW_S:
+            # A window that spans a pause says nothing about the traffic that resumes: the last
+            # rate stands until a window of traffic measures a new one.
+            if elapsed < 4 * RATE_WINDOW_S:
+                self.rate = self.window_units / elapsed
             self.window_units, self.window_start = 0, now
 
 
@@ -75,6 +80,7 @@ class LeaseBook:
         self.clock = clock
         self.wallets: dict[str, Wallet] = {}
         self._leases = 0
+        self.on_store_wait: Callable[[], None] | None = None  # a request waits for the store
 
     def _wallet(self, key_hash: str) -> Wallet:
         w = self.wallets.get(key_hash)
@@ -87,6 +93,8 @@ class LeaseBook:
         """Hold ``full`` units from the slice (or what is left, if that covers ``minimum``)."""
         w = self._wallet(key_hash)
         if w.available < full and self.clock() >= w.exhausted_until:
+            if self.on_store_wait is not None:
+                self.on_store_wait()
             async with w.lock:
                 if w.available < full and self.clock() >= w.exhausted_until:
                     if not await self._grow(key_hash, w, full - w.available, max(minimum - w.available, 0), full):

@@ -9,6 +9,7 @@ from tornado.httpclient import AsyncHTTPClient
 from relay.errors import InsufficientQuota
 from relay.keys import hash_key
 from relay.lease import LeaseBook
+from relay.observability import metrics
 from relay.store import mongo
 from relay.store.mongo import LedgerEntry, MongoStore
 from tests.conservation import assert_conserved, conserved_now
@@ -233,10 +234,17 @@ async def test_http_with_leases_charges_exactly(io_loop):
                                                               "messages": [{"role": "user", "content": "Hi"}]}))
                                      for i in range(40)))
     assert {r.code for r in results} == {200}
+    waits = metrics.QUOTA_STORE_WAITS._value.get()
+    for i in range(40):  # one at a time, after the burst: served from the slice
+        r = await c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
+                          headers={"Authorization": f"Bearer {TEST_KEY}"},
+                          body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}))
+        assert r.code == 200
+    assert metrics.QUOTA_STORE_WAITS._value.get() - waits <= 2, "sequential requests wait for no store round trip"
     server.stop()
     await services.close()  # commits and hands the slice back
     doc = await store.key_doc(H)
-    assert doc["used"] == 40 * 560 and doc["balance"] == 1_000_000 - 40 * 560 and doc["reserved"] == 0
+    assert doc["used"] == 80 * 560 and doc["balance"] == 1_000_000 - 80 * 560 and doc["reserved"] == 0
     await assert_conserved(store)
     fake.stop()
     c.close()

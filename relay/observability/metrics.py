@@ -54,6 +54,8 @@ QUOTA_REJECTIONS = Counter("relay_quota_rejections", "Requests refused with insu
 STORE_SECONDS = Histogram("relay_store_operation_seconds", "Store operation latency.", ["op"],
                           buckets=STORE_BUCKETS)
 STORE_ERRORS = Counter("relay_store_errors", "Store operations that failed.", ["op"])
+QUOTA_STORE_WAITS = Counter("relay_quota_store_waits", "Requests whose reservation waited for a store round trip "
+                            "(without leases: every request; with leases: a slice that could not cover one).")
 CONFIG_RELOADS = Counter("relay_config_reloads", "Config reloads by result (ok, unchanged, invalid).",
                          ["result"])
 CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config reload succeeded, 0 when the "

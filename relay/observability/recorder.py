@@ -67,6 +67,10 @@ def on_store_op(op: str, seconds: float, ok: bool) -> None:
         _child(m.STORE_ERRORS, op).inc()
 
 
+def on_quota_store_wait() -> None:
+    m.QUOTA_STORE_WAITS.inc()
+
+
 def on_start() -> None:
     m.CONFIG_RELOAD_OK.set(1)  # the file relay started with was valid
 
