@@ -261,7 +261,7 @@ async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], wo
                ("2 workers, all cores shared", 2, "0,1", "0,1")]
     print(f"--workers scaling, JSON chat, concurrency 64, {args.rounds} x {args.seconds:.0f} s, {ncpu} cores")
     print(f"{'layout':32} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} | {'relay cpu/req':>13} {'rest cpu/req':>12} "
-          f"{'cores allow':>11} {'of bound':>8}")
+          f"{'cores allow':>11} {'of bound':>8} {'errors':>6}")
     base = None
     for name, workers, relay_cores, other_cores in layouts:
         for pid in others:
@@ -294,7 +294,7 @@ async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], wo
             bound = 1000 / relay_cpu if cores == 1 else ncpu * 1000 / (relay_cpu + rest_cpu)
             base = base or res.rps
             print(f"{name:32} | {res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} | {relay_cpu:13.3f} {rest_cpu:12.3f} "
-                  f"{bound:11.0f} {res.rps / bound:8.0%}")
+                  f"{bound:11.0f} {res.rps / bound:8.0%} {res.errors:6d}")
         finally:
             stop(relay)
     return 0
