@@ -153,6 +153,8 @@ class LeaseBook:
                 return True
             if await self._commit(key_hash, w, extra=extra) is not None:
                 return True
+            if self.wallets.get(key_hash) is not w:
+                return True  # swept: the caller starts again with a new slice
         return False
 
     def settle(self, key_hash: str, request_id: str, entry: LedgerEntry) -> None:

@@ -280,3 +280,33 @@ async def test_the_slice_is_topped_up_before_it_runs_dry(store):
     doc = await store.key_doc(H)
     assert doc["used"] == 700 and doc["balance"] == 1_000_000 - 700
     await assert_conserved(store)
+
+
+async def test_a_request_that_finds_its_slice_swept_gets_a_new_one(io_loop):
+    now = [dt.datetime(2026, 1, 1)]
+    client = mock_store().client
+    store = MongoStore(client, instance_id="p_sleepy", clock=lambda: now[0])
+    sweeper = MongoStore(client, instance_id="p_other", clock=lambda: now[0])
+    await add_key(store, quota=100_000)
+    await store.heartbeat()
+    book = LeaseBook(store)
+    await spend(book, "first", 100, 100, 100)
+    await book.commit_all()
+    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
+    await sweeper.heartbeat()
+    assert await sweeper.sweep() == 1
+    await store.heartbeat()
+    real, calls = store.commit_lease, []
+
+    async def counted(*args):
+        calls.append(args)
+        return await real(*args)
+    store.commit_lease = counted
+    assert await book.reserve(H, "big", 5_000, 5_000) == 5_000  # more than the old slice held
+    assert len(calls) == 1, "one commit finds the lease gone; the next slice is a new lease"
+    book.settle(H, "big", entry("big", 4_000))
+    store.commit_lease = real
+    await book.release_all()
+    doc = await store.key_doc(H)
+    assert doc["used"] == 4_100 and doc["balance"] == 100_000 - 4_100
+    await assert_conserved(store)

@@ -330,11 +330,13 @@ class MongoStore:
         res = await self.keys.update_one(flt, update)
         if res.modified_count == 1:
             return new_amount
-        # Not applied now: applied before (an answer lost on the way), or the balance is short.
-        done = await self.keys.find_one({"_id": key_hash, f"leases.{rid}.seq": seq + 1}, {"_id": 1})
-        if done is not None:
+        # Not applied now: applied before (an answer lost on the way), the balance is short,
+        # or the lease is gone (the sweeper returned it).
+        doc = await self.keys.find_one({"_id": key_hash}, {f"leases.{rid}": 1})
+        lease = ((doc or {}).get("leases") or {}).get(rid) or {}
+        if lease.get("seq") == seq + 1:
             return new_amount
-        if extra:
+        if extra and lease.get("seq") == seq and lease.get("amount") == amount:
             return None  # the entries wait, inserted, for this ``seq`` to apply with a smaller ``extra``
         raise LookupError(f"lease {rid} is gone (swept?)")
 
