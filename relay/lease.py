@@ -118,6 +118,13 @@ class LeaseBook:
             w.topping_up = asyncio.ensure_future(self._top_up(key_hash, w, full))
         return held
 
+    def balance_changed(self, key_hash: str) -> None:
+        """A top-up through this process: ask the store again at once, not after
+        ``EXHAUSTED_RECHECK_S`` (other processes notice within that time)."""
+        w = self.wallets.get(key_hash)
+        if w is not None:
+            w.exhausted_until = w.top_up_after = float("-inf")
+
     async def _top_up(self, key_hash: str, w: Wallet, full: int) -> None:
         try:
             async with w.lock:

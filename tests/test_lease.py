@@ -310,3 +310,33 @@ async def test_a_request_that_finds_its_slice_swept_gets_a_new_one(io_loop):
     doc = await store.key_doc(H)
     assert doc["used"] == 4_100 and doc["balance"] == 100_000 - 4_100
     await assert_conserved(store)
+
+
+async def test_a_top_up_through_the_admin_api_serves_the_key_at_once(io_loop):
+    """With leases an exhausted key is not asked about again for a second; a top-up made
+    through this process clears that at once."""
+    fake = start_fake()
+    store = mock_store()
+    await add_key(store, quota=600)
+    text = f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-l1]}}\nquota: {{leases: true}}\n{PRICING}"
+    url, server, services = await serve(text, store, admin_token="admin-token-0123456789abcdef")
+    c = AsyncHTTPClient(force_instance=True)
+
+    async def chat():
+        return (await c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
+                              headers={"Authorization": f"Bearer {TEST_KEY}"},
+                              body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}))).code
+    assert await chat() == 200  # 600 covers the prompt; costs 560
+    assert await chat() == 429  # 40 left < 160
+    prefix = (await store.key_doc(H))["prefix"]
+    r = await c.fetch(f"{url}/admin/keys/{prefix}/topup", method="POST", raise_error=False,
+                      headers={"Authorization": "Bearer admin-token-0123456789abcdef"}, body=json.dumps({"quota": 1000}))
+    assert r.code == 200, r.body
+    assert await chat() == 200
+    server.stop()
+    await services.close()
+    doc = await store.key_doc(H)
+    assert doc["used"] == 1120 and doc["granted"] == 1600
+    await assert_conserved(store)
+    fake.stop()
+    c.close()

@@ -70,6 +70,8 @@ class KeyActionHandler(AdminHandler):
         store = self.services.store
         if action == "topup":
             doc = await store.topup(doc["_id"], self.whole_number(self.json_body(), "quota", 1))
+            if self.services.charger.book is not None:
+                self.services.charger.book.balance_changed(doc["_id"])
         else:
             doc = await store.set_status(doc["_id"], "disabled" if action == "disable" else "active")
         self.services.auth.forget(doc["_id"])
