@@ -340,3 +340,19 @@ async def test_a_top_up_through_the_admin_api_serves_the_key_at_once(io_loop):
     await assert_conserved(store)
     fake.stop()
     c.close()
+
+
+def test_slice_size_follows_the_rate_and_a_pause_does_not_reset_it():
+    from relay.lease import Wallet
+    w = Wallet()
+    assert w.target(100) == 800  # no rate yet: eight requests like this one
+    t = 0.0
+    for _ in range(1000):  # 1000 requests of 100 units in one second
+        t += 0.001
+        w.count(100, t)
+    assert 90_000 <= w.rate <= 110_000
+    assert w.target(100) == int(w.rate * 0.5)  # half a second's worth
+    w.count(100, t + 30.0)  # the next request after a 30 s pause
+    assert 90_000 <= w.rate <= 110_000, "the pause says nothing about the traffic that resumes"
+    w.holds = {f"r{i}": 100 for i in range(600)}
+    assert w.target(100) == 120_000  # twice the requests in flight, when that is more
