@@ -13,6 +13,7 @@ import sys
 from importlib import resources
 
 import tempfile
+import threading
 
 import tornado.httpserver
 import tornado.netutil
@@ -90,6 +91,7 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
     log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
     _freeze_start_up_objects()
     await _until_signalled()
+    _exit_watchdog(args.drain_timeout + 30)
     # Graceful: stop accepting, let requests in flight finish (streams included) within the
     # drain timeout, settle them, then close connections; the embedded store stops last.
     for server in servers:
@@ -102,6 +104,19 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
     await services.close()
     await close_client(store.client)
     return 0
+
+
+def _exit_watchdog(after_s: float) -> None:
+    """A stop signal always ends the process: if the graceful shutdown (drain, final store
+    writes, asyncio's own clean-up of tasks) has not finished within ``after_s``, exit hard.
+    What was not written is what a crash leaves: the journal and the sweeper cover it."""
+    def fire() -> None:
+        log.error("shutdown did not finish within %.0f s; exiting now", after_s)
+        logging.shutdown()
+        os._exit(1)
+    timer = threading.Timer(after_s, fire)
+    timer.daemon = True
+    timer.start()
 
 
 def _freeze_start_up_objects() -> None:

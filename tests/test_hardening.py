@@ -368,3 +368,37 @@ async def test_no_key_or_content_anywhere_after_a_mixed_workload(caplog, io_loop
     await services.close()
     fake.stop()
     c.close()
+
+
+async def test_background_loops_stop_even_when_a_cancellation_is_swallowed(io_loop):
+    """A cancellation inside a driver call can surface as the driver's own error, which a
+    maintenance loop catches and logs before it goes round again."""
+    from relay.app import stop_tasks
+    rounds = []
+
+    async def maintenance_loop():
+        while True:
+            try:
+                rounds.append(1)
+                await asyncio.sleep(0.01)  # a store call...
+            except asyncio.CancelledError:
+                pass  # ...that turned the cancellation into its own error, caught like any store failure
+            await asyncio.sleep(0.01)
+
+    release = asyncio.Event()
+
+    async def stuck_for_good():
+        while not release.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+    tasks = [asyncio.ensure_future(maintenance_loop()), asyncio.ensure_future(stuck_for_good())]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    left = await stop_tasks(tasks, 1.0)
+    assert tasks[0].done() and left == {tasks[1]}
+    assert time.monotonic() - started < 3.0, "bounded even for a task that never ends"
+    release.set()
+    tasks[1].cancel()
+    await asyncio.wait([tasks[1]], timeout=1)
