@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, RelayError, StoreUnavailable
 from relay.keys import display_prefix, generate_key, hash_key
@@ -44,6 +44,7 @@ HEARTBEAT_EVERY_S = 5.0
 RESERVE_ATTEMPTS = 50
 DEAD_AFTER_S = 30.0          # a process silent this long has crashed; its holds are swept
 MAX_HOLD_AGE_S = 6 * 3600.0  # no request lives this long, whatever its owner says
+DUPLICATE_KEY = 11000         # MongoDB's error code for an _id (or unique index) already taken
 TOMBSTONE_SEQ = -1           # a returned lease: no batch can apply to it
 UNAPPLIED_MARGIN = dt.timedelta(seconds=60)  # wall clocks step back (NTP); a batch's entries are never older
 
@@ -311,13 +312,8 @@ class MongoStore:
         new_amount = amount - spent - returned + extra
         if entries:
             self.round_trips += 1
-            docs = [_ledger_doc(e, lease=rid, lseq=seq) for e in entries]
-            try:
-                await self.ledger.insert_many(docs, ordered=False)
-            except BulkWriteError as exc:
-                if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
-                    raise
-                # Inserted by an attempt whose answer was lost: each entry is there once.
+            # Some may be there from an attempt whose answer was lost.
+            await self._insert_ledger([_ledger_doc(e, lease=rid, lseq=seq) for e in entries])
         inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **_day_counts(entries)}
         flt: dict = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
@@ -339,6 +335,15 @@ class MongoStore:
         if extra and lease.get("seq") == seq and lease.get("amount") == amount:
             return None  # the entries wait, inserted, for this ``seq`` to apply with a smaller ``extra``
         raise LookupError(f"lease {rid} is gone (swept?)")
+
+    async def _insert_ledger(self, docs: list[dict]) -> None:
+        """Insert ledger documents, each exactly once: those already there (same request id,
+        the _id) are skipped, any other failure is raised."""
+        try:
+            await self.ledger.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            if any(err.get("code") != DUPLICATE_KEY for err in exc.details.get("writeErrors", [])):
+                raise
 
     async def discard_unapplied(self, key_hash: str, rid: str, seq: int, since: dt.datetime) -> int:
         """Delete ledger entries of lease ``rid``'s batches from ``seq`` on, which were never
@@ -363,15 +368,7 @@ class MongoStore:
         moved = 0
         for doc in await self.keys.find(flt, {"pending": 1}).to_list(length=None):
             entries = doc["pending"]
-            try:
-                await self.ledger.insert_many(entries, ordered=False)
-            except (BulkWriteError, DuplicateKeyError):
-                # Some were inserted by a flush that crashed before its pull: one of each stays.
-                for e in entries:
-                    try:
-                        await self.ledger.insert_one(e)
-                    except DuplicateKeyError:
-                        pass
+            await self._insert_ledger(entries)  # some may be there from a flush that crashed before its pull
             await self.keys.update_one({"_id": doc["_id"]},
                                        {"$pull": {"pending": {"_id": {"$in": [e["_id"] for e in entries]}}}})
             moved += len(entries)
