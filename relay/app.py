@@ -165,13 +165,11 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
     def settled(entry) -> None:
         recorder.on_settled(router.pool.config, entry.model, entry.prompt_tokens, entry.completion_tokens, entry.cost)
 
-    book = None
-    if config.quota.leases:
-        book = LeaseBook(store)
-        book.on_store_wait = recorder.on_quota_store_wait
+    book = LeaseBook(store) if config.quota.leases else None
     charger = Charger(store, settled, SettlementQueue(store, journal_path), book)
-    if book is None:
-        charger.on_store_wait = recorder.on_quota_store_wait
+    for waits in (charger, book):  # each reports the reservations it sends to the store
+        if waits is not None:
+            waits.on_store_wait = recorder.on_quota_store_wait
     return Services(router=router, auth=Authenticator(store), transport=transport, store=store, charger=charger,
                     reloader=Reloader(config_path, router, on_result=recorder.on_reload),
                     checker=HealthChecker(router), trusted_proxies=trusted_proxies, admin_token=admin_token)

@@ -128,9 +128,9 @@ class LeaseBook:
     async def _top_up(self, key_hash: str, w: Wallet, full: int) -> None:
         try:
             async with w.lock:
-                want = w.target(full) - w.available
-                if self.wallets.get(key_hash) is w and w.available < w.target(full) // 2 and want > 0:
-                    if await self._commit(key_hash, w, extra=want) is None:
+                target = w.target(full)
+                if self.wallets.get(key_hash) is w and w.available < target // 2:
+                    if await self._commit(key_hash, w, extra=target - w.available) is None:
                         # Not that much left: requests grow it by what they need, as they come.
                         w.top_up_after = self.clock() + EXHAUSTED_RECHECK_S
         except Exception as exc:
@@ -181,8 +181,8 @@ class LeaseBook:
         same entries and amounts, before anything new is sent: the store can tell whether a
         batch applied, not what it held."""
         if w.inflight is not None:
-            if await self._send(key_hash, w, *w.inflight) is None and key_hash not in self.wallets:
-                return None
+            if await self._send(key_hash, w, *w.inflight) is None and self.wallets.get(key_hash) is not w:
+                return None  # swept
         # Handing back a slice that ended overdrawn charges the overdraft to the balance.
         returned = w.available if return_rest else 0
         return await self._send(key_hash, w, list(w.batch), returned, extra, self.store.clock())
