@@ -33,6 +33,28 @@ def store(io_loop):
     return mock_store()
 
 
+class Processes:
+    """A relay process on the key (``store``, ``book``) and another that sweeps, on one clock."""
+
+    def __init__(self, instance_id: str):
+        self.now = [dt.datetime(2026, 1, 1)]
+        client = mock_store().client
+        self.store = MongoStore(client, instance_id=instance_id, clock=lambda: self.now[0])
+        self.sweeper = MongoStore(client, instance_id="p_other", clock=lambda: self.now[0])
+        self.book = LeaseBook(self.store)
+
+    async def start(self, quota: int) -> "Processes":
+        await add_key(self.store, quota=quota)
+        await self.store.heartbeat()
+        return self
+
+    async def sweep_after(self, seconds: float) -> int:
+        """``seconds`` later (the first process silent all along), the other one sweeps."""
+        self.now[0] += dt.timedelta(seconds=seconds)
+        await self.sweeper.heartbeat()
+        return await self.sweeper.sweep()
+
+
 async def test_a_hundred_requests_cost_a_handful_of_store_operations(store):
     await add_key(store, quota=1_000_000)
     book = LeaseBook(store)
@@ -123,25 +145,16 @@ async def test_a_batch_whose_answer_was_lost_is_repeated_exactly(store):
 async def test_entries_of_a_batch_that_never_applied_leave_the_ledger_with_the_lease(io_loop):
     """kill -9 between a batch's insert and its charge: the sweeper returns the slice and
     deletes the entries nobody paid for, so the ledger says exactly what was charged."""
-    now = [dt.datetime(2026, 1, 1)]
-    client = mock_store().client
-    store = MongoStore(client, instance_id="p_dies", clock=lambda: now[0])
-    sweeper = MongoStore(client, instance_id="p_other", clock=lambda: now[0])
-    await add_key(store, quota=100_000)
-    await store.heartbeat()
-    book = LeaseBook(store)
+    p = await Processes("p_dies").start(quota=100_000)
+    store, book = p.store, p.book
     await spend(book, "paid", 160, 560, 400)
     await book.commit_all()
     await spend(book, "unpaid", 160, 560, 300)
-
-    async def dies_after_the_insert(key_hash, entries):
-        await store.ledger.insert_many([mongo._ledger_doc(e, lease=w.rid, lseq=w.seq) for e in entries])
     w = book.wallets[H]
-    await dies_after_the_insert(H, list(w.batch))
+    # The commit's insert lands; the process dies before the charge.
+    await store.ledger.insert_many([mongo._ledger_doc(e, lease=w.rid, lseq=w.seq) for e in w.batch])
     assert await store.ledger_total(H) == 700, "the insert landed, the charge did not"
-    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
-    await sweeper.heartbeat()
-    assert await sweeper.sweep() == 1
+    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
     assert await store.ledger_total(H) == 400
     doc = await store.key_doc(H)
     assert (doc["used"], doc["balance"], doc["reserved"]) == (400, 99_600, 0)
@@ -151,45 +164,29 @@ async def test_entries_of_a_batch_that_never_applied_leave_the_ledger_with_the_l
 async def test_a_stalled_process_takes_its_late_batch_back_out_of_the_ledger(io_loop):
     """Looked dead, was swept, woke up and sent its batch: the insert lands, the charge finds
     no lease, and the process deletes what it inserted (the sweeper would, on its next pass)."""
-    now = [dt.datetime(2026, 1, 1)]
-    client = mock_store().client
-    store = MongoStore(client, instance_id="p_sleepy", clock=lambda: now[0])
-    sweeper = MongoStore(client, instance_id="p_other", clock=lambda: now[0])
-    await add_key(store, quota=100_000)
-    await store.heartbeat()
-    book = LeaseBook(store)
+    p = await Processes("p_sleepy").start(quota=100_000)
+    store, book = p.store, p.book
     await spend(book, "first", 160, 560, 400)
     await book.commit_all()
     await spend(book, "late", 160, 560, 300)
-    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
-    await sweeper.heartbeat()
-    assert await sweeper.sweep() == 1
+    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
     await book.commit_all()
     assert H not in book.wallets
     assert await store.ledger.count_documents({"_id": "late"}) == 0
     await assert_conserved(store)
     tomb = next(iter((await store.key_doc(H))["leases"].values()))
     assert tomb["seq"] == mongo.TOMBSTONE_SEQ and tomb["amount"] == 0
-    now[0] += dt.timedelta(seconds=mongo.MAX_HOLD_AGE_S + 1)
-    await sweeper.heartbeat()
-    await sweeper.sweep()
+    await p.sweep_after(mongo.MAX_HOLD_AGE_S + 1)
     assert not (await store.key_doc(H))["leases"], "the tombstone goes once no late batch can come"
 
 
 async def test_a_swept_slice_is_replaced_and_nothing_is_lost(io_loop):
-    now = [dt.datetime(2026, 1, 1)]
-    client = mock_store().client
-    store = MongoStore(client, instance_id="p_sleepy", clock=lambda: now[0])
-    sweeper = MongoStore(client, instance_id="p_other", clock=lambda: now[0])
-    await add_key(store, quota=100_000)
-    await store.heartbeat()
-    book = LeaseBook(store)
+    p = await Processes("p_sleepy").start(quota=100_000)
+    store, book = p.store, p.book
     await spend(book, "before", 160, 560, 560)
     await book.commit_all()
     await spend(book, "lost", 160, 560, 560)  # settled here, not committed when the slice goes
-    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
-    await sweeper.heartbeat()
-    assert await sweeper.sweep() == 1
+    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
     await book.commit_all()  # finds its slice gone: the uncommitted request goes unbilled
     assert H not in book.wallets
     await store.heartbeat()
@@ -283,18 +280,11 @@ async def test_the_slice_is_topped_up_before_it_runs_dry(store):
 
 
 async def test_a_request_that_finds_its_slice_swept_gets_a_new_one(io_loop):
-    now = [dt.datetime(2026, 1, 1)]
-    client = mock_store().client
-    store = MongoStore(client, instance_id="p_sleepy", clock=lambda: now[0])
-    sweeper = MongoStore(client, instance_id="p_other", clock=lambda: now[0])
-    await add_key(store, quota=100_000)
-    await store.heartbeat()
-    book = LeaseBook(store)
+    p = await Processes("p_sleepy").start(quota=100_000)
+    store, book = p.store, p.book
     await spend(book, "first", 100, 100, 100)
     await book.commit_all()
-    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
-    await sweeper.heartbeat()
-    assert await sweeper.sweep() == 1
+    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
     await store.heartbeat()
     real, calls = store.commit_lease, []
 
