@@ -14,6 +14,7 @@ from relay.auth import Authenticator, FailedAuthThrottle
 from relay.balancer.pool import Pool
 from relay.charging import Charger
 from relay.config import Config
+from relay.errors import StoreUnavailable
 from relay.handlers import admin, billing, openai_api, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler
 from relay.observability import recorder
@@ -63,10 +64,12 @@ class Services:
     async def _commit_leases(self) -> None:
         while True:
             await asyncio.sleep(COMMIT_EVERY_S)
+            if not self.store.breaker.up:
+                continue  # batches wait in memory; the store's probe says when it is back
             try:
                 await self.charger.book.commit_all()
-            except Exception:
-                log.exception("lease commit failed; retrying")
+            except Exception as exc:
+                _background_failure("lease commit", exc)
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -80,14 +83,14 @@ class Services:
         store = self.store
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
-            if not store.dirty:
+            if not store.dirty or not store.breaker.up:
                 continue
             keys, store.dirty = store.dirty, set()
             try:
                 await store.flush_ledger(keys)
-            except Exception:
+            except Exception as exc:
                 store.dirty |= keys
-                log.exception("ledger flush failed; retrying")
+                _background_failure("ledger flush", exc)
 
     async def _maintain(self) -> None:
         since_sweep = SWEEP_EVERY_S
@@ -97,8 +100,8 @@ class Services:
                 if since_sweep >= SWEEP_EVERY_S:
                     since_sweep = 0.0
                     await self.store.sweep()
-            except Exception:
-                log.exception("store maintenance failed; retrying")
+            except Exception as exc:
+                _background_failure("store maintenance", exc)
             await asyncio.sleep(HEARTBEAT_EVERY_S)
             since_sweep += HEARTBEAT_EVERY_S
 
@@ -120,6 +123,7 @@ class Services:
         except Exception:
             log.exception("final store writes failed; the journal and the sweeper cover them")
         await self.transport.close()
+        await self.store.close()
 
     async def _final_writes(self) -> None:
         if self.charger.book is not None:
@@ -128,6 +132,13 @@ class Services:
             await self.charger.queue.drain()
         self.store.dirty.clear()
         await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done
+
+
+def _background_failure(job: str, exc: Exception) -> None:
+    """A background job failed; it runs again on its interval. An unreachable store was logged
+    once, when it was found so: not again every 100 ms."""
+    if not isinstance(exc, StoreUnavailable):
+        log.error("%s failed; retrying", job, exc_info=exc)
 
 
 async def stop_tasks(tasks: list[asyncio.Task], timeout_s: float) -> set[asyncio.Task]:
@@ -160,6 +171,7 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
     router = Router(Pool.from_config(config), transport, rng)
     router.events = recorder.RouterEvents()
     store.observe = recorder.on_store_op
+    store.on_unreachable = recorder.on_store_unreachable
     recorder.on_start()
 
     def settled(entry) -> None:
@@ -170,6 +182,8 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
     for waits in (charger, book):  # each reports the reservations it sends to the store
         if waits is not None:
             waits.on_store_wait = recorder.on_quota_store_wait
+    if book is not None:
+        book.on_unbillable = recorder.on_unbillable
     return Services(router=router, auth=Authenticator(store), transport=transport, store=store, charger=charger,
                     reloader=Reloader(config_path, router, on_result=recorder.on_reload),
                     checker=HealthChecker(router), trusted_proxies=trusted_proxies, admin_token=admin_token)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from relay.config import Price
 from relay.errors import RelayError, StoreUnavailable
+from relay.metering.bounds import MAX_TOKENS, clamp_tokens
 from relay.metering.pricing import cost
 from relay.metering.quote import Quote
 from relay.lease import LeaseBook
@@ -67,6 +68,10 @@ class Charger:
         if charge.ended:
             return
         charge.ended = True
+        if not (0 <= prompt_tokens <= MAX_TOKENS and 0 <= completion_tokens <= MAX_TOKENS):
+            log.warning("usage of %s out of range (%d prompt, %d completion tokens): clamped", charge.request_id,
+                        prompt_tokens, completion_tokens)
+            prompt_tokens, completion_tokens = clamp_tokens(prompt_tokens), clamp_tokens(completion_tokens)
         charge.cost = cost(price, prompt_tokens, completion_tokens)
         entry = LedgerEntry(
             request_id=charge.request_id, key_hash=charge.key_hash, model=model, upstream=upstream,
@@ -86,6 +91,18 @@ class Charger:
         except Exception as exc:
             log.error("settlement of %s failed (%s); queued for retry", charge.request_id, type(exc).__name__)
             self.queue.put_settle(entry, charge.held)
+
+    def busy(self) -> bool:
+        """Reservations or settlements are still on their way (in memory or queued)."""
+        return bool(self.queue) or (self.book is not None and self.book.busy())
+
+    async def write_all(self) -> None:
+        """Everything settled so far reaches the store now: batches committed, slices handed
+        back (they are taken again on demand), queued settlements applied."""
+        if self.book is not None:
+            await self.book.commit_all(hand_back=True)
+        if self.queue:
+            await self.queue.drain()
 
     async def refund(self, charge: Charge) -> None:
         if charge.ended:

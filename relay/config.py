@@ -87,8 +87,9 @@ class Quota:
     # Completion allowance reserved when a request does not set max_tokens.
     default_max_tokens: int = 1024
     # Each process spends a leased slice of a key's balance locally, committing in groups
-    # (relay/lease.py), so requests wait for no store round trip. Read at start-up.
-    leases: bool = False
+    # (relay/lease.py), so requests wait for no store round trip. Read at start-up. False:
+    # one reservation and one settlement in the store per request.
+    leases: bool = True
 
 
 @dataclass(frozen=True)

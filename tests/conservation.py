@@ -34,14 +34,22 @@ async def conserved_now(store: MongoStore, settled: bool) -> list[dict]:
     return docs
 
 
-async def settled(store: MongoStore, timeout: float = 10.0) -> None:
+async def settled(store: MongoStore, services=None, timeout: float = 10.0) -> None:
     """Wait until no key holds a reservation or an unflushed ledger entry.
 
     Settlement runs after the response is sent, and the flusher moves entries shortly after.
+    With ``services`` (a relay in this process), also until its requests have settled in
+    memory; then what they owe is written (leases: committed, slices handed back), so that
+    the store reads as if each request had been charged on its own.
     """
     import asyncio
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    if services is not None:
+        while services.charger.busy():
+            assert loop.time() < deadline, "requests still hold units"
+            await asyncio.sleep(0.02)
+        await services.charger.write_all()
     busy = {"$or": [{"holds.0": {"$exists": True}}, {"pending.0": {"$exists": True}}]}
     while await store.keys.count_documents(busy):
         assert loop.time() < deadline, "reservations still held"

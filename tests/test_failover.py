@@ -40,7 +40,7 @@ def two(io_loop):
     store = mock_store()
     io_loop.run_sync(lambda: add_key(store))
     url, server, services = io_loop.run_sync(lambda: serve(pool_config(primary, backup), store, admin_token=ADMIN))
-    yield primary, backup, url, store
+    yield primary, backup, url, store, services
     server.stop()
     io_loop.run_sync(services.close)
     primary.stop()
@@ -57,7 +57,7 @@ async def chat(c, url, stream=False, **extra):
 
 
 async def test_backup_serves_while_primary_is_down_and_traffic_returns(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     await primary.go_down()
     codes = [(await chat(c, url, stream=i % 2 == 0)).code for i in range(20)]
@@ -70,13 +70,13 @@ async def test_backup_serves_while_primary_is_down_and_traffic_returns(two):
     assert (await chat(c, url)).code == 200
     assert primary.count() == before + 1, "traffic is back on the primary tier within two health intervals"
     assert time.monotonic() - back_at < 2 * INTERVAL + 0.5
-    await settled(store)
+    await settled(store, services)
     await assert_conserved(store)
     c.close()
 
 
 async def test_revoked_key_is_dropped_after_one_failure_and_comes_back(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.keys = {"sk-p2"}  # sk-p1 is revoked upstream
     codes = [(await chat(c, url)).code for _ in range(20)]
@@ -93,7 +93,7 @@ async def test_revoked_key_is_dropped_after_one_failure_and_comes_back(two):
 
 
 async def test_429_rests_that_key_for_retry_after(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.behaviour.key_status = {"sk-p1": 429}
     primary.state.behaviour.retry_after = 2
@@ -113,7 +113,7 @@ async def test_429_rests_that_key_for_retry_after(two):
 
 
 async def test_stall_mid_stream_ends_within_the_idle_timeout_and_charges_what_arrived(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.behaviour.stall_after_chunks = 3
     t0 = time.monotonic()
@@ -124,17 +124,17 @@ async def test_stall_mid_stream_ends_within_the_idle_timeout_and_charges_what_ar
     content = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in resp.body.split(b"\n\n")
                if e.startswith(b"data: {")]
     assert "".join(x for x in content if x) == "Hello from the"
-    await settled(store)
+    await settled(store, services)
     [e] = await store.ledger.find({}).to_list(None)
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 3, 8 * 20 + 3 * 40)
     assert (await chat(c, url)).code == 200  # relay keeps serving
-    await settled(store)
+    await settled(store, services)
     await assert_conserved(store)
     c.close()
 
 
 async def test_hang_before_first_byte_fails_over_and_no_request_waits_forever(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.behaviour.first_byte_delay = 5
     t0 = time.monotonic()
@@ -146,13 +146,13 @@ async def test_hang_before_first_byte_fails_over_and_no_request_waits_forever(tw
     resp = await chat(c, url)
     assert resp.code == 504 and json.loads(resp.body)["error"]["code"] == "upstream_timeout"
     assert time.monotonic() - t0 < 4
-    await settled(store)
+    await settled(store, services)
     await assert_conserved(store)
     c.close()
 
 
 async def test_no_retry_after_the_first_byte(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.behaviour.truncate_after_chunks = 2
     primary.state.behaviour.chunk_delay = 0.01
@@ -163,7 +163,7 @@ async def test_no_retry_after_the_first_byte(two):
 
 
 async def test_retries_stay_within_the_budget_in_a_total_outage(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.behaviour.status = 500
     backup.state.behaviour.status = 500
@@ -172,13 +172,13 @@ async def test_retries_stay_within_the_budget_in_a_total_outage(two):
     assert set(codes) == {502}
     attempts = primary.count() + backup.count()
     assert n <= attempts <= n + max(3, int(0.2 * n)), attempts
-    await settled(store)
+    await settled(store, services)
     await assert_conserved(store)
     c.close()
 
 
 async def test_client_errors_are_not_retried(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.behaviour.status = 400
     assert (await chat(c, url)).code == 400
@@ -187,7 +187,7 @@ async def test_client_errors_are_not_retried(two):
 
 
 async def test_admin_upstreams_shows_states_with_masked_keys_and_readyz(two):
-    primary, backup, url, store = two
+    primary, backup, url, store, services = two
     c = client()
     primary.state.keys = {"sk-p2"}
     await chat(c, url)
@@ -296,7 +296,7 @@ model_map: {{gpt-3.5-turbo: gpt-4}}
     write_atomically(path, first)
     resp = await c.fetch(url + "/admin/reload", method="POST", body=b"", headers={"Authorization": f"Bearer {ADMIN}"})
     assert json.loads(resp.body) == {"reloaded": True}
-    await settled(store)
+    await settled(store, services)
     await assert_conserved(store)
     server.stop()
     await services.close()

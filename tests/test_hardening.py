@@ -48,8 +48,9 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     fake = start_fake()
     from relay.app import build_services, make_server, make_app
     from relay.config import parse_config
-    services = build_services(parse_config(one_upstream_config(fake.base_url), {}), store,
-                              journal_path=str(tmp_path / "settlements.journal"))
+    # Per request: the journal is that mode's outage path (with leases: tests/test_store_cut.py).
+    services = build_services(parse_config(one_upstream_config(fake.base_url, extra="quota: {leases: false}"), {}),
+                              store, journal_path=str(tmp_path / "settlements.journal"))
     services.start_maintenance()
     server = make_server(make_app(services))
     relay_port = unused_port()
@@ -81,7 +82,7 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
         await asyncio.sleep(0.1)
     fake.state.behaviour.chunk_delay = 0
     assert (await chat(c, url)).code == 200
-    await settled(direct)
+    await settled(direct, services)
     entries = await direct.ledger.find({}).to_list(None)
     assert len(entries) == 7 and len({e["_id"] for e in entries}) == 7, "each charge exactly once"
     await assert_conserved(direct)
@@ -293,7 +294,7 @@ async def test_a_200_that_is_not_json_is_a_clean_502_and_refunded(broken, io_loo
     for stream in (False, True):
         resp = await chat(c, url, stream=stream)
         assert resp.code == 502 and json.loads(resp.body)["error"]["type"] == "upstream_error"
-    await settled(store)
+    await settled(store, services)
     assert (await store.key_doc(hash_key(TEST_KEY)))["used"] == 0
     await assert_conserved(store)
     server.stop()
@@ -312,7 +313,7 @@ async def test_sse_garbage_is_filtered_and_the_stream_charged_right(io_loop):
     parts = [ch.choices[0].delta.content async for ch in await sdk.chat.completions.create(
         model="gpt-4", messages=HI, stream=True) if ch.choices and ch.choices[0].delta.content]
     assert "".join(parts) == "Hello from the fake upstream, relay says hi!"
-    await settled(store)
+    await settled(store, services)
     [e] = await store.ledger.find({}).to_list(None)
     assert (e["completion_tokens"], e["cost"]) == (10, 560)
     await sdk.close()
@@ -351,7 +352,7 @@ async def test_no_key_or_content_anywhere_after_a_mixed_workload(caplog, io_loop
     for path in ("/admin/keys", f"/admin/keys/{TEST_KEY}", "/admin/upstreams"):
         bodies.append((await c.fetch(url + path, headers={"Authorization": f"Bearer {admin}"})).body)
     bodies.append((await c.fetch(url + "/metrics")).body)
-    await settled(store)
+    await settled(store, services)
     docs = []
     for name in ("keys", "ledger", "grants", "processes"):
         docs += await store.db[name].find({}).to_list(None)

@@ -39,7 +39,7 @@ async def test_leases_conserve_under_concurrency_on_the_embedded_store(embedded,
     assert store.round_trips - before < 50, "far fewer store operations than requests"
     server.stop()
     await services.close()
-    await settled(store)
+    await settled(store, services)
     doc = await store.key_doc(hash_key(TEST_KEY))
     assert (doc["balance"], doc["used"], doc["reserved"]) == (0, COST * 50, 0)
     await assert_conserved(store)
@@ -129,7 +129,7 @@ async def test_store_outage_with_leases_keeps_known_keys_served_and_loses_nothin
         await asyncio.sleep(0.1)
     server.stop()
     await services.close()
-    await settled(direct)
+    await settled(direct, services)
     doc = await direct.key_doc(hash_key(TEST_KEY))
     assert doc["used"] == 7 * COST and doc["reserved"] == 0
     assert await direct.ledger.count_documents({}) == 7
@@ -151,10 +151,12 @@ async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded,
     store = await open_store(uri)
     await add_key(store, quota=100_000)
     h = hash_key(TEST_KEY)
-    now = [mongo.utc_now()]
-    dying = MongoStore(store.client, store.db.name, instance_id="p_dying", clock=lambda: now[0])
-    sweeper = MongoStore(store.client, store.db.name, instance_id="p_sweeper", clock=lambda: now[0])
+    now, elapsed = [mongo.utc_now()], [0.0]
+    clocks = {"clock": lambda: now[0], "monotonic": lambda: elapsed[0]}
+    dying = MongoStore(store.client, store.db.name, instance_id="p_dying", **clocks)
+    sweeper = MongoStore(store.client, store.db.name, instance_id="p_sweeper", **clocks)
     await dying.heartbeat()
+    await sweeper.sweep()  # it has seen the other one beat
 
     def entry(rid, cost):
         return LedgerEntry(rid, h, "gpt-4", "p", 8, 10, cost, 200, 1.0, 1.0, False, now[0])
@@ -167,6 +169,7 @@ async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded,
     await store.ledger.insert_one(mongo._ledger_doc(entry("c", 400), lease="lease-d", lseq=1))
     assert await store.ledger_total(h) == 900
     now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
+    elapsed[0] += mongo.DEAD_AFTER_S + 1
     await sweeper.heartbeat()
     assert await sweeper.sweep() == 1
     doc = await store.key_doc(h)

@@ -84,7 +84,7 @@ async def test_sdk_embeds_and_lists_models(base_url, fake):
 
 async def test_healthz(http_server_client):
     resp = await http_server_client.fetch("/healthz")
-    assert json.loads(resp.body) == {"status": "ok"}
+    assert json.loads(resp.body) == {"status": "ok", "store": "up", "store_down_s": 0.0}
 
 
 async def test_any_host_header_is_served(http_server_client, auth):

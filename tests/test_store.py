@@ -98,27 +98,86 @@ async def test_topup_and_status_changes(store):
     await assert_conserved(store)
 
 
+class Clocks:
+    """One wall clock and one elapsed-time clock for several store instances of a test."""
+
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 1, 1, 12, 0, 0)
+        self.elapsed = 0.0
+
+    def store(self, client, instance_id: str, skew_s: float = 0.0) -> MongoStore:
+        return MongoStore(client, instance_id=instance_id, clock=lambda: self.now + dt.timedelta(seconds=skew_s),
+                          monotonic=lambda: self.elapsed)
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+        self.elapsed += seconds
+
+
 async def test_sweeper_returns_holds_of_dead_processes_only(io_loop):
-    now = [dt.datetime(2026, 1, 1, 12, 0, 0)]
+    clocks = Clocks()
     client = mock_store().client
-    crashed = MongoStore(client, instance_id="p_dead", clock=lambda: now[0])
-    alive = MongoStore(client, instance_id="p_alive", clock=lambda: now[0])
+    crashed, alive = clocks.store(client, "p_dead"), clocks.store(client, "p_alive")
     await add_key(crashed, quota=100)
     h = hash_key(TEST_KEY)
     await crashed.heartbeat()
     await alive.heartbeat()
     await crashed.reserve(h, "dead-1", 1, 30)
     await alive.reserve(h, "live-1", 1, 20)
-    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
+    assert await alive.sweep() == 0  # it has seen both beat
+    clocks.advance(mongo.DEAD_AFTER_S + 1)
     await alive.heartbeat()  # only the live process keeps beating
     assert await alive.sweep() == 1
     doc = await alive.key_doc(h)
     assert [x["rid"] for x in doc["holds"]] == ["live-1"] and doc["balance"] == 80
     await assert_conserved(alive, settled=False)
-    now[0] += dt.timedelta(seconds=mongo.MAX_HOLD_AGE_S)
+    clocks.advance(mongo.MAX_HOLD_AGE_S)
     await alive.heartbeat()
     assert await alive.sweep() == 1, "no hold outlives the longest possible request"
     await assert_conserved(alive)
+
+
+async def test_a_host_whose_clock_is_off_is_not_taken_for_dead(io_loop):
+    """Liveness is whether a heartbeat count moves in the sweeper's own time: a host whose
+    wall clock is ten minutes behind keeps its holds while it beats."""
+    clocks = Clocks()
+    client = mock_store().client
+    behind, sweeper = clocks.store(client, "p_behind", skew_s=-600), clocks.store(client, "p_sweeper")
+    await add_key(behind, quota=100)
+    h = hash_key(TEST_KEY)
+    await behind.heartbeat()
+    await behind.reserve(h, "live", 1, 30)
+    for _ in range(10):  # 100 s of both beating
+        clocks.advance(10)
+        await behind.heartbeat()
+        await sweeper.heartbeat()
+        assert await sweeper.sweep() == 0
+    assert [x["rid"] for x in (await sweeper.key_doc(h))["holds"]] == ["live"]
+    await assert_conserved(sweeper, settled=False)
+
+
+async def test_a_settlement_whose_hold_was_swept_is_charged_once(io_loop):
+    """A process cut off from the store for longer than DEAD_AFTER_S: its hold is swept; the
+    settlement it sends when the link returns (from its journal) is charged to the balance,
+    and a repeat of it charges nothing."""
+    clocks = Clocks()
+    client = mock_store().client
+    cut, sweeper = clocks.store(client, "p_cut"), clocks.store(client, "p_sweeper")
+    await add_key(cut, quota=1000)
+    h = hash_key(TEST_KEY)
+    await cut.heartbeat()
+    held = await cut.reserve(h, "r1", 1, 300)
+    held2 = await cut.reserve(h, "r2", 1, 300)
+    await sweeper.sweep()
+    clocks.advance(mongo.DEAD_AFTER_S + 1)
+    assert await sweeper.sweep() == 2
+    assert (await sweeper.key_doc(h))["balance"] == 1000
+    assert await cut.settle(entry("r1", 120), held)
+    assert not await cut.settle(entry("r1", 120), held), "a repeat charges nothing"
+    assert not await cut.refund(h, "r2", held2), "a late refund: the sweeper returned its units already"
+    doc = await cut.key_doc(h)
+    assert (doc["balance"], doc["used"], doc["reserved"], doc["swept"]) == (880, 120, 0, [])
+    await assert_conserved(cut)
 
 
 async def test_ledger_outbox_moves_each_entry_exactly_once(store):

@@ -75,7 +75,7 @@ async def test_concurrent_mixed_requests_on_half_a_budget(uri, client_kind, fake
     results = await asyncio.gather(*(post_chat(c, url, stream=i % 2 == 0, **({"max_tokens": 10} if i % 4 < 2 else {}))
                                      for i in range(100)))
     codes = [r.code for r in results]
-    await settled(store)
+    await settled(store, services)
     assert set(codes) <= {200, 429}, codes
     assert 0 < codes.count(200) <= 50 and codes.count(429) >= 50
     for r in results:
@@ -116,7 +116,7 @@ async def test_failures_disconnects_and_topups_during_traffic(uri, fake, io_loop
     topups = [store.topup(h, 1000) for _ in range(5)]
     normal = [post_chat(c, url, stream=i % 2 == 0) for i in range(20)]
     await asyncio.gather(*hangups, *topups, *normal)
-    await settled(store)
+    await settled(store, services)
     doc = await store.key_doc(h)
     assert doc["granted"] == 10_005_000
     entries = await store.ledger.find({}).to_list(None)
@@ -139,10 +139,14 @@ def _hang_up_after(port: int, events: int) -> None:
             got += s.recv(4096)
 
 
+PER_REQUEST = "quota: {leases: false}"  # the mode where each request reserves in the store (leases: test_lease_wire)
+
+
 async def test_two_relay_processes_share_one_store_exactly(uri, fake, tmp_path, io_loop):
     store = await open_store(uri)
     await add_key(store, quota=COST * 50)
-    relays = [await RelayProcess(one_upstream_config(fake.base_url), tmp_path, "--mongodb-uri", uri).start()
+    relays = [await RelayProcess(one_upstream_config(fake.base_url, extra=PER_REQUEST), tmp_path,
+                                 "--mongodb-uri", uri).start()
               for _ in range(2)]
     c = http()
     results = await asyncio.gather(*(post_chat(c, relays[i % 2].url, stream=i % 3 == 0, max_tokens=10)
@@ -220,7 +224,8 @@ async def test_kill_9_mid_stream_then_restart_returns_every_hold(uri, fake, tmp_
     store = await open_store(uri)
     await add_key(store, quota=1_000_000)
     fake.state.behaviour.chunk_delay = 0.3  # streams stay open for ~3 s
-    relay = await RelayProcess(one_upstream_config(fake.base_url), tmp_path, "--mongodb-uri", uri).start()
+    relay = await RelayProcess(one_upstream_config(fake.base_url, extra=PER_REQUEST), tmp_path,
+                               "--mongodb-uri", uri).start()
     c = http()
     streams = [asyncio.ensure_future(post_chat(c, relay.url, stream=True)) for _ in range(10)]
     h = hash_key(TEST_KEY)
@@ -234,7 +239,8 @@ async def test_kill_9_mid_stream_then_restart_returns_every_hold(uri, fake, tmp_
     await asyncio.gather(*streams, return_exceptions=True)
     assert len((await store.key_doc(h))["holds"]) == 10, "the crash left its reservations behind"
     restarted_at = time.monotonic()
-    relay = await RelayProcess(one_upstream_config(fake.base_url), tmp_path, "--mongodb-uri", uri).start()
+    relay = await RelayProcess(one_upstream_config(fake.base_url, extra=PER_REQUEST), tmp_path,
+                               "--mongodb-uri", uri).start()
     await settled(store, timeout=60)
     assert time.monotonic() - restarted_at <= 60
     await assert_conserved(store)

@@ -38,7 +38,7 @@ def page_env(io_loop):
     store = mock_store()
     io_loop.run_sync(lambda: add_key(store, quota=2_000_000))
     url, server, services = io_loop.run_sync(lambda: serve(site_config(fake), store, admin_token=ADMIN))
-    yield url, store
+    yield url, store, services
     server.stop()
     io_loop.run_sync(services.close)
     fake.stop()
@@ -52,13 +52,13 @@ async def browser():
     return pw, b
 
 
-async def make_traffic(url, store):
+async def make_traffic(url, store, services):
     c = AsyncHTTPClient()
     for model, stream in (("gpt-4", False), ("gpt-4", True), ("gpt-3.5-turbo", False), ("gpt-3.5-turbo", True)):
         body = json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Hi"}]})
         await c.fetch(url + "/v1/chat/completions", method="POST", body=body,
                       headers={"Authorization": f"Bearer {TEST_KEY}"})
-    await settled(store)
+    await settled(store, services)
     # Usage on earlier days, as the settlement would have counted it then.
     earlier = {(dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=d)).isoformat(): cost
                for d, cost in ((3, 1200), (10, 45))}
@@ -77,8 +77,8 @@ def number(text: str) -> int:
 
 
 async def test_page_shows_what_the_billing_api_says(page_env):
-    url, store = page_env
-    await make_traffic(url, store)
+    url, store, services = page_env
+    await make_traffic(url, store, services)
     today = dt.datetime.now(dt.timezone.utc).date()
     sub = await api(url, "/v1/dashboard/billing/subscription")
     usage = await api(url, f"/v1/dashboard/billing/usage?start_date={today - dt.timedelta(days=40)}"
@@ -136,7 +136,7 @@ async def test_page_shows_what_the_billing_api_says(page_env):
 
 
 async def test_wrong_key_shows_a_clear_message(page_env):
-    url, store = page_env
+    url, store, services = page_env
     pw, b = await browser()
     try:
         page = await b.new_page(locale="zh-CN")
@@ -152,7 +152,7 @@ async def test_wrong_key_shows_a_clear_message(page_env):
 
 
 async def test_page_headers_and_no_inline_script(page_env):
-    url, store = page_env
+    url, store, services = page_env
     c = AsyncHTTPClient()
     resp = await c.fetch(url + "/usage")
     csp = resp.headers["Content-Security-Policy"]
@@ -192,7 +192,7 @@ run().catch(e => { document.getElementById("json").textContent = "ERROR " + e; }
 
 
 async def test_a_page_from_another_origin_can_call_relay(page_env):
-    url, store = page_env
+    url, store, services = page_env
     html = CROSS_ORIGIN_PAGE % (url, TEST_KEY)
 
     class Page(tornado.web.RequestHandler):

@@ -10,7 +10,10 @@ from typing import Any
 
 import tornado.web
 
-from relay.errors import InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFound, RelayError, TooManyFailedAttempts
+from pymongo.errors import PyMongoError
+
+from relay.errors import (InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFound, RelayError, StoreUnavailable,
+                          TooManyFailedAttempts)
 from relay.net import client_address
 from relay.redact import redact_path
 from relay.observability.access_log import flag_for
@@ -119,6 +122,8 @@ class RelayHandler(tornado.web.RequestHandler):
 def _as_relay_error(status: int, exc: BaseException | None) -> RelayError:
     if isinstance(exc, RelayError):
         return exc
+    if isinstance(exc, PyMongoError):  # a store call outside the store's own guard
+        return StoreUnavailable("The store is unavailable; retry shortly.")
     if status == 405:
         return MethodNotAllowed("This method is not allowed on this URL.")
     if status == 404:
@@ -158,12 +163,14 @@ class NotFoundHandler(RelayHandler):
 
 
 class HealthzHandler(RelayHandler):
-    """The process is alive."""
+    """The process is alive (it recovers from a lost store by itself: 200 all the same)."""
 
     route = "health"
 
     def get(self) -> None:
-        self.write_json({"status": "ok"})
+        store = self.services.store.breaker
+        self.write_json({"status": "ok", "store": "up" if store.up else "down",
+                         "store_down_s": round(store.down_for(), 1)})
 
 
 class ReadyzHandler(RelayHandler):

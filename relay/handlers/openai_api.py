@@ -10,6 +10,7 @@ from tornado.iostream import StreamClosedError
 from relay.balancer.pool import Endpoint
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
+from relay.metering.bounds import MAX_TOKENS
 from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding
 from relay.metering.tokens import count_text
 from relay.observability.recorder import on_upstream_done
@@ -281,12 +282,10 @@ def _validate_chat(body: dict) -> None:
                                  param=f"messages[{i}].content")
     _typed(body, "stream", bool)
     _typed(body, "stream_options", dict)
-    for name, most in (("max_tokens", None), ("max_completion_tokens", None), ("n", 128)):
+    for name, most in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("n", 128)):
         value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1
-                                  or (most is not None and value > most)):
-            limit = f" and <= {most}" if most else ""
-            raise InvalidRequest(f"'{name}' must be a whole number >= 1{limit}.", param=name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most):
+            raise InvalidRequest(f"'{name}' must be a whole number >= 1 and <= {most}.", param=name)
 
 
 def _typed(body: dict, name: str, kind: type) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from relay.config import Config, Price
 from relay.errors import InvalidRequest
+from relay.metering.bounds import MAX_UNITS
 from relay.metering.pricing import cost
 from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_text, content_text
 
@@ -45,8 +46,10 @@ def quote_embedding(config: Config, model: str, body: dict) -> Quote:
 
 
 def _quote(model: str, price: Price, prompt: int, allowance: int) -> Quote:
-    return Quote(model, price, prompt, allowance, minimum=ceil(Fraction(price.input) * prompt),
-                 full=cost(price, prompt, allowance))
+    """Units are capped at ``MAX_UNITS``: no balance holds more, so a larger reservation could
+    only ever hold what is left, and the cap keeps every amount stored a 64-bit integer."""
+    return Quote(model, price, prompt, allowance, minimum=min(ceil(Fraction(price.input) * prompt), MAX_UNITS),
+                 full=min(cost(price, prompt, allowance), MAX_UNITS))
 
 
 def completion_tokens_of_reply(reply: Any) -> int:

@@ -54,6 +54,11 @@ QUOTA_REJECTIONS = Counter("relay_quota_rejections", "Requests refused with insu
 STORE_SECONDS = Histogram("relay_store_operation_seconds", "Store operation latency.", ["op"],
                           buckets=STORE_BUCKETS)
 STORE_ERRORS = Counter("relay_store_errors", "Store operations that failed.", ["op"])
+QUOTA_UNBILLABLE = Counter("relay_quota_unbillable_requests", "Requests served that could not be billed, by reason "
+                           "(commit_refused: the store refused a group commit; lease_forgotten: a process came "
+                           "back after its swept lease's tombstone was cleared). Should stay 0.", ["reason"])
+STORE_UP = Gauge("relay_store_up", "1 while the store answers this process, 0 while it is unreachable.",
+                 multiprocess_mode="livemin")
 QUOTA_STORE_WAITS = Counter("relay_quota_store_waits", "Requests whose reservation waited for a store round trip "
                             "(without leases: every request; with leases: a slice that could not cover one).")
 CONFIG_RELOADS = Counter("relay_config_reloads", "Config reloads by result (ok, unchanged, invalid).",

@@ -67,12 +67,21 @@ def on_store_op(op: str, seconds: float, ok: bool) -> None:
         _child(m.STORE_ERRORS, op).inc()
 
 
+def on_unbillable(reason: str, requests: int) -> None:
+    _child(m.QUOTA_UNBILLABLE, reason).inc(requests)
+
+
+def on_store_unreachable(down: bool) -> None:
+    m.STORE_UP.set(0 if down else 1)
+
+
 def on_quota_store_wait() -> None:
     m.QUOTA_STORE_WAITS.inc()
 
 
 def on_start() -> None:
     m.CONFIG_RELOAD_OK.set(1)  # the file relay started with was valid
+    m.STORE_UP.set(1)
 
 
 def on_reload(result) -> None:
