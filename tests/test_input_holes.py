@@ -1,0 +1,190 @@
+"""Holes an attacker's trial found: odd Retry-After values, deep JSON, forged access lines,
+admin token guessing, credentials in base_url. Each test talks to relay over real sockets."""
+import json
+import time
+from email.utils import formatdate
+
+import pytest
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient
+
+from relay.app import build_services, make_app, make_server
+from relay.config import parse_config
+from relay.proxy.router import retry_after_seconds
+
+from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, start_fake, unused_port
+
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+CHAT_BODY = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# --- plumbing ----------------------------------------------------------------------------
+
+class OddUpstream:
+    """An upstream that answers everything with one canned status and headers."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes = b"{}"):
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(tornado.web.RequestHandler):
+            def _answer(self, *_):
+                outer.hits.append(f"{self.request.method} {self.request.path}")
+                self.set_status(status)
+                for name, value in headers.items():
+                    self.set_header(name, value)
+                self.set_header("Content-Type", "application/json")
+                self.finish(body)
+
+            get = post = _answer
+
+        sock, self.port = tornado.testing.bind_unused_port()
+        self.server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/.*", Handler)]))
+        self.server.add_socket(sock)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def posts(self) -> int:
+        return sum(1 for h in self.hits if h.startswith("POST"))
+
+
+def rate_limited(retry_after: str) -> OddUpstream:
+    body = json.dumps({"error": {"message": "Rate limit reached", "type": "requests", "param": None,
+                                 "code": "rate_limit_exceeded"}}).encode()
+    return OddUpstream(429, {"Retry-After": retry_after}, body)
+
+
+def two_tiers(first_url: str, second_url: str) -> str:
+    """The first upstream is tried first; the second is the backup tier."""
+    return f"""
+upstreams:
+  - {{name: first, base_url: "{first_url}", keys: [sk-first-0001], priority: 0}}
+  - {{name: second, base_url: "{second_url}", keys: [sk-second-0001], priority: 1}}
+{PRICING}
+"""
+
+
+class Relay:
+    """relay on its own port, without background jobs: no health probe races a test's request."""
+
+    def __init__(self, config_text: str, store, admin_token: str | None = "", trusted_proxies=(), config=None):
+        config = config or parse_config(config_text, {})
+        self.services = build_services(config, store, trusted_proxies=trusted_proxies, admin_token=admin_token)
+        port = unused_port()
+        self.server = make_server(make_app(self.services))
+        self.server.listen(port, "127.0.0.1")
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def fetch(self, path: str, body=None, headers=None, method=None):
+        data = body if body is None or isinstance(body, (bytes, str)) else json.dumps(body)
+        return await AsyncHTTPClient().fetch(self.url + path, method=method or ("GET" if data is None else "POST"),
+                                             body=data, headers=headers, raise_error=False,
+                                             request_timeout=30)
+
+    def endpoint(self, upstream: str):
+        return next(e for e in self.services.router.pool.endpoints if e.upstream.name == upstream)
+
+    def state(self, upstream: str):
+        router = self.services.router
+        return self.endpoint(upstream).state(router.pool.config, router.clock())
+
+    async def close(self) -> None:
+        self.server.stop()
+        await self.services.close()
+
+
+async def funded_store():
+    store = mock_store()
+    await add_key(store)
+    return store
+
+
+def assert_openai_error(resp, status, code=None):
+    assert resp.code == status, resp.body
+    err = json.loads(resp.body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+# --- 1. Retry-After from an upstream -------------------------------------------------------
+
+@pytest.mark.parametrize("retry_after,cooldown", [
+    ("inf", 10), ("nan", 10), ("-5", 10), ("1e309", 10), ("soon", 10),  # unusable: the default cooldown
+    pytest.param("9" * 400, 300, id="huge"),                            # capped at max_cooldown_s
+    ("30", 30),
+])
+async def test_a_429_with_any_retry_after_cools_the_key_and_fails_over(io_loop, retry_after, cooldown):
+    fake, limited = start_fake(), rate_limited(retry_after)
+    relay = Relay(two_tiers(limited.base_url, fake.base_url), await funded_store())
+    try:
+        resp = await relay.fetch("/v1/chat/completions", CHAT_BODY, AUTH)
+        assert resp.code == 200, resp.body
+        assert limited.posts == 1 and fake.count() == 1, "tried the rate-limited key, then failed over"
+        st = relay.state("first")
+        assert st.state == "cooling"
+        assert st.until - relay.services.router.clock() == pytest.approx(cooldown, abs=2)
+    finally:
+        await relay.close()
+        fake.stop()
+        limited.server.stop()
+
+
+async def test_a_429_with_an_http_date_retry_after_cools_until_that_date(io_loop):
+    fake, limited = start_fake(), rate_limited(formatdate(time.time() + 120, usegmt=True))
+    relay = Relay(two_tiers(limited.base_url, fake.base_url), await funded_store())
+    try:
+        assert (await relay.fetch("/v1/chat/completions", CHAT_BODY, AUTH)).code == 200
+        st = relay.state("first")
+        assert st.state == "cooling" and st.until - relay.services.router.clock() == pytest.approx(120, abs=3)
+    finally:
+        await relay.close()
+        fake.stop()
+        limited.server.stop()
+
+
+@pytest.mark.parametrize("retry_after", ["inf", "nan", "-5", "1e309"])
+async def test_when_every_key_is_rate_limited_the_client_gets_a_429_not_a_500(io_loop, retry_after):
+    limited = rate_limited(retry_after)
+    relay = Relay(two_tiers(limited.base_url, limited.base_url), await funded_store())
+    try:
+        resp = await relay.fetch("/v1/chat/completions", CHAT_BODY, AUTH)
+        assert_openai_error(resp, 429, "rate_limit_exceeded")
+        assert "Retry-After" not in resp.headers, "an unusable value is not passed on"
+    finally:
+        await relay.close()
+        limited.server.stop()
+
+
+@pytest.mark.parametrize("retry_after,cooldown", [("inf", 10), ("nan", 10), ("-5", 10),
+                                                      pytest.param("9" * 400, 300, id="huge")])
+async def test_a_probe_answered_429_with_any_retry_after_cools_the_key(io_loop, retry_after, cooldown):
+    limited = rate_limited(retry_after)
+    relay = Relay(two_tiers(limited.base_url, limited.base_url), await funded_store())
+    try:
+        assert await relay.services.checker.probe(relay.endpoint("first")) == "429"
+        st = relay.state("first")
+        assert st.state == "cooling"
+        assert st.until - relay.services.router.clock() == pytest.approx(cooldown, abs=2)
+    finally:
+        await relay.close()
+        limited.server.stop()
+
+
+def test_retry_after_parsing():
+    now = 1_700_000_000.0
+    assert retry_after_seconds(None) is None
+    for unusable in ("inf", "-inf", "nan", "-5", "1e309", "1e3", "+5", "0x10", "", "soon", "\u0663",
+                     "Wed, 21 Oct 99999 07:28:00 GMT"):
+        assert retry_after_seconds(unusable, now) is None, unusable
+    assert retry_after_seconds(" 7 ", now) == 7.0
+    assert retry_after_seconds("1.5", now) == 1.5
+    assert retry_after_seconds("9" * 5000, now) == 86_400.0
+    assert retry_after_seconds(formatdate(now + 60, usegmt=True), now) == pytest.approx(60, abs=1)
+    assert retry_after_seconds(formatdate(now - 60, usegmt=True), now) == 0.0, "a date in the past means now"
