@@ -14,6 +14,7 @@ from relay.app import build_services, make_app, make_server
 from relay.config import parse_config
 from relay.proxy.router import retry_after_seconds
 
+from tests.conftest import ADMIN_TOKEN
 from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, start_fake, unused_port
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
@@ -188,3 +189,75 @@ def test_retry_after_parsing():
     assert retry_after_seconds("9" * 5000, now) == 86_400.0
     assert retry_after_seconds(formatdate(now + 60, usegmt=True), now) == pytest.approx(60, abs=1)
     assert retry_after_seconds(formatdate(now - 60, usegmt=True), now) == 0.0, "a date in the past means now"
+
+
+# --- 2. Deeply nested JSON -----------------------------------------------------------------
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+DEEP = 100_000
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+def chat_with(field: str, value: str, model: str = "gpt-4") -> str:
+    return '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (model, field, value)
+
+
+@pytest.mark.parametrize("path,body", [
+    pytest.param("/v1/chat/completions", nested(DEEP), id="top-level"),
+    pytest.param("/v1/chat/completions", '{"model": "gpt-4", "messages": [{"role": "user", "content": %s}]}'
+                 % nested(DEEP), id="chat-content"),
+    pytest.param("/v1/chat/completions", chat_with("tools", nested(DEEP)), id="chat-tools"),
+    pytest.param("/v1/embeddings", nested(DEEP), id="embeddings-top-level"),
+    pytest.param("/v1/embeddings", '{"model": "text-embedding-ada-002", "input": %s}' % nested(DEEP),
+                 id="embeddings-input"),
+    # Parses within Python's stack, but token counting of `input` recursed once per level.
+    pytest.param("/v1/embeddings", '{"model": "text-embedding-ada-002", "input": %s}' % nested(700, '"x"'),
+                 id="embeddings-input-700"),
+])
+async def test_deeply_nested_bodies_are_a_400(http_server_client, fake, path, body):
+    resp = await http_server_client.fetch(path, method="POST", body=body, headers=AUTH, raise_error=False)
+    err = assert_openai_error(resp, 400)
+    assert err["type"] == "invalid_request_error" and "64 levels" in err["message"]
+    assert fake.requests == [], "nothing is forwarded"
+
+
+@pytest.mark.parametrize("path,body", [
+    pytest.param("/admin/keys", nested(DEEP), id="top-level"),
+    pytest.param("/admin/keys", '{"quota": 5, "note": %s}' % nested(DEEP), id="note"),
+    pytest.param("/admin/keys/%s/topup" % TEST_KEY[:10], '{"quota": %s}' % nested(DEEP), id="topup"),
+])
+async def test_deeply_nested_admin_bodies_are_a_400(http_server_client, services, path, body):
+    before = len(await services.store.list_keys())
+    resp = await http_server_client.fetch(path, method="POST", body=body, headers=ADMIN, raise_error=False)
+    assert "64 levels" in assert_openai_error(resp, 400)["message"]
+    assert len(await services.store.list_keys()) == before
+
+
+async def test_nesting_up_to_the_limit_is_served_and_one_more_level_is_not(http_server_client, fake):
+    # gpt-3.5-turbo is mapped, so relay re-serialises the body (json.dumps walks it again).
+    fits = chat_with("metadata", nested(63), model="gpt-3.5-turbo")  # the body's object is level 1
+    resp = await http_server_client.fetch("/v1/chat/completions", method="POST", body=fits, headers=AUTH,
+                                          raise_error=False)
+    assert resp.code == 200, resp.body
+    assert fake.count() == 1
+    too_deep = chat_with("metadata", nested(64), model="gpt-3.5-turbo")
+    resp = await http_server_client.fetch("/v1/chat/completions", method="POST", body=too_deep, headers=AUTH,
+                                          raise_error=False)
+    assert_openai_error(resp, 400)
+    assert fake.count() == 1
+
+
+async def test_an_upstream_error_body_nested_deep_is_a_plain_failure_and_fails_over(io_loop):
+    fake, broken = start_fake(), OddUpstream(500, {}, nested(DEEP).encode())
+    relay = Relay(two_tiers(broken.base_url, fake.base_url), await funded_store())
+    try:
+        resp = await relay.fetch("/v1/chat/completions", CHAT_BODY, AUTH)
+        assert resp.code == 200, resp.body
+        assert broken.posts == 1 and fake.count() == 1
+    finally:
+        await relay.close()
+        fake.stop()
+        broken.server.stop()

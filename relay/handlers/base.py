@@ -10,6 +10,7 @@ from typing import Any
 
 import tornado.web
 
+from relay import bounded_json
 from relay.errors import InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFound, RelayError, TooManyFailedAttempts
 from relay.net import client_address
 from relay.redact import redact_path
@@ -80,7 +81,10 @@ class RelayHandler(tornado.web.RequestHandler):
 
     def json_body(self) -> dict:
         try:
-            body = json.loads(self.request.body or b"")
+            body = bounded_json.loads(self.request.body or b"")
+        except bounded_json.TooDeep:
+            raise InvalidRequest(f"The request body nests arrays and objects deeper than "
+                                 f"{bounded_json.MAX_DEPTH} levels.") from None
         except (ValueError, UnicodeDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
         if not isinstance(body, dict):

@@ -8,7 +8,6 @@ the first byte: it returns the response before any of it reaches the client.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -17,6 +16,7 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Callable
 
+from relay import bounded_json
 from relay.balancer import health as h
 from relay.balancer.pool import Endpoint, Pool
 from relay.balancer.selection import pick
@@ -154,7 +154,7 @@ class Router:
 
 def error_code_of(body: bytes) -> str | None:
     try:
-        err = json.loads(body).get("error")
+        err = bounded_json.loads(body).get("error")  # an upstream's body: as hostile as a client's
         return err.get("code") if isinstance(err, dict) else None
     except (ValueError, AttributeError):
         return None
