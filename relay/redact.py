@@ -26,3 +26,11 @@ _KEY_IN_PATH = re.compile(r"((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_-]+")
 def redact_path(path: str) -> str:
     """A URL path for a log line: a key in it (admin routes take one) keeps only its prefix."""
     return _KEY_IN_PATH.sub(r"\1...", path) if "k-" in path else path
+
+
+_KEY_IN_TEXT = re.compile(r"\b((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_*.\-]+")
+
+
+def redact_keys(text: str) -> str:
+    """Free text for a log line (a client's model name): a key in it keeps only its prefix."""
+    return _KEY_IN_TEXT.sub(r"\1...", text) if "k-" in text else text

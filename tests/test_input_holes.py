@@ -6,6 +6,7 @@ from email.utils import formatdate
 
 import pytest
 import tornado.httpserver
+import tornado.tcpclient
 import tornado.testing
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient
@@ -261,3 +262,66 @@ async def test_an_upstream_error_body_nested_deep_is_a_plain_failure_and_fails_o
         await relay.close()
         fake.stop()
         broken.server.stop()
+
+
+# --- 3. Client strings in the access line --------------------------------------------------
+
+def access_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+
+
+def field(line: str, name: str) -> str:
+    return line.split(f" {name}=", 1)[1].split(" ", 1)[0]
+
+
+async def test_a_newline_in_the_model_cannot_forge_an_access_line(http_server_client, caplog):
+    caplog.set_level("INFO", logger="relay.access")
+    model = f"gpt-4\nFAKE LINE key={TEST_KEY} status=200"
+    resp = await http_server_client.fetch("/v1/chat/completions", method="POST", headers=AUTH, raise_error=False,
+                                          body=json.dumps({**CHAT_BODY, "model": model}))
+    assert_openai_error(resp, 400, "model_not_priced")
+    [line] = access_lines(caplog)
+    assert "\n" not in line and "\r" not in line
+    assert field(line, "model").startswith("gpt-4\\nFAKE\\x20LINE\\x20key=" + TEST_KEY[:10] + "...")
+    assert TEST_KEY not in caplog.text
+    assert len([t for t in caplog.text.splitlines() if "relay.access" in t]) == len(caplog.text.splitlines()) == 1
+
+
+async def test_a_long_or_odd_model_is_bounded_in_the_access_line(http_server_client, caplog):
+    caplog.set_level("INFO", logger="relay.access")
+    for model in ("m" * 100_000, "\u202egpt-4\x1b[2J\u2028\U0001f600" * 1000):
+        await http_server_client.fetch("/v1/chat/completions", method="POST", headers=AUTH, raise_error=False,
+                                       body=json.dumps({**CHAT_BODY, "model": model}))
+    long, odd = (field(line, "model") for line in access_lines(caplog))
+    assert long == "m" * 64 + "...(+99936)"
+    assert odd.startswith("\\u202egpt-4\\x1b[2J\\u2028\\U0001f600") and len(odd) <= 64 + len("...(+99999)")
+    assert odd.isascii() and odd.isprintable()
+
+
+async def test_odd_bytes_in_the_path_are_escaped_in_the_access_line(http_server_client, caplog):
+    # Tornado refuses control bytes in the request line, but passes obs-text (0x80-0xff) on,
+    # and U+0085 (NEL) is a line break to str.splitlines() and to some log viewers.
+    caplog.set_level("INFO", logger="relay.access")
+    port = int(http_server_client.get_url("/").rsplit(":", 1)[1].split("/")[0])
+    stream = await tornado.tcpclient.TCPClient().connect("127.0.0.1", port)
+    await stream.write(b"GET /v1/x\x85FAKE\xff" + b"p" * 1000 + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    head = await stream.read_until(b"\r\n")
+    stream.close()
+    assert head.startswith(b"HTTP/1.1 404")
+    [line] = access_lines(caplog)
+    path = line.split(" ")[2]
+    assert path.startswith("/v1/x\\x85FAKE\\xffppp") and path.endswith("...(+761)")
+    assert line.isascii() and line.isprintable() and len(line.splitlines()) == 1
+
+
+async def test_a_forwarded_address_is_escaped_in_the_access_line(io_loop, caplog):
+    from relay.net import parse_trusted
+    caplog.set_level("INFO", logger="relay.access")
+    relay = Relay(two_tiers("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"), await funded_store(),
+                  trusted_proxies=parse_trusted(["127.0.0.1"]))
+    try:
+        await relay.fetch("/healthz", headers={"X-Forwarded-For": "evil key=ak-x status=200\u00e9"})
+    finally:
+        await relay.close()
+    [line] = access_lines(caplog)
+    assert line.split(" ")[3] == "evil\\x20key=ak-x\\x20status=200\\xe9"
