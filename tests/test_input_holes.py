@@ -325,3 +325,58 @@ async def test_a_forwarded_address_is_escaped_in_the_access_line(io_loop, caplog
         await relay.close()
     [line] = access_lines(caplog)
     assert line.split(" ")[3] == "evil\\x20key=ak-x\\x20status=200\\xe9"
+
+
+# --- 4. Admin token: throttled guesses, a minimum length ------------------------------------
+
+async def test_wrong_admin_tokens_are_throttled_per_address(io_loop):
+    from relay.net import parse_trusted
+    relay = Relay(two_tiers("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"), await funded_store(),
+                  admin_token=ADMIN_TOKEN, trusted_proxies=parse_trusted(["127.0.0.1"]))
+    attacker = {"X-Forwarded-For": "203.0.113.66"}
+    wrong = {**attacker, "Authorization": "Bearer " + ADMIN_TOKEN[:-1] + "x"}
+    try:
+        codes = [(await relay.fetch("/admin/keys", headers=wrong)).code for _ in range(20)]
+        assert codes == [401] * 20
+        t0 = time.monotonic()
+        assert_openai_error(await relay.fetch("/admin/keys", headers=wrong), 429, "too_many_failed_attempts")
+        assert time.monotonic() - t0 >= relay.services.admin_throttle.delay_s, "the guesser is slowed down"
+        assert_openai_error(await relay.fetch("/admin/upstreams", headers=attacker), 429, "too_many_failed_attempts")
+        other = {"X-Forwarded-For": "198.51.100.7", **ADMIN}
+        t0 = time.monotonic()
+        assert (await relay.fetch("/admin/keys", headers=other)).code == 200, "another address is untouched"
+        assert time.monotonic() - t0 < 0.5
+        assert (await relay.fetch("/admin/keys", headers={**attacker, **ADMIN})).code == 200, \
+            "the right token is never held back"
+        bad_key = {**attacker, "Authorization": "Bearer ak-" + "g" * 40}
+        assert_openai_error(await relay.fetch("/v1/models", headers=bad_key), 401, "invalid_api_key")
+    finally:
+        await relay.close()
+
+
+@pytest.mark.parametrize("token", ["s3cr3t", "x" * 15, " " + "x" * 20, "x" * 20 + "\n"])
+def test_a_short_or_unusable_admin_token_refuses_to_build(token, monkeypatch):
+    from relay.config import ConfigError
+    config = parse_config(two_tiers("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"), {})
+    with pytest.raises(ConfigError) as info:
+        build_services(config, mock_store(), admin_token=token)
+    assert info.value.path == "RELAY_ADMIN_TOKEN" and token.strip() not in str(info.value)
+    monkeypatch.setenv("RELAY_ADMIN_TOKEN", token)
+    with pytest.raises(ConfigError):
+        build_services(config, mock_store())
+    assert build_services(config, mock_store(), admin_token="x" * 16).admin_token == "x" * 16
+    assert build_services(config, mock_store(), admin_token="").admin_token is None, "empty: the admin API is off"
+
+
+def test_relay_serve_refuses_to_start_with_a_short_admin_token(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "RELAY_ADMIN_TOKEN": "tooshort"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--port", str(unused_port()), "--data-dir", str(tmp_path),
+         "--mongodb-uri", "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300"],
+        capture_output=True, text=True, env=env, timeout=20)
+    assert proc.returncode == 1
+    assert "RELAY_ADMIN_TOKEN: too short (8 characters): use at least 16" in proc.stderr
+    assert "tooshort" not in proc.stderr + proc.stdout, "the token itself is not printed"
