@@ -240,6 +240,9 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
         raise ConfigError(f"{path}.base_url", "not an http(s) URL")
     if parts.query or parts.fragment:
         raise ConfigError(f"{path}.base_url", "must not carry a query or fragment")
+    if "@" in parts.netloc:  # said without echoing them: this message reaches logs and the admin API
+        raise ConfigError(f"{path}.base_url", "must not carry credentials (user:password@): relay authenticates "
+                                              "with the upstream's keys, sent as a bearer header")
     keys = u["keys"]
     if not isinstance(keys, list) or not keys:
         raise ConfigError(f"{path}.keys", "must be a non-empty list of strings")

@@ -123,3 +123,17 @@ def test_commented_site_example_is_valid_when_uncommented():
     block = [line[2:] for line in lines[start:start + 6]]
     cfg = parse_config(text + "\n" + "\n".join(block) + "\n", {})
     assert cfg.site.usage_host == "usage.example.com" and cfg.site.shop_url.startswith("https://")
+
+
+def test_base_url_with_credentials_is_refused_without_echoing_them(tmp_path, capsys):
+    for url in ("https://user:s3cret-pw@api.example.com/v1", "https://s3cret-pw@api.example.com/v1",
+                "http://user:s3cret-pw@127.0.0.1:9000/v1"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(f"upstreams:\n  - {{name: a, base_url: '{url}', keys: [k]}}\n", {})
+        assert info.value.path == "upstreams[0].base_url" and "credentials" in info.value.reason
+        assert "s3cret" not in str(info.value)
+    bad = tmp_path / "creds.yaml"
+    bad.write_text("upstreams:\n  - {name: a, base_url: 'https://user:s3cret-pw@x.example/v1', keys: [k]}\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "upstreams[0].base_url: must not carry credentials" in err and "s3cret" not in err

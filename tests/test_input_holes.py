@@ -380,3 +380,23 @@ def test_relay_serve_refuses_to_start_with_a_short_admin_token(tmp_path):
     assert proc.returncode == 1
     assert "RELAY_ADMIN_TOKEN: too short (8 characters): use at least 16" in proc.stderr
     assert "tooshort" not in proc.stderr + proc.stdout, "the token itself is not printed"
+
+
+# --- 5. Credentials in a base URL -----------------------------------------------------------
+
+async def test_admin_upstreams_never_shows_a_urls_credentials(io_loop):
+    import dataclasses
+    # The parser refuses such a URL (tests/test_config.py); this config skips it, as a bug might.
+    config = parse_config(two_tiers("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"), {})
+    config = dataclasses.replace(config, upstreams=(
+        dataclasses.replace(config.upstreams[0], base_url="https://user:s3cret-pw@api.example.com:8443/v1"),
+        config.upstreams[1]))
+    relay = Relay("", await funded_store(), admin_token=ADMIN_TOKEN, config=config)
+    try:
+        resp = await relay.fetch("/admin/upstreams", headers=ADMIN)
+        assert resp.code == 200
+        shown = {u["name"]: u["base_url"] for u in json.loads(resp.body)["upstreams"]}
+        assert shown == {"first": "https://***@api.example.com:8443/v1", "second": "http://127.0.0.1:9/v1"}
+        assert b"s3cret" not in resp.body
+    finally:
+        await relay.close()

@@ -10,7 +10,7 @@ import hmac
 from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
 from relay.keys import bearer_token
-from relay.redact import mask_key
+from relay.redact import mask_key, mask_userinfo
 from relay.store.mongo import key_view
 
 
@@ -102,7 +102,7 @@ class UpstreamsHandler(AdminHandler):
                     "requests": e.health.requests, "errors": e.health.errors,
                     "probe_failures": e.health.probe_failures})
             upstreams.append({
-                "name": u.name, "base_url": u.base_url, "tier": u.priority, "weight": u.weight,
+                "name": u.name, "base_url": mask_userinfo(u.base_url), "tier": u.priority, "weight": u.weight,
                 "models": list(u.models) if u.models else "*",
                 "ejected_seconds_left": round(up_health.ejected_until - now, 1)
                 if up_health and up_health.ejected(now) else None,
