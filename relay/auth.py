@@ -25,7 +25,8 @@ def checked_admin_token(token: str | None) -> str | None:
     if not token:
         return None
     if token != token.strip():
-        raise ConfigError("RELAY_ADMIN_TOKEN", "must not start or end with whitespace: a bearer header cannot carry it")
+        raise ConfigError("RELAY_ADMIN_TOKEN", "must not start or end with whitespace: a bearer header "
+                                               "cannot carry it")
     if len(token) < MIN_ADMIN_TOKEN_CHARS:
         raise ConfigError("RELAY_ADMIN_TOKEN", f"too short ({len(token)} characters): use at least "
                           f"{MIN_ADMIN_TOKEN_CHARS}, e.g. from `python -c 'import secrets; "

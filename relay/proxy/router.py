@@ -194,8 +194,8 @@ def _seconds_until_date(value: str, now: float) -> float | None:
 def _failure(resp: UpstreamResponse, outcome: str, retry_after: float | None) -> RelayError:
     name = resp.endpoint.upstream.name
     if outcome == h.RATE_LIMITED:
-        err: RelayError = TooManyRequests(f"upstream {name} is rate limited; retry shortly",
-                                          headers={"Retry-After": str(math.ceil(retry_after))} if retry_after else None)
+        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+        err: RelayError = TooManyRequests(f"upstream {name} is rate limited; retry shortly", headers=headers)
     elif outcome in (h.AUTH, h.NO_CREDIT):
         err = UpstreamError(f"upstream {name} refused relay's credentials")
     else:
