@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import tornado.httpserver
 import tornado.web
 
-from relay.auth import Authenticator, FailedAuthThrottle
+from relay.auth import Authenticator, FailedAuthThrottle, checked_admin_token
 from relay.balancer.pool import Pool
 from relay.charging import Charger
 from relay.config import Config
@@ -44,6 +44,7 @@ class Services:
     trusted_proxies: tuple = field(default_factory=tuple)
     admin_token: str | None = None
     throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)
+    admin_throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)  # wrong admin tokens
     active: int = 0  # requests being handled, for a graceful drain
     _tasks: list = field(default_factory=list)
 
@@ -167,7 +168,8 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple = (
                    config_path: str | None = None, journal_path: str | None = None) -> Services:
     transport = Transport(config.limits, config.timeouts)
     if admin_token is None:
-        admin_token = os.environ.get("RELAY_ADMIN_TOKEN") or None
+        admin_token = os.environ.get("RELAY_ADMIN_TOKEN")
+    admin_token = checked_admin_token(admin_token)
     router = Router(Pool.from_config(config), transport, rng)
     router.events = recorder.RouterEvents()
     store.observe = recorder.on_store_op

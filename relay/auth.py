@@ -9,12 +9,29 @@ import asyncio
 import time
 from typing import Callable
 
+from relay.config import ConfigError
 from relay.errors import InvalidApiKey, KeyDisabled, StoreUnavailable
 from relay.keys import bearer_token, hash_key, is_well_formed
 from relay.store.base import KeyRecord, KeyStore
 
 
 STALE_IF_ERROR_S = 60.0
+MIN_ADMIN_TOKEN_CHARS = 16  # with the throttle on wrong tokens, far beyond guessing
+
+
+def checked_admin_token(token: str | None) -> str | None:
+    """The admin token relay may start with: unset or empty turns the admin API off; a short
+    one (or one a header cannot carry) is refused with a message naming RELAY_ADMIN_TOKEN."""
+    if not token:
+        return None
+    if token != token.strip():
+        raise ConfigError("RELAY_ADMIN_TOKEN", "must not start or end with whitespace: a bearer header "
+                                               "cannot carry it")
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError("RELAY_ADMIN_TOKEN", f"too short ({len(token)} characters): use at least "
+                          f"{MIN_ADMIN_TOKEN_CHARS}, e.g. from `python -c 'import secrets; "
+                          f"print(secrets.token_urlsafe(32))'`")
+    return token
 
 
 class Authenticator:

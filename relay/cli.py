@@ -19,6 +19,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.process
 
+from relay.auth import checked_admin_token
 from relay.config import Config, ConfigError, load_config, parse_config
 from relay.fake_upstream import FakeState, make_fake_app
 from relay.net import parse_trusted
@@ -135,6 +136,7 @@ def _freeze_start_up_objects() -> None:
 def _serve_command(args) -> int:
     """Bind, start the store, and with --workers N fork N processes sharing the sockets."""
     _load(args.config)  # a bad file fails before any store starts
+    checked_admin_token(os.environ.get("RELAY_ADMIN_TOKEN"))  # so does a short admin token
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
     sockets = tornado.netutil.bind_sockets(args.port, args.host)

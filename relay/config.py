@@ -4,6 +4,7 @@ Pure: no I/O beyond what the caller hands in (text and an environment mapping).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -14,6 +15,14 @@ import yaml
 
 ANY_MODEL = "*"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# Upper bounds: far beyond any sensible setting, low enough that no arithmetic on them breaks.
+MAX_SECONDS = 86_400                # timeouts and intervals: longer than a day is a typo
+MAX_WHOLE = 2**31 - 1               # counts and sizes: times a bounded price, costs stay inside int64
+MAX_WEIGHT = 1_000_000              # weighted draws turn the sum of weights into a float
+MAX_PRICE = 1_000_000               # units per token (gpt-4-32k output is 80)
+MAX_PRICE_DENOMINATOR = 1_000_000   # six decimals, or a fraction like "2/3": exact costs stay small
+_PRICE_TEXT = re.compile(r"[0-9]{1,20}(?:\.[0-9]{1,20})?(?:/[0-9]{1,20})?")  # no exponents: "1e999999999"
 
 
 class ConfigError(ValueError):
@@ -241,6 +250,9 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
         raise ConfigError(f"{path}.base_url", "not an http(s) URL")
     if parts.query or parts.fragment:
         raise ConfigError(f"{path}.base_url", "must not carry a query or fragment")
+    if "@" in parts.netloc:  # said without echoing them: this message reaches logs and the admin API
+        raise ConfigError(f"{path}.base_url", "must not carry credentials (user:password@): relay authenticates "
+                                              "with the upstream's keys, sent as a bearer header")
     keys = u["keys"]
     if not isinstance(keys, list) or not keys:
         raise ConfigError(f"{path}.keys", "must be a non-empty list of strings")
@@ -263,8 +275,8 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
     if len(set(expanded)) != len(expanded):
         raise ConfigError(f"{path}.keys", "lists the same key twice")
     weight = u.get("weight", 1)
-    if not _is_int(weight) or weight < 1:
-        raise ConfigError(f"{path}.weight", "must be a whole number >= 1")
+    if not _is_int(weight) or not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{path}.weight", f"must be a whole number >= 1 and <= {MAX_WEIGHT}")
     priority = u.get("priority", 0)
     if not _is_int(priority) or priority < 0:
         raise ConfigError(f"{path}.priority", "must be a whole number >= 0 (0 = primary tier)")
@@ -323,14 +335,21 @@ def _pricing(raw: Any, path: str) -> tuple[dict[str, Price], Price | None]:
 
 def _fraction(value: Any, path: str) -> Fraction:
     """Multipliers are exact: an int, a decimal as written, or a fraction string like "2/3"."""
-    if isinstance(value, bool):
-        raise ConfigError(path, "must be a number or a fraction like \"2/3\"")
-    try:
-        frac = Fraction(str(value)) if isinstance(value, (int, float, str)) else None
-    except (ValueError, ZeroDivisionError):
-        frac = None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, "must be a finite number")
+    frac = None
+    if _is_int(value) or isinstance(value, float) or (isinstance(value, str) and _PRICE_TEXT.fullmatch(value)):
+        try:
+            frac = Fraction(str(value))
+        except (ValueError, ZeroDivisionError):
+            pass
     if frac is None or frac < 0:
         raise ConfigError(path, "must be a number >= 0 or a fraction like \"2/3\"")
+    if frac > MAX_PRICE:
+        raise ConfigError(path, f"must be at most {MAX_PRICE} units per token")
+    if frac.denominator > MAX_PRICE_DENOMINATOR:
+        raise ConfigError(path, f"too fine: use at most six decimals, or a fraction like \"2/3\" with a "
+                                f"denominator up to {MAX_PRICE_DENOMINATOR}")
     return frac
 
 
@@ -348,11 +367,31 @@ def _numbers(raw: Any, path: str, cls: type):
                 raise ConfigError(f"{path}.{key}", "must be true or false")
             out[key] = value
             continue
-        ok = _is_int(value) if kind is int else (isinstance(value, (int, float)) and not isinstance(value, bool))
-        if not ok or value <= 0:
-            raise ConfigError(f"{path}.{key}", f"must be a {'whole ' if kind is int else ''}number > 0")
-        out[key] = kind(value)
+        out[key] = _positive(value, f"{path}.{key}", kind)
     return cls(**out)
+
+
+def _positive(value: Any, path: str, kind: type) -> int | float:
+    """A number > 0 of the field's kind, finite and within the bound its name implies."""
+    if kind is int:
+        if not _is_int(value) or value <= 0:
+            raise ConfigError(path, "must be a whole number > 0")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(path, "must be a finite number > 0")  # `not 0 < nan` holds: nan lands here
+    most, why = _upper_bound(path, kind)
+    if value > most:
+        raise ConfigError(path, f"must be at most {most}{why}")
+    return kind(value)
+
+
+def _upper_bound(path: str, kind: type) -> tuple[float, str]:
+    if kind is int:
+        return MAX_WHOLE, ""
+    if path.endswith("_s"):
+        return MAX_SECONDS, " seconds (a day)"
+    if path.endswith("_ratio"):
+        return 1, " (a share of requests)"
+    return math.inf, ""  # no other float setting exists; a new one names its bound here
 
 
 def _is_int(v: Any) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit, urlunsplit
 
 # OpenAI echoes a partly masked key in some errors ("Incorrect API key provided: sk-ab***yz").
 _KEY_LIKE = re.compile(rb"\b(?:sk|ak)-[A-Za-z0-9_*.\-]{3,}")
@@ -26,3 +27,19 @@ _KEY_IN_PATH = re.compile(r"((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_-]+")
 def redact_path(path: str) -> str:
     """A URL path for a log line: a key in it (admin routes take one) keeps only its prefix."""
     return _KEY_IN_PATH.sub(r"\1...", path) if "k-" in path else path
+
+
+_KEY_IN_TEXT = re.compile(r"\b((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_*.\-]+")
+
+
+def redact_keys(text: str) -> str:
+    """Free text for a log line (a client's model name): a key in it keeps only its prefix."""
+    return _KEY_IN_TEXT.sub(r"\1...", text) if "k-" in text else text
+
+
+def mask_userinfo(url: str) -> str:
+    """A URL for display: any ``user:password@`` becomes ``***@``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))

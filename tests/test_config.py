@@ -56,6 +56,8 @@ def test_star_pricing_entry_is_the_default_price():
     ("upstreams:\n  - {name: a, base_url: 'http://x', keys: ['${NOPE}']}", "upstreams[0].keys[0]",
      "NOPE is not set"),
     ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], weight: 0}", "upstreams[0].weight", ">= 1"),
+    ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], weight: 1000000000000000000000}",
+     "upstreams[0].weight", "<= 1000000"),
     ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], priority: -1}", "upstreams[0].priority", ">= 0"),
     ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k], models: 5}", "upstreams[0].models", "model names"),
     ("upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\n  - {name: a, base_url: 'http://y', keys: [j]}",
@@ -123,3 +125,60 @@ def test_commented_site_example_is_valid_when_uncommented():
     block = [line[2:] for line in lines[start:start + 6]]
     cfg = parse_config(text + "\n" + "\n".join(block) + "\n", {})
     assert cfg.site.usage_host == "usage.example.com" and cfg.site.shop_url.startswith("https://")
+
+
+def test_base_url_with_credentials_is_refused_without_echoing_them(tmp_path, capsys):
+    for url in ("https://user:s3cret-pw@api.example.com/v1", "https://s3cret-pw@api.example.com/v1",
+                "http://user:s3cret-pw@127.0.0.1:9000/v1"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(f"upstreams:\n  - {{name: a, base_url: '{url}', keys: [k]}}\n", {})
+        assert info.value.path == "upstreams[0].base_url" and "credentials" in info.value.reason
+        assert "s3cret" not in str(info.value)
+    bad = tmp_path / "creds.yaml"
+    bad.write_text("upstreams:\n  - {name: a, base_url: 'https://user:s3cret-pw@x.example/v1', keys: [k]}\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "upstreams[0].base_url: must not carry credentials" in err and "s3cret" not in err
+
+
+ONE = "upstreams:\n  - {name: a, base_url: 'http://x', keys: [k]}\n"
+
+
+@pytest.mark.parametrize("extra,path,reason", [
+    ("timeouts: {idle_s: .nan}", "timeouts.idle_s", "finite"),
+    ("timeouts: {connect_s: .inf}", "timeouts.connect_s", "finite"),
+    ("timeouts: {first_byte_s: 86401}", "timeouts.first_byte_s", "at most 86400"),
+    ("health: {interval_s: .inf}", "health.interval_s", "finite"),
+    ("health: {max_cooldown_s: -.inf}", "health.max_cooldown_s", "finite"),
+    ("health: {probe_timeout_s: .NaN}", "health.probe_timeout_s", "finite"),
+    ("health: {recheck_disabled_s: 1.0e+300}", "health.recheck_disabled_s", "at most 86400"),
+    ("retries: {budget_ratio: .nan}", "retries.budget_ratio", "finite"),
+    ("retries: {budget_ratio: .inf}", "retries.budget_ratio", "finite"),
+    ("retries: {budget_ratio: 1.5}", "retries.budget_ratio", "at most 1"),
+    ("retries: {budget_window_s: .inf}", "retries.budget_window_s", "finite"),
+    ("retries: {max_attempts: 1099511627776}", "retries.max_attempts", "at most 2147483647"),
+    ("limits: {max_body_bytes: .inf}", "limits.max_body_bytes", "whole number"),
+    ("pricing:\n  m: {input: .nan}", "pricing.m.input", "finite"),
+    ("pricing:\n  m: {input: 1, output: .inf}", "pricing.m.output", "finite"),
+    ("pricing:\n  m: {input: 1.0e+300}", "pricing.m.input", "at most 1000000"),
+    ("pricing:\n  m: {input: 1000000000000000000000000000000}", "pricing.m.input", "at most 1000000"),
+    ("pricing:\n  m: {input: '1/99999999999999999999'}", "pricing.m.input", "too fine"),
+    ("pricing:\n  m: {input: 0.0000001}", "pricing.m.input", "too fine"),
+    ("pricing:\n  m: {input: '1e99999'}", "pricing.m.input", "a number >= 0"),
+    ("pricing:\n  '*': {input: 'inf'}", "pricing.*.input", "a number >= 0"),
+])
+def test_non_finite_and_absurd_numbers_are_refused(extra, path, reason):
+    with pytest.raises(ConfigError) as info:
+        parse_config(ONE + extra, {})
+    assert info.value.path == path
+    assert reason in info.value.reason
+
+
+def test_numbers_at_their_bounds_are_accepted():
+    cfg = parse_config(ONE.replace("keys: [k]", "keys: [k], weight: 1000000") +
+                       "timeouts: {first_byte_s: 86400}\nretries: {budget_ratio: 1, max_attempts: 2147483647}\n"
+                       "pricing:\n  a: {input: 1000000, output: '1/1000000'}\n  b: {input: 0.000001}\n", {})
+    assert cfg.timeouts.first_byte_s == 86400.0 and cfg.retries.budget_ratio == 1.0
+    assert cfg.upstreams[0].weight == 1_000_000
+    assert cfg.price_of("a") == type(cfg.price_of("a"))(Fraction(1_000_000), Fraction(1, 1_000_000))
+    assert cfg.price_of("b").input == Fraction(1, 1_000_000)

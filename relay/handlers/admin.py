@@ -1,7 +1,7 @@
 """The admin API under /admin/: keys created, shown, topped up, disabled, enabled.
 
-Authorized by ``Authorization: Bearer $RELAY_ADMIN_TOKEN`` (compared in constant time);
-with no token configured the admin API is off.
+Authorized by ``Authorization: Bearer $RELAY_ADMIN_TOKEN`` (compared in constant time, wrong
+ones throttled per address like bad relay keys); with no token configured the admin API is off.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import hmac
 from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
 from relay.keys import bearer_token
-from relay.redact import mask_key
+from relay.redact import mask_key, mask_userinfo
 from relay.store.mongo import key_view
 
 
@@ -20,7 +20,7 @@ class KeyNotFound(RelayError):
 
 class AdminHandler(RelayHandler):
     route = "admin"
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         if self.request.method == "OPTIONS":
             return
         expected = self.services.admin_token
@@ -29,6 +29,8 @@ class AdminHandler(RelayHandler):
                                     code="admin_disabled")
         given = bearer_token(self.request.headers.get("Authorization")) or ""
         if not hmac.compare_digest(given.encode(), expected.encode()):
+            await self.refuse_guess(self.services.admin_throttle,
+                                    "Too many wrong admin tokens from your address; slow down.")
             raise AdminUnauthorized("Missing or wrong admin token.")
         self.set_header("Cache-Control", "no-store")
 
@@ -100,7 +102,7 @@ class UpstreamsHandler(AdminHandler):
                     "requests": e.health.requests, "errors": e.health.errors,
                     "probe_failures": e.health.probe_failures})
             upstreams.append({
-                "name": u.name, "base_url": u.base_url, "tier": u.priority, "weight": u.weight,
+                "name": u.name, "base_url": mask_userinfo(u.base_url), "tier": u.priority, "weight": u.weight,
                 "models": list(u.models) if u.models else "*",
                 "ejected_seconds_left": round(up_health.ejected_until - now, 1)
                 if up_health and up_health.ejected(now) else None,

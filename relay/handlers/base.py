@@ -12,6 +12,8 @@ import tornado.web
 
 from pymongo.errors import PyMongoError
 
+from relay import bounded_json
+from relay.auth import FailedAuthThrottle
 from relay.errors import (InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFound, RelayError, StoreUnavailable,
                           TooManyFailedAttempts)
 from relay.net import client_address
@@ -81,9 +83,18 @@ class RelayHandler(tornado.web.RequestHandler):
                               h.get("X-Forwarded-Proto"), self.request.protocol,
                               self.services.trusted_proxies)[0]
 
+    async def refuse_guess(self, throttle: FailedAuthThrottle, message: str) -> None:
+        """Count a wrong credential from this address; past the throttle's limit, a slow 429."""
+        if throttle.record_failure(self.client_ip):
+            await asyncio.sleep(throttle.delay_s)  # slows a guesser down; nobody else waits
+            raise TooManyFailedAttempts(message) from None
+
     def json_body(self) -> dict:
         try:
-            body = json.loads(self.request.body or b"")
+            body = bounded_json.loads(self.request.body or b"")
+        except bounded_json.TooDeep:
+            raise InvalidRequest(f"The request body nests arrays and objects deeper than "
+                                 f"{bounded_json.MAX_DEPTH} levels.") from None
         except (ValueError, UnicodeDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
         if not isinstance(body, dict):
@@ -147,11 +158,8 @@ class AuthenticatedHandler(RelayHandler):
         try:
             self.key = await self.services.auth.authenticate(self.request.headers.get("Authorization"))
         except InvalidApiKey:
-            throttle = self.services.throttle
-            if throttle.record_failure(self.client_ip):
-                await asyncio.sleep(throttle.delay_s)  # slows a guesser down; nobody else waits
-                raise TooManyFailedAttempts("Too many requests with invalid API keys from your address; "
-                                            "slow down and check your key.") from None
+            await self.refuse_guess(self.services.throttle, "Too many requests with invalid API keys from your "
+                                                            "address; slow down and check your key.")
             raise
         self.key_prefix = self.key.prefix
 

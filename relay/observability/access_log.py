@@ -7,10 +7,11 @@ client_disconnected, ...
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from relay.errors import RelayError
-from relay.redact import redact_path
+from relay.redact import redact_keys, redact_path
 
 access_log = logging.getLogger("relay.access")
 
@@ -31,6 +32,37 @@ def flag_for(err: RelayError) -> str:
     return _FLAG_BY_CODE.get(err.code or "", err.code or err.type)
 
 
+# Bounds on the fields a client controls: enough to recognise a value, too little to flood a log.
+MODEL_CHARS, PATH_CHARS, METHOD_CHARS, ADDRESS_CHARS = 64, 256, 16, 64
+
+# Printable ASCII but space and backslash: fields stay space-separated and escapes unambiguous.
+_UNSAFE = re.compile(r"[^\x21-\x5b\x5d-\x7e]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def printable(value: str, limit: int) -> str:
+    """A client's string as one field of one log line: control characters, spaces and
+    non-ASCII escaped (a newline cannot forge a line), at most ``limit`` characters plus
+    ``...(+N)`` when N characters were cut."""
+    if len(value) <= limit and not _UNSAFE.search(value):
+        return value
+    out, used = [], 0
+    for i, ch in enumerate(value):
+        piece = _escape(ch) if _UNSAFE.match(ch) else ch
+        if used + len(piece) > limit:
+            return "".join(out) + f"...(+{len(value) - i})"
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def log_request(handler) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
@@ -38,7 +70,9 @@ def log_request(handler) -> None:
     latency_ms = (time.perf_counter() - getattr(handler, "started", time.perf_counter())) * 1000
     access_log.info(
         "%s %s %s %s key=%s model=%s upstream=%s status=%d latency_ms=%.1f flag=%s",
-        getattr(handler, "request_id", "-"), handler.request.method, redact_path(handler.request.path),
-        getattr(handler, "client_ip", handler.request.remote_ip), getattr(handler, "key_prefix", "-"),
-        getattr(handler, "model", "-"), getattr(handler, "upstream_name", "-"), status, latency_ms,
+        getattr(handler, "request_id", "-"), printable(handler.request.method, METHOD_CHARS),
+        printable(redact_path(handler.request.path), PATH_CHARS),
+        printable(getattr(handler, "client_ip", handler.request.remote_ip) or "-", ADDRESS_CHARS),
+        getattr(handler, "key_prefix", "-"), printable(redact_keys(getattr(handler, "model", "-")), MODEL_CHARS),
+        getattr(handler, "upstream_name", "-"), status, latency_ms,
         getattr(handler, "flag", "-"))

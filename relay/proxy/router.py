@@ -8,11 +8,15 @@ the first byte: it returns the response before any of it reaches the client.
 """
 from __future__ import annotations
 
-import json
+import math
 import random
+import re
 import time
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Callable
 
+from relay import bounded_json
 from relay.balancer import health as h
 from relay.balancer.pool import Endpoint, Pool
 from relay.balancer.selection import pick
@@ -150,24 +154,48 @@ class Router:
 
 def error_code_of(body: bytes) -> str | None:
     try:
-        err = json.loads(body).get("error")
+        err = bounded_json.loads(body).get("error")  # an upstream's body: as hostile as a client's
         return err.get("code") if isinstance(err, dict) else None
     except (ValueError, AttributeError):
         return None
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+# A day: longer than any cooldown relay applies (health caps it at max_cooldown_s), and
+# small enough that every later sum with a clock stays an ordinary float.
+MAX_RETRY_AFTER_S = 86_400.0
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # RFC 9110 says digits; some send "1.5"
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """An upstream's ``Retry-After`` as seconds from ``now`` (wall clock), capped; None when
+    absent or unusable ("inf", "nan", "-5", "1e309", garbage), so the default cooldown applies.
+
+    Both forms of RFC 9110: delta-seconds, or an HTTP-date (one in the past means now)."""
+    if value is None:
         return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)  # digits only: never negative or nan; a huge one is inf, capped below
+    else:
+        seconds = _seconds_until_date(value, time.time() if now is None else now)
+    return None if seconds is None else min(seconds, MAX_RETRY_AFTER_S)
+
+
+def _seconds_until_date(value: str, now: float) -> float | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC without a claim about local time
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
 
 
 def _failure(resp: UpstreamResponse, outcome: str, retry_after: float | None) -> RelayError:
     name = resp.endpoint.upstream.name
     if outcome == h.RATE_LIMITED:
-        err: RelayError = TooManyRequests(f"upstream {name} is rate limited; retry shortly",
-                                          headers={"Retry-After": str(int(retry_after))} if retry_after else None)
+        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+        err: RelayError = TooManyRequests(f"upstream {name} is rate limited; retry shortly", headers=headers)
     elif outcome in (h.AUTH, h.NO_CREDIT):
         err = UpstreamError(f"upstream {name} refused relay's credentials")
     else:
