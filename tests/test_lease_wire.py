@@ -99,8 +99,8 @@ async def test_kill_9_with_leases_loses_no_unit(embedded, tmp_path, io_loop):
             n += 1
             try:
                 r = await post(c, relay.url, stream=stream)
-            except OSError:  # cut by the kill (reset, refused)
-                assert killing.is_set()
+            except Exception as exc:  # cut by the kill: reset, refused, stream closed
+                assert killing.is_set(), exc
                 continue
             if r.code == 200 and (not stream or r.body.endswith(b"data: [DONE]\n\n")):
                 answered[r.headers["X-Request-Id"]] = time.monotonic()
@@ -146,8 +146,8 @@ async def test_kill_9_with_leases_loses_no_unit(embedded, tmp_path, io_loop):
           f"{len(unbilled)} answered but unbilled ({len(unbilled) * COST} units); "
           f"{len(billed - set(answered))} billed without a whole answer (cut by the kill); "
           f"last billed answer {window * 1000:.0f} ms before the last answer; oldest unbilled answer "
-          f"{oldest_unbilled_age * 1000:.0f} ms before the kill; last answer "
-          f"{(killed_at - last_answered) * 1000:.0f} ms before the kill; "
+          f"{oldest_unbilled_age * 1000:.0f} ms before the kill; last answer seen "
+          f"{(last_answered - killed_at) * 1000:+.0f} ms from the kill; "
           f"granted {doc['granted']} = balance {doc['balance']} + used {doc['used']}")
     assert killed_at - last_answered < 1.0, "requests ran right up to the kill"
     assert window <= UNBILLED_BOUND_S, f"{window * 1000:.0f} ms of answered requests went unbilled"
