@@ -47,31 +47,50 @@ def assert_openai_error(resp) -> dict:
 
 class Relay:
     """One relay on a real port, leases on, over a fresh database of the embedded store, with
-    funded keys; it counts the requests answered 200 per key."""
+    funded keys. It counts the requests answered 200 per key, and records every answer that
+    breaks the rules (a 5xx, or a 4xx not in OpenAI's shape) instead of stopping there, so that
+    a test checks the money first and the answers after."""
 
     def __init__(self, store, fake, url, server, services):
         self.store, self.fake, self.url, self.server, self.services = store, fake, url, server, services
         self.http = AsyncHTTPClient(force_instance=True, max_clients=64, defaults={"request_timeout": 30})
         self.ok: dict[str, set[str]] = defaultdict(set)  # key hash -> request ids answered 200
+        self.bad: list[str] = []  # answers that break the rules
         self.closed = False
 
     async def chat(self, key: str = TEST_KEY, stream: bool = False, upstream_failed: bool = False, **body):
         body = {"model": "gpt-4", "messages": HI, "max_tokens": 10, "stream": stream, **body}
         resp = await self.http.fetch(self.url + CHAT, method="POST", raise_error=False,
                                      headers={"Authorization": f"Bearer {key}"}, body=json.dumps(body))
-        self.check(resp, key, stream, upstream_failed)
+        self.check(resp, key, stream, upstream_failed, what=json.dumps({k: v for k, v in body.items()
+                                                                        if k not in ("model", "messages")}))
         return resp
 
-    def check(self, resp, key: str, stream: bool = False, upstream_failed: bool = False) -> None:
-        assert resp.code < 500 or (upstream_failed and resp.code == 502), (resp.code, resp.body[:300])
+    def check(self, resp, key: str, stream: bool = False, upstream_failed: bool = False, what: str = "") -> None:
+        if resp.code >= 500 and not (upstream_failed and resp.code == 502):
+            self.bad.append(f"{what} -> {resp.code} {resp.body[:200]!r}")
         if resp.code >= 400:
-            assert_openai_error(resp)
+            try:
+                assert_openai_error(resp)
+            except Exception:
+                self.bad.append(f"{what} -> {resp.code} not in OpenAI's error shape: {resp.body[:200]!r}")
         elif resp.code == 200:
             if stream:
                 assert resp.body.startswith(b"data: "), resp.body[:200]
             else:
                 json.loads(resp.body)
             self.ok[hash_key(key)].add(resp.headers["X-Request-Id"])
+
+    async def state(self, key: str) -> str:
+        h = hash_key(key)
+        doc = await self.store.key_doc(h)
+        ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+        w = self.services.charger.book.wallets.get(h) if not self.closed else None
+        return (f"key ..{key[-1]}: granted {doc['granted']} balance {doc['balance']} reserved {doc['reserved']} "
+                f"used {doc['used']} Σledger {await self.store.ledger_total(h)}; {len(self.ok[h])} answered 200, "
+                f"{len(ids)} in the ledger, {len(self.ok[h] - ids)} of them not" +
+                (f"; in memory: {len(w.batch)} settled uncommitted, a commit retried with "
+                 f"returned={w.inflight[1]} extra={w.inflight[2]}" if w is not None and w.inflight else ""))
 
     async def committed(self, *keys: str) -> bool:
         """Every request answered 200 on these keys is charged in the store (group commits land)."""
@@ -83,6 +102,15 @@ class Relay:
                 return False
         return True
 
+    async def settles(self, *keys: str, timeout: float = 5.0) -> None:
+        """Wait for the group commits to charge every request answered 200 on these keys."""
+        try:
+            await eventually(lambda: self.committed(*keys), timeout=timeout)
+        except AssertionError:
+            states = [await self.state(k) for k in keys]
+            raise AssertionError(f"group commits did not land within {timeout} s:\n  " + "\n  ".join(states)
+                                 + ("\n answers: " + "\n  ".join(self.bad) if self.bad else "")) from None
+
     async def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -92,13 +120,24 @@ class Relay:
 
     async def assert_exact(self) -> list[dict]:
         """After ``close``: nothing held by a process that will not return it, conservation
-        exactly, one ledger entry per request answered 200 (nothing lost, nothing twice)."""
+        exactly, one ledger entry per request answered 200 (nothing lost, nothing twice); then
+        every answer within the rules."""
         await self.close()
         for doc in await self.store.keys.find({}).to_list(None):
-            assert doc["reserved"] == 0, (doc["prefix"], doc["reserved"], doc.get("leases"))
-            ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": doc["_id"]}, {"_id": 1}).to_list(None)}
-            assert ids == self.ok[doc["_id"]], (len(ids), len(self.ok[doc["_id"]]))
-        return await assert_conserved(self.store)
+            h = doc["_id"]
+            ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+            assert doc["reserved"] == 0 and ids == self.ok[h], \
+                f"after close: {await self.state_of(doc)} leases {doc.get('leases')}"
+        docs = await assert_conserved(self.store)
+        assert not self.bad, "answers out of the rules:\n  " + "\n  ".join(self.bad)
+        return docs
+
+    async def state_of(self, doc: dict) -> str:
+        h = doc["_id"]
+        ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+        return (f"{doc['prefix']}: granted {doc['granted']} balance {doc['balance']} reserved {doc['reserved']} "
+                f"used {doc['used']} Σledger {await self.store.ledger_total(h)}; {len(self.ok[h])} answered 200, "
+                f"{len(self.ok[h] - ids)} of them not in the ledger")
 
 
 @contextlib.asynccontextmanager
@@ -143,7 +182,7 @@ async def test_an_idle_slice_being_handed_back_cannot_be_spent_twice(embedded, i
         a.store.commit_lease = slow_hand_back
         try:
             assert (await a.chat()).code == 200  # A's slice: the whole balance
-            await eventually(lambda: a.committed(TEST_KEY), message="the first request is committed")
+            await a.settles(TEST_KEY)
             # Idle for IDLE_RETURN_S (2 s): A starts handing the slice back.
             await eventually(handing_back.is_set, timeout=10, message="the idle slice is being handed back")
             burst = [asyncio.ensure_future(a.chat(stream=i % 2 == 0)) for i in range(3)]
@@ -166,7 +205,8 @@ async def test_an_idle_slice_being_handed_back_cannot_be_spent_twice(embedded, i
         doc = docs[0]
         print(f"\nhand-back race: {served} requests answered 200 on a balance for 4; "
               f"granted {doc['granted']}, used {doc['used']}, balance {doc['balance']}")
-        assert served <= 4, f"{served} requests of {COST} units were served from a balance of {quota}"
+        assert served <= 4, (f"{served} requests of {COST} units were served from a balance of {quota}: "
+                             f"used {doc['used']}, balance {doc['balance']}")
         assert doc["used"] <= doc["granted"] and doc["balance"] >= 0, doc
 
 
@@ -190,13 +230,14 @@ async def test_a_huge_completion_allowance_is_answered_and_does_not_poison_the_g
         first = await relay.chat(stream=False, **hostile)
         second = await relay.chat(stream=True, **hostile)
         print(f"\n{hostile}: answered {first.code} {first.body[:160]!r} / stream {second.code}")
-        assert first.code in (200, 400, 429) and second.code in (200, 400, 429), (first.code, second.code)
+        after = []
         for i in range(4):  # both keys go on being served and charged
-            assert (await relay.chat(TEST_KEY, stream=i % 2 == 0)).code == 200
-            assert (await relay.chat(OTHER_KEY, stream=i % 2 == 1)).code == 200
-        await eventually(lambda: relay.committed(TEST_KEY, OTHER_KEY), timeout=5,
-                         message="the group commits go on landing")
+            after.append((await relay.chat(TEST_KEY, stream=i % 2 == 0)).code)
+            after.append((await relay.chat(OTHER_KEY, stream=i % 2 == 1)).code)
+        await relay.settles(TEST_KEY, OTHER_KEY)
         await relay.assert_exact()
+        assert first.code in (200, 400, 429) and second.code in (200, 400, 429), (first.code, second.code)
+        assert after == [200] * 8, after
 
 
 async def test_a_huge_allowance_on_a_fresh_key_is_not_a_store_outage(embedded, io_loop):
@@ -244,14 +285,13 @@ async def test_an_upstream_reporting_huge_usage_does_not_poison_the_group_commit
         emb = await relay.http.fetch(relay.url + "/v1/embeddings", method="POST", raise_error=False,
                                      headers={"Authorization": f"Bearer {TEST_KEY}"},
                                      body=json.dumps({"model": "text-embedding-ada-002", "input": "Hi"}))
-        relay.check(emb, TEST_KEY)
+        relay.check(emb, TEST_KEY, what="embeddings")
         relay.fake.state.behaviour.usage_override = None
         print(f"\nusage {usage}: chat {codes}, embeddings {emb.code}")
         for i in range(4):  # both keys go on being served and charged
             await relay.chat(TEST_KEY, stream=i % 2 == 0)
-            assert (await relay.chat(OTHER_KEY, stream=i % 2 == 1)).code == 200
-        await eventually(lambda: relay.committed(TEST_KEY, OTHER_KEY), timeout=5,
-                         message="the group commits go on landing")
+            await relay.chat(OTHER_KEY, stream=i % 2 == 1)
+        await relay.settles(TEST_KEY, OTHER_KEY)
         for e in await relay.store.ledger.find({}).to_list(None):
             assert 0 <= e["cost"] <= INT64_MAX
         await relay.assert_exact()
@@ -273,13 +313,15 @@ async def test_usage_reporting_more_than_was_delivered_is_not_charged_beyond_the
         resp = await relay.chat(stream=stream, stream_options={"include_usage": True} if stream else None)
         assert resp.code == 200
         relay.fake.state.behaviour.usage_override = None
-        await eventually(lambda: relay.committed(TEST_KEY), timeout=5, message="committed")
+        await relay.settles(TEST_KEY)
         [entry] = await relay.store.ledger.find({}).to_list(None)
         docs = await relay.assert_exact()
         print(f"\nusage {usage}: charged {entry['cost']} units ({entry['prompt_tokens']} + "
               f"{entry['completion_tokens']} tokens); balance {docs[0]['balance']}")
-        assert entry["completion_tokens"] <= 10, "no more completion tokens than max_tokens allows"
-        assert entry["cost"] <= COST, f"charged {entry['cost']} units for a request that reserved {COST}"
+        charged = (f"charged {entry['cost']} units ({entry['prompt_tokens']} + {entry['completion_tokens']} tokens) "
+                   f"for 10 tokens delivered of a request that reserved {COST}; balance {docs[0]['balance']}")
+        assert entry["completion_tokens"] <= 10, f"more completion tokens than max_tokens allows: {charged}"
+        assert entry["cost"] <= COST, charged
         assert docs[0]["balance"] >= 0
 
 
@@ -297,13 +339,14 @@ async def test_usage_that_is_not_a_count_is_not_taken_for_one(usage, embedded, i
         relay.fake.state.behaviour.usage_override = usage
         for stream in (False, True):
             assert (await relay.chat(stream=stream)).code == 200
-        await eventually(lambda: relay.committed(TEST_KEY), timeout=5, message="committed")
+        await relay.settles(TEST_KEY)
         entries = await relay.store.ledger.find({}).to_list(None)
         await relay.assert_exact()
         for e in entries:
+            assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 10, COST), \
+                f"charged {e['cost']} units for {e['prompt_tokens']!r} + {e['completion_tokens']!r} tokens"
             kinds = (type(e["prompt_tokens"]), type(e["completion_tokens"]))
             assert kinds == (int, int), f"the ledger holds {kinds} token counts"
-            assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 10, COST), e
 
 
 # --- clients and upstreams that stop mid-stream -------------------------------------------------
@@ -339,7 +382,7 @@ async def test_clients_hanging_up_mid_stream_pay_for_what_they_received_and_noth
                        if line.lower().startswith("x-request-id:"))
             ids[rid] = got.count(b'"content":"') - 1  # the role chunk carries empty content
         relay.ok[hash_key(TEST_KEY)] |= set(ids)
-        await eventually(lambda: relay.committed(TEST_KEY), timeout=5, message="the cut streams are committed")
+        await relay.settles(TEST_KEY)
         await eventually(lambda: all(r["aborted"] for r in relay.fake.requests), timeout=3,
                          message="every upstream request was cancelled")
         entries = {e["_id"]: e for e in await relay.store.ledger.find({}).to_list(None)}
@@ -361,7 +404,7 @@ async def test_an_upstream_failing_mid_stream_is_charged_for_what_was_delivered_
         failed = await asyncio.gather(*(relay.chat(stream=i % 2 == 0, upstream_failed=True) for i in range(4)))
         assert [r.code for r in failed] == [502] * 4
         relay.fake.state.behaviour.status = None
-        await eventually(lambda: relay.committed(TEST_KEY), timeout=5, message="committed")
+        await relay.settles(TEST_KEY)
         entries = await relay.store.ledger.find({}).to_list(None)
         assert sorted((e["completion_tokens"], e["cost"]) for e in entries) == [(3, PROMPT_COST + 3 * 40)] * 5
         await relay.assert_exact()
