@@ -43,6 +43,7 @@ class Behaviour:
     stall_after_chunks: int | None = None     # stop sending (hang) after N content chunks
     truncate_after_chunks: int | None = None  # close the connection after N content chunks
     omit_usage: bool = False         # never report usage (relay must count itself)
+    usage_override: dict | None = None  # report exactly this as ``usage`` (JSON replies, the stream's usage chunk)
     key_status: dict = field(default_factory=dict)  # per upstream key: answer with this status
     broken: str | None = None        # "invalid_json", "html" (a 200 error page), "sse_garbage"
 
@@ -154,6 +155,8 @@ class ChatHandler(_FakeHandler):
         prompt = count_chat_prompt(messages)
         completion = count_text("".join(pieces))
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if b.usage_override is not None:
+            usage = b.usage_override  # what a buggy or lying upstream reports, whatever it delivered
         cid = f"chatcmpl-fake{self.state.counter}"
         created = int(time.time())
         if body.get("stream") is True:
@@ -231,8 +234,9 @@ class EmbeddingsHandler(_FakeHandler):
                 value = vector
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = count_embedding_input(inputs)
+        usage = self.state.behaviour.usage_override
         self.write_json({"object": "list", "data": data, "model": body.get("model"),
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens} if usage is None else usage})
 
 
 class ModelsHandler(_FakeHandler):

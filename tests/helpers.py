@@ -121,3 +121,25 @@ async def serve(config_text: str, store: MongoStore, admin_token: str | None = "
     server = make_server(app, **server_options)
     server.listen(port, "127.0.0.1")
     return f"http://127.0.0.1:{port}", server, services
+
+
+async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
+    """Wait until ``predicate()`` (a function, plain or async) returns something truthy; return it.
+
+    For every "until X happened" in a test: polls X with a deadline instead of sleeping a
+    guessed time, so a slow machine makes the test slower, not wrong, and a fast one does not
+    wait for nothing. Fails with ``message`` (and the last value seen) when X never happens.
+    """
+    import asyncio
+    import inspect
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {message or predicate}" f" (last: {value!r})")
+        await asyncio.sleep(interval)

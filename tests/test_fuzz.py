@@ -7,8 +7,13 @@ from hypothesis import strategies as st
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import TEST_KEY
 
+# Integers up to and beyond what BSON can hold (int64), both ways.
+EDGE_INTS = st.sampled_from([2**31, 2**53, 2**62, 2**63 - 1, 2**63, 2**64, 10**20, 10**30, -(2**63), -(2**63) - 1,
+                             -(2**64)])
+big_ints = EDGE_INTS | st.integers(-2**70, 2**70)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | big_ints | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12)
 models = st.sampled_from(["gpt-4", "gpt-3.5-turbo", "text-embedding-ada-002", "", "x" * 300, "gpt-4\x00", "其他"])
@@ -16,12 +21,18 @@ messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "sys
                                           optional={"content": json_values, "name": json_values}), max_size=3)
 chat_bodies = st.fixed_dictionaries({}, optional={
     "model": models | json_values, "messages": messages | json_values, "stream": st.booleans() | json_values,
-    "max_tokens": st.integers(-5, 10**9) | json_values, "n": st.integers(-2, 300),
+    "max_tokens": st.integers(-5, 10**9) | big_ints | json_values, "n": st.integers(-2, 300) | big_ints,
+    "max_completion_tokens": st.integers(-5, 10**9) | big_ints,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": json_values}) | json_values,
-    "input": json_values | st.lists(st.text(max_size=10), max_size=3), "quota": st.integers(-10, 10**6) | json_values,
+    "input": json_values | st.lists(st.text(max_size=10), max_size=3),
+    "quota": st.integers(-10, 10**6) | big_ints | json_values,
     "note": json_values})
+# JSON nested deeper than Python's recursion limit, as raw bytes; and a few hundred levels in an embedding input.
+deep_bodies = st.integers(1_000, 100_000).map(lambda d: b"[" * d) | \
+    st.integers(1_000, 50_000).map(lambda d: b'{"a":' * d) | \
+    st.integers(300, 1_000).map(lambda d: b'{"model":"text-embedding-ada-002","input":' + b"[" * d + b"]" * d + b"}")
 bodies = chat_bodies.map(lambda b: json.dumps(b).encode()) | json_values.map(lambda v: json.dumps(v).encode()) | \
-    st.binary(max_size=200)
+    st.binary(max_size=200) | deep_bodies
 ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/openai/v1/chat/completions"), ("POST", "/v1/embeddings"),
           ("GET", "/v1/models"), ("GET", "/dashboard/billing/subscription"),
           ("GET", "/v1/dashboard/billing/usage?start_date=2026-01-01&end_date=2026-02-01"),

@@ -3,6 +3,7 @@ import asyncio
 import json
 import logging
 import resource
+import shutil
 import signal
 import socket
 import time
@@ -18,8 +19,8 @@ from relay.redact import mask_key
 from relay.store.connect import close_client, open_store
 from tests.conservation import assert_conserved, settled
 from tests.faultproxy import FaultProxy
-from tests.helpers import TEST_KEY, UPSTREAM_KEY, add_key, mock_store, one_upstream_config, serve, start_fake, \
-    unused_port
+from tests.helpers import TEST_KEY, UPSTREAM_KEY, add_key, eventually, mock_store, one_upstream_config, serve, \
+    start_fake, unused_port
 from tests.processes import RelayProcess, db_uri
 
 CHAT = "/v1/chat/completions"
@@ -60,14 +61,17 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     assert (await chat(c, url)).code == 200  # the key is now known to the auth cache
     fake.state.behaviour.chunk_delay = 0.2
     in_flight = [asyncio.ensure_future(chat(c, url, stream=True)) for _ in range(5)]
-    await asyncio.sleep(0.5)  # reserved and streaming
+
+    async def reserved_and_streaming():
+        holds = (await direct.key_doc(hash_key(TEST_KEY)))["holds"]
+        streaming = [r for r in fake.requests if r["stream"] is True and r["chunks_sent_at"]]
+        return len(holds) == 5 and len(streaming) == 5
+    await eventually(reserved_and_streaming, message="five streams reserved and streaming")
     proxy.cut()
     done = await asyncio.gather(*in_flight)
     assert all(r.code == 200 and r.body.endswith(b"data: [DONE]\n\n") for r in done), "streams finish"
-    t0 = time.monotonic()
-    while len(services.charger.queue) < 5:  # each settlement fails after the driver's 2 s timeout
-        assert time.monotonic() - t0 < 10, "their settlements wait in the queue"
-        await asyncio.sleep(0.1)
+    # Each settlement fails after the driver's 2 s timeout.
+    await eventually(lambda: len(services.charger.queue) >= 5, message="their settlements wait in the queue")
     journal = (tmp_path / "settlements.journal").read_text()
     assert journal.count('"op": "settle"') == 5, "and on disk"
     t0 = time.monotonic()
@@ -76,10 +80,8 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     assert time.monotonic() - t0 < 10
     assert fake.count() == 6, "nothing is forwarded without a reservation"
     proxy.restore()
-    t0 = time.monotonic()
-    while len(services.charger.queue):
-        assert time.monotonic() - t0 < 20, "queued settlements are replayed when the store returns"
-        await asyncio.sleep(0.1)
+    await eventually(lambda: len(services.charger.queue) == 0, timeout=20,
+                     message="queued settlements are replayed when the store returns")
     fake.state.behaviour.chunk_delay = 0
     assert (await chat(c, url)).code == 200
     await settled(direct, services)
@@ -106,11 +108,18 @@ async def test_journal_is_replayed_by_a_restarted_process(embedded, tmp_path, io
     path = str(tmp_path / "j.journal")
     SettlementQueue(store, path).put_settle(LedgerEntry("req_crashed", h, "gpt-4", "p", 8, 10, 560, 200, 5.0, 1.0,
                                                         True, utc_now()), held)
+    # The journal as a process killed after applying it but before writing its "done" line leaves it.
+    shutil.copy(path, str(tmp_path / "j-before-replay.journal"))
     replay = SettlementQueue(store, path)  # a new process reads the journal
     assert len(replay) == 1 and await replay.drain()
-    assert not await SettlementQueue(store, path).drain() or len(SettlementQueue(store, path)) == 0
+    assert (await store.key_doc(h))["used"] == 560, "the replay applied the settlement"
+    assert len(SettlementQueue(store, path)) == 0, "a replayed journal holds nothing for the next process"
+    again = SettlementQueue(store, str(tmp_path / "j-before-replay.journal"))
+    assert len(again) == 1 and await again.drain(), "replayed a second time..."
+    doc = await store.key_doc(h)
+    assert (doc["used"], doc["reserved"], doc["balance"]) == (560, 0, 1000 - 560), "...it charges nothing twice"
+    assert await store.ledger_total(h) == 560
     await assert_conserved(store)
-    assert (await store.key_doc(h))["used"] == 560
     await close_client(store.client)
 
 
@@ -126,18 +135,21 @@ async def test_sigterm_lets_streams_in_flight_finish(embedded, tmp_path, io_loop
                                "--data-dir", str(tmp_path / "d")).start()
     c = client()
     streams = [asyncio.ensure_future(chat(c, relay.url, stream=True)) for _ in range(12)]
-    await asyncio.sleep(0.6)
+    await eventually(lambda: sum(1 for r in fake.requests if r["stream"] is True and r["chunks_sent_at"]) == 12,
+                     message="all twelve streams under way")
     relay.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()  # no longer accepting
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+    await eventually(refused, timeout=5, message="no longer accepting after SIGTERM")
     results = await asyncio.gather(*streams)
     broken = [r for r in results if r.code != 200 or not r.body.endswith(b"data: [DONE]\n\n")]
     assert broken == [], "zero broken streams under a shutdown that fits the drain time"
-    for _ in range(100):
-        if relay.proc.poll() is not None:
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: relay.proc.poll() is not None, message="relay exits once drained")
     assert relay.proc.returncode == 0, relay.log()
     assert "draining 12 request(s)" in relay.log()
     await assert_conserved(store)
@@ -189,7 +201,7 @@ async def test_thousands_of_idle_connections_do_not_starve_others(io_loop):
     for _ in range(n):
         _, w = await asyncio.open_connection("127.0.0.1", port)
         idle.append(w)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: len(server._connections) >= n, message="relay holds every idle connection")
     c = client()
     t0 = time.monotonic()
     assert (await chat(c, url)).code == 200
@@ -235,7 +247,7 @@ async def test_a_slow_reader_does_not_make_relay_buffer_without_bound(embedded, 
     while time.monotonic() - t0 < 4:  # read about 2 KB per 50 ms while the upstream pushes megabytes
         got += len(await reader.read(2048))
         peak = max(peak, rss_mb())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the slow reading is the point of the test
     sent = len(fake.requests[-1]["chunks_sent_at"])
     assert got < 1_000_000 and sent < 60_000, "the upstream is held back, not buffered in relay"
     assert peak - baseline < 30, f"relay's memory grew {peak - baseline:.1f} MB for a slow reader"
@@ -381,21 +393,21 @@ async def test_background_loops_stop_even_when_a_cancellation_is_swallowed(io_lo
         while True:
             try:
                 rounds.append(1)
-                await asyncio.sleep(0.01)  # a store call...
+                await asyncio.sleep(0.01)  # a store call... (a stand-in, not a wait for anything)
             except asyncio.CancelledError:
                 pass  # ...that turned the cancellation into its own error, caught like any store failure
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the loop's pause between rounds
 
     release = asyncio.Event()
 
     async def stuck_for_good():
         while not release.is_set():
             try:
-                await asyncio.sleep(10)
+                await asyncio.sleep(10)  # a task that never ends by itself
             except asyncio.CancelledError:
                 pass
     tasks = [asyncio.ensure_future(maintenance_loop()), asyncio.ensure_future(stuck_for_good())]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(rounds) >= 2, message="the loop went round")
     started = time.monotonic()
     left = await stop_tasks(tasks, 1.0)
     assert tasks[0].done() and left == {tasks[1]}

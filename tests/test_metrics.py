@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.helpers import PRICING, TEST_KEY, UPSTREAM_KEY, add_key, mock_store, serve, start_fake
+from tests.helpers import PRICING, TEST_KEY, UPSTREAM_KEY, add_key, eventually, mock_store, serve, start_fake
 from tests.processes import RelayProcess, relay_cli
 
 CHAT = "/v1/chat/completions"
@@ -48,8 +48,15 @@ async def test_metrics_after_traffic_hold_no_keys_no_content_and_no_junk_series(
     fake.state.behaviour.status = None
     await c.fetch(url + CHAT, method="POST", body=body, headers={"Authorization": "Bearer ak-" + "z" * 40},
                   raise_error=False)
-    await asyncio.sleep(1.2)  # the gauges refresh every second
-    metrics = (await c.fetch(url + "/metrics")).body.decode()
+
+    async def counted():
+        # Settlements (and their token counts) follow the responses; the gauges refresh every second.
+        text = (await c.fetch(url + "/metrics")).body.decode()
+        done = (value(text, "relay_tokens_total", model="gpt-4", kind="completion")
+                - value(base, "relay_tokens_total", model="gpt-4", kind="completion") >= 20
+                and value(text, "relay_endpoint_state", upstream="primary", key_id="k0", state="healthy") == 1)
+        return text if done else None
+    metrics = await eventually(counted, message="the traffic is counted in /metrics")
 
 
     def delta(name, **labels):
@@ -101,7 +108,11 @@ async def test_two_worker_processes_add_up(tmp_path, io_loop):
     assert {r.code for r in results} == {200}
     pids = {m.group(1) for f in mp.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
     assert len(pids) >= 2, f"both workers served: {sorted(p.name for p in mp.iterdir())}"
-    await asyncio.sleep(1.0)  # settlements (and their token counts) follow the responses
+
+    async def counted():  # settlements (and their token counts) follow the responses
+        text = (await c.fetch(relay.url + "/metrics", headers={"Connection": "close"})).body.decode()
+        return value(text, "relay_tokens_total", model="gpt-4", kind="completion") >= 5 * n
+    await eventually(counted, message="every settlement counted")
     for _ in range(6):
         metrics = (await c.fetch(relay.url + "/metrics", headers={"Connection": "close"})).body.decode()
         assert value(metrics, "relay_requests_total", route="chat", status_class="2xx") == n

@@ -10,7 +10,7 @@ import pytest
 from relay.keys import hash_key
 from tests.conftest import ADMIN_TOKEN
 from tests.conservation import assert_conserved, settled
-from tests.helpers import TEST_KEY, add_key, mock_store, one_upstream_config, relay_app, serve
+from tests.helpers import TEST_KEY, add_key, eventually, mock_store, one_upstream_config, relay_app, serve
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]  # 8 prompt tokens; the fake replies with 10 tokens
@@ -141,19 +141,12 @@ async def test_client_hanging_up_mid_stream_cancels_upstream_and_pays_for_delive
     fake.state.behaviour.chunk_delay = 0.1
     port = int(http_server_client.get_url("/").split(":")[2].split("/")[0])
     seen = await asyncio.get_running_loop().run_in_executor(None, _read_some_then_hang_up, port, TEST_KEY, 4)
-    for _ in range(100):
-        if await store.ledger.count_documents({}):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: store.ledger.count_documents({}), timeout=5, message="the cut stream is settled")
     [e] = await store.ledger.find({}).to_list(None)
     content_seen = seen.count(b'"content":"') - 1  # the role chunk carries empty content
     assert content_seen <= e["completion_tokens"] < 10
     assert e["cost"] == 8 * 20 + e["completion_tokens"] * 40
-    for _ in range(40):
-        if fake.requests[-1]["aborted"]:
-            break
-        await asyncio.sleep(0.05)
-    assert fake.requests[-1]["aborted"], "the upstream request was cancelled"
+    await eventually(lambda: fake.requests[-1]["aborted"], timeout=2, message="the upstream request was cancelled")
     await settle()
     await assert_conserved(store)
 
