@@ -72,6 +72,11 @@ class Charger:
             log.warning("usage of %s out of range (%d prompt, %d completion tokens): clamped", charge.request_id,
                         prompt_tokens, completion_tokens)
             prompt_tokens, completion_tokens = clamp_tokens(prompt_tokens), clamp_tokens(completion_tokens)
+        if charge.quote.limited and completion_tokens > charge.quote.allowance:
+            # The client capped the reply: an upstream cannot have produced more than that.
+            log.warning("upstream reported %d completion tokens for %s, capped by the client at %d: billed %d",
+                        completion_tokens, charge.request_id, charge.quote.allowance, charge.quote.allowance)
+            completion_tokens = charge.quote.allowance
         charge.cost = cost(price, prompt_tokens, completion_tokens)
         entry = LedgerEntry(
             request_id=charge.request_id, key_hash=charge.key_hash, model=model, upstream=upstream,

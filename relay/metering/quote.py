@@ -21,6 +21,7 @@ class Quote:
     allowance: int        # completion tokens reserved for
     minimum: int          # units that must be there: the prompt alone
     full: int             # units held when the balance allows: prompt + allowance
+    limited: bool = False  # the client set the allowance (max_tokens × n): no reply can be longer
 
 
 def price_for(config: Config, model: str) -> Price:
@@ -34,22 +35,23 @@ def price_for(config: Config, model: str) -> Price:
 def quote_chat(config: Config, model: str, body: dict) -> Quote:
     price = price_for(config, model)
     prompt = count_chat_prompt(body["messages"])
-    allowance = body.get("max_tokens") or body.get("max_completion_tokens") or config.quota.default_max_tokens
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    allowance = limit or config.quota.default_max_tokens
     n = body.get("n")
     if isinstance(n, int) and n > 1:
         allowance *= n  # n choices each get up to max_tokens
-    return _quote(model, price, prompt, allowance)
+    return _quote(model, price, prompt, allowance, limited=bool(limit))
 
 
 def quote_embedding(config: Config, model: str, body: dict) -> Quote:
-    return _quote(model, price_for(config, model), count_embedding_input(body["input"]), 0)
+    return _quote(model, price_for(config, model), count_embedding_input(body["input"]), 0, limited=True)
 
 
-def _quote(model: str, price: Price, prompt: int, allowance: int) -> Quote:
+def _quote(model: str, price: Price, prompt: int, allowance: int, limited: bool = False) -> Quote:
     """Units are capped at ``MAX_UNITS``: no balance holds more, so a larger reservation could
     only ever hold what is left, and the cap keeps every amount stored a 64-bit integer."""
     return Quote(model, price, prompt, allowance, minimum=min(ceil(Fraction(price.input) * prompt), MAX_UNITS),
-                 full=min(cost(price, prompt, allowance), MAX_UNITS))
+                 full=min(cost(price, prompt, allowance), MAX_UNITS), limited=limited)
 
 
 def completion_tokens_of_reply(reply: Any) -> int:

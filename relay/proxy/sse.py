@@ -48,15 +48,24 @@ class Usage:
 
 
 def parse_usage(obj: object) -> Usage | None:
+    """The upstream's token counts, when they are counts: a boolean, a float or a negative
+    number is no count, and then relay counts itself. Without ``completion_tokens`` (the
+    embeddings API) the completion is what ``total_tokens`` holds beyond the prompt."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if c is None and _is_count(usage.get("total_tokens")) and _is_count(p):
+        c = usage["total_tokens"] - p
+    if _is_count(p) and _is_count(c):
         return Usage(p, c)
     return None
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 class StreamMeter:
