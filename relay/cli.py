@@ -24,6 +24,7 @@ from relay.config import Config, ConfigError, load_config, parse_config
 from relay.fake_upstream import FakeState, make_fake_app
 from relay.net import parse_trusted
 from relay.store.connect import CLIENTS, DEFAULT_CLIENT, close_client, locate_store, open_store
+from relay.store.embedded import StoreUnreachable
 
 # relay.app (and with it prometheus_client) is imported inside the commands that need it:
 # with --workers, PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported.
@@ -107,6 +108,17 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
     return 0
 
 
+def _exit_without_store() -> None:
+    """The embedded store cannot be brought back (called from its watcher thread).
+
+    Exit 1 at once, as a crash would, so that systemd restarts relay with a fresh store: a
+    graceful drain could write nothing. Workers follow their supervisor (PR_SET_PDEATHSIG);
+    the journal and the sweeper cover what was in flight."""
+    log.critical("relay exits with code 1: its embedded store is gone and could not be restarted")
+    logging.shutdown()
+    os._exit(1)
+
+
 def _exit_watchdog(after_s: float) -> None:
     """A stop signal always ends the process: if the graceful shutdown (drain, final store
     writes, asyncio's own clean-up of tasks) has not finished within ``after_s``, exit hard.
@@ -142,7 +154,7 @@ def _serve_command(args) -> int:
     sockets = tornado.netutil.bind_sockets(args.port, args.host)
     metrics_sockets = tornado.netutil.bind_sockets(args.metrics_port, args.host) if args.metrics_port else None
     # The embedded store starts here, on the main thread: it is tied to this thread's life.
-    location = locate_store(args.mongodb_uri, args.data_dir)
+    location = locate_store(args.mongodb_uri, args.data_dir, on_give_up=_exit_without_store)
     try:
         if args.workers > 1:
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -340,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             location.stop()
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnreachable as exc:
+        print(f"relay: {exc}", file=sys.stderr)
         return 1
 
 

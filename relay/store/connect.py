@@ -11,7 +11,7 @@ import inspect
 import os
 from dataclasses import dataclass
 
-from relay.store.embedded import EmbeddedServer, StoreAlreadyRunning, running_uri
+from relay.store.embedded import EmbeddedServer, StoreAlreadyRunning, StoreUnreachable, wait_for_running
 from relay.store.mongo import MongoStore
 
 CLIENTS = ("pymongo", "motor")
@@ -61,16 +61,23 @@ class StoreLocation:
             self.embedded.stop()
 
 
-def locate_store(mongodb_uri: str | None, data_dir: str) -> StoreLocation:
-    """MONGODB_URI if given; else the embedded server on data_dir (reuse a running one, or start it)."""
+def locate_store(mongodb_uri: str | None, data_dir: str, on_give_up=None) -> StoreLocation:
+    """MONGODB_URI if given; else the embedded server on data_dir (reach a running one, or start it).
+
+    ``on_give_up`` runs if a server started here dies and cannot be brought back.
+    """
     uri = mongodb_uri or os.environ.get("MONGODB_URI")
     if uri:
         return StoreLocation(uri)
-    existing = running_uri(data_dir)
-    if existing:
-        return StoreLocation(existing)
-    server = EmbeddedServer(data_dir)
-    try:
-        return StoreLocation(server.start(), server)
-    except StoreAlreadyRunning:
-        return StoreLocation(running_uri(data_dir) or "")
+    # Never open the directory twice: whoever holds store.lock runs its server. Losing the
+    # race for the lock to another process means reaching that process's server instead.
+    for _ in range(3):
+        existing = wait_for_running(data_dir)
+        if existing:
+            return StoreLocation(existing)
+        server = EmbeddedServer(data_dir, on_give_up)
+        try:
+            return StoreLocation(server.start(), server)
+        except StoreAlreadyRunning:
+            continue
+    raise StoreUnreachable(f"the embedded store in {os.path.abspath(data_dir)} changes hands too often to be reached")
