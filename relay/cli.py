@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         from relay.keys_cli import run_keys_command
         runner = {"demo": _demo, "keys": run_keys_command}[args.command]
         # The embedded store starts here, on the main thread: it is tied to this thread's life.
-        location = locate_store(args.mongodb_uri, args.data_dir)
+        location = locate_store(args.mongodb_uri, args.data_dir,
+                                on_give_up=_exit_without_store if args.command == "demo" else None)
         try:
             return asyncio.run(runner(args, location.uri))
         finally:
