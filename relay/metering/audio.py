@@ -7,7 +7,7 @@ from __future__ import annotations
 from math import ceil
 from typing import Any
 
-from relay.metering.b64 import Reader, decoded_size, reader
+from relay.metering.b64 import Reader, data_url_payload, decoded_size, reader
 
 # OpenAI bills user audio at one token per 100 ms (gpt-4o-audio / realtime models: "about 10 a
 # second"), rounded up to whole tokens here.
@@ -29,7 +29,8 @@ def audio_tokens(data: Any, fmt: Any = None) -> int:
 
 
 def audio_seconds(data: str, fmt: Any = None) -> float:
-    read, size = reader(data), decoded_size(data)
+    text, start = data_url_payload(data) or (data, 0)  # raw base64, or a data URL from lenient clients
+    read, size = reader(text, start), decoded_size(text, start)
     head = read(0, 12)
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         seconds = wav_seconds(read, size)

@@ -139,7 +139,18 @@ def encoding_for(model: str, overrides: Mapping[str, str] | None = None) -> str:
         chosen = _override(model, overrides)
         if chosen is not None:
             return chosen
+    if not isinstance(model, str):
+        return CL100K
+    # Cached (it is a third of a small request's estimate), but only for names of a sane length:
+    # a client's megabyte-long model name must not stay in memory.
+    return _cached_family(model) if len(model) <= 128 else _family(model)
+
+
+def _family(model: str) -> str:
     return O200K if _base_model(model).startswith(O200K_PREFIXES) else CL100K
+
+
+_cached_family = lru_cache(maxsize=1024)(_family)
 
 
 def _override(model: str, overrides: Mapping[str, str]) -> str | None:
@@ -158,7 +169,7 @@ def _override(model: str, overrides: Mapping[str, str]) -> str | None:
 
 def _base_model(model: str) -> str:
     """gpt-4o out of "ft:gpt-4o-mini:org::id", "openai/gpt-4o" or "GPT-4o"."""
-    name = model.lower() if isinstance(model, str) else ""
+    name = model.lower()
     if name.startswith("ft:"):
         name = name[3:]
     return name.rsplit("/", 1)[-1]

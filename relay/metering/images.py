@@ -87,9 +87,9 @@ def patch_count(width: int, height: int) -> int:
 def image_size(url: str) -> tuple[int, int] | None:
     """(width, height) from a base64 data URL's header bytes, or None if it cannot be read."""
     payload = data_url_payload(url)
-    if not payload:
+    if payload is None:
         return None
-    size = size_from_header(reader(payload))
+    size = size_from_header(reader(*payload))
     if size and 0 < size[0] <= 1 << 20 and 0 < size[1] <= 1 << 20:
         return size
     return None

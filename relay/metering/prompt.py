@@ -124,12 +124,12 @@ def _message(tally: _Tally, message: Any) -> None:
 
 
 def _role_tokens(role: Any, encoding: str) -> int:
-    return _cached_role_tokens(role, encoding) if isinstance(role, str) else count_tokens(_str(role), encoding)
+    if isinstance(role, str) and len(role) <= 32:  # a handful of roles; a client's essay is not cached
+        return _cached_tokens(role, encoding)
+    return count_tokens(_str(role), encoding)
 
 
-@lru_cache(maxsize=64)
-def _cached_role_tokens(role: str, encoding: str) -> int:
-    return count_tokens(role, encoding)
+_cached_tokens = lru_cache(maxsize=64)(count_tokens)
 
 
 def _content(tally: _Tally, content: Any) -> None:
@@ -245,4 +245,5 @@ def _str(value: Any) -> str:
 
 
 def _tools(tally: _Tally, tools: Any, functions: Any) -> None:
-    tally.text += tools_tokens(tools, tally.encoding) + tools_tokens(functions, tally.encoding)
+    if tools is not None or functions is not None:
+        tally.text += tools_tokens(tools, tally.encoding) + tools_tokens(functions, tally.encoding)
