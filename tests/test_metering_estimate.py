@@ -332,13 +332,21 @@ def test_wav_with_other_chunks_and_a_streamed_size():
     assert audio_tokens(b64s(streamed), "wav") == 20
 
 
-def mp3_frames(count, xing_frames=None):
+def test_a_header_cannot_claim_more_time_than_its_bytes_hold():
+    data = bytearray(wav(1.0))
+    data[28:32] = struct.pack("<I", 1)  # a byte rate of 1
+    assert audio_tokens(b64s(bytes(data)), "wav") == -(-len(data) * 10 // 1000)
+    liar = mp3_frames(3, xing_frames=10**9)
+    assert audio_tokens(b64s(liar), "mp3") == -(-len(liar) * 10 // 1000)
+
+
+def mp3_frames(count, xing_frames=None, frame_bytes=417):
     header = b"\xff\xfb\x90\x64"  # MPEG-1 Layer III, 128 kbit/s, 44.1 kHz, joint stereo
-    frame = header + b"\x00" * (417 - 4)
+    frame = header + b"\x00" * (frame_bytes - 4)
     first = frame
     if xing_frames is not None:
         first = header + b"\x00" * 32 + b"Xing" + struct.pack(">II", 1, xing_frames)
-        first += b"\x00" * (417 - len(first))
+        first += b"\x00" * (frame_bytes - len(first))
     id3 = b"ID3\x04\x00\x00" + bytes([0, 0, 0x17, 0x38]) + b"\x00" * 3000  # synchsafe 3000
     return id3 + first + frame * (count - 1)
 
@@ -346,8 +354,8 @@ def mp3_frames(count, xing_frames=None):
 def test_mp3_duration_cbr_and_xing():
     cbr = mp3_frames(100)
     assert audio_tokens(b64s(cbr), "mp3") == -(-(100 * 417 * 8 * 10) // 128_000)  # 26.06 -> 27
-    vbr = mp3_frames(10, xing_frames=500)
-    assert audio_tokens(b64s(vbr), "mp3") == 131  # 500 x 1152 / 44100 s = 13.06 s
+    vbr = mp3_frames(500, xing_frames=500, frame_bytes=208)  # half the bytes the header's bitrate implies
+    assert audio_tokens(b64s(vbr), "mp3") == 131  # 500 x 1152 / 44100 s = 13.06 s, not 6.5
 
 
 @pytest.mark.parametrize("data", ["", None, 5, "!!!!", b64s(b"\x00" * 4000), b64s(b"RIFF\x00\x00\x00\x00WAVE"),

@@ -38,7 +38,9 @@ def audio_seconds(data: str, fmt: Any = None) -> float:
         seconds = mp3_seconds(read, size)
     else:
         seconds = None
-    return seconds if seconds is not None else size / FALLBACK_BYTES_PER_SECOND
+    # A header's claims (a byte rate of 1, a billion frames) are capped by the payload's own size.
+    most = size / FALLBACK_BYTES_PER_SECOND
+    return most if seconds is None else max(0.0, min(seconds, most))
 
 
 def wav_seconds(read: Reader, size: int) -> float | None:
@@ -62,11 +64,12 @@ def wav_seconds(read: Reader, size: int) -> float | None:
 def mp3_seconds(read: Reader, size: int) -> float | None:
     start = _skip_id3(read)
     window = read(start, MP3_SYNC_SCAN)
-    for i in range(len(window) - 3):
-        if window[i] == 0xFF and window[i + 1] & 0xE0 == 0xE0:
-            frame = _mp3_frame(window[i:i + 4])
-            if frame:
-                return _mp3_duration(read, start + i, frame, size)
+    i = window.find(b"\xff")
+    while 0 <= i < len(window) - 3:
+        frame = _mp3_frame(window[i:i + 4]) if window[i + 1] & 0xE0 == 0xE0 else None
+        if frame:
+            return _mp3_duration(read, start + i, frame, size)
+        i = window.find(b"\xff", i + 1)
     return None
 
 
