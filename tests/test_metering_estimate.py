@@ -188,6 +188,8 @@ def test_encoding_overrides_exact_then_longest_glob():
     assert encoding_for("gpt-4o-legacy", overrides) == CL100K
     assert encoding_for("gpt-4o", overrides) == O200K
     assert encoding_for("xyz", overrides) == CL100K  # an unknown encoding name is not used
+    assert encoding_for("gpt-4o", {"gpt-4o": ["cl100k_base"], "gpt-*": None}) == O200K
+    assert encoding_for(None, overrides) == CL100K
 
 
 def test_the_estimate_uses_the_override():

@@ -135,19 +135,19 @@ def read_ranks(path: Path, sha256: str) -> dict[bytes, int]:
 
 def encoding_for(model: str, overrides: Mapping[str, str] | None = None) -> str:
     """The encoding name for a model: an override ({model or glob: encoding}) or its name family."""
+    if not isinstance(model, str):
+        return CL100K
     if overrides:
         chosen = _override(model, overrides)
         if chosen is not None:
             return chosen
-    if not isinstance(model, str):
-        return CL100K
     # Cached (it is a third of a small request's estimate), but only for names of a sane length:
     # a client's megabyte-long model name must not stay in memory.
     return _cached_family(model) if len(model) <= 128 else _family(model)
 
 
 def _family(model: str) -> str:
-    return O200K if _base_model(model).startswith(O200K_PREFIXES) else CL100K
+    return O200K if base_model(model).startswith(O200K_PREFIXES) else CL100K
 
 
 _cached_family = lru_cache(maxsize=1024)(_family)
@@ -157,18 +157,19 @@ def _override(model: str, overrides: Mapping[str, str]) -> str | None:
     # An exact name beats a glob, and a longer glob beats a shorter one, whatever the file's order;
     # an unknown encoding is skipped here (config validation reports it) rather than failing a request.
     exact = overrides.get(model)
-    if exact in ENCODINGS:
+    if isinstance(exact, str) and exact in ENCODINGS:
         return exact
     best = None
     for pattern, name in overrides.items():
-        if name in ENCODINGS and isinstance(pattern, str) and fnmatchcase(model, pattern):
+        if isinstance(name, str) and name in ENCODINGS and isinstance(pattern, str) and fnmatchcase(model, pattern):
             if best is None or len(pattern) > len(best[0]):
                 best = (pattern, name)
     return best[1] if best else None
 
 
-def _base_model(model: str) -> str:
-    """gpt-4o out of "ft:gpt-4o-mini:org::id", "openai/gpt-4o" or "GPT-4o"."""
+def base_model(model: str) -> str:
+    """The name to match families on: "gpt-4o-mini:org::id" for "ft:gpt-4o-mini:org::id", "gpt-4o" for
+    "openai/gpt-4o" or "GPT-4o"."""
     name = model.lower()
     if name.startswith("ft:"):
         name = name[3:]

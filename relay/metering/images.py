@@ -11,6 +11,7 @@ from math import ceil
 from typing import Any
 
 from relay.metering.b64 import Reader, data_url_payload, reader
+from relay.metering.encodings import base_model
 
 MAX_SIDE = 2048       # high detail first fits the image in 2048 x 2048 ...
 SHORT_SIDE = 768      # ... then shrinks (never enlarges) it so the short side is at most 768 ...
@@ -34,7 +35,8 @@ class Patches:
 
 # Published per-model constants, longest name first so that gpt-4o-mini is not read as gpt-4o.
 # Patch multipliers are the documented ones; users measure gpt-5-mini/nano lower (1.2/1.5), so
-# these are upper bounds there. Unlisted models get gpt-4o's tiles.
+# these are upper bounds there. Unlisted models get gpt-4o's tiles, reported to be at least what
+# o1, o3 and gpt-5 charge.
 PROFILES: tuple[tuple[str, Tiles | Patches], ...] = tuple(sorted((
     ("gpt-4o-mini", Tiles(2833, 5667)),
     ("gpt-4.1-mini", Patches(Fraction("1.62"))),
@@ -47,7 +49,7 @@ DEFAULT_PROFILE = Tiles(85, 170)
 
 
 def profile_for(model: str) -> Tiles | Patches:
-    name = model.lower().removeprefix("ft:").rsplit("/", 1)[-1] if isinstance(model, str) else ""
+    name = base_model(model) if isinstance(model, str) else ""
     for prefix, profile in PROFILES:
         if name.startswith(prefix):
             return profile
