@@ -15,7 +15,7 @@ import time
 
 from relay.store.connect import CLIENTS, close_client, open_store
 from relay.store.embedded import EmbeddedServer
-from relay.store.mongo import LedgerEntry, utc_now
+from relay.metering.ledger import LedgerEntry, utc_now
 
 
 async def measure(uri: str, kind: str, n: int) -> dict[str, float]:

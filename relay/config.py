@@ -96,7 +96,7 @@ class Quota:
     # Completion allowance reserved when a request does not set max_tokens.
     default_max_tokens: int = 1024
     # Each process spends a leased slice of a key's balance locally, committing in groups
-    # (relay/lease.py), so requests wait for no store round trip. Read at start-up. False:
+    # (relay/quota/lease_book.py), so requests wait for no store round trip. Read at start-up. False:
     # one reservation and one settlement in the store per request.
     leases: bool = True
 

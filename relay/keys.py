@@ -6,6 +6,7 @@ put milliseconds on every request.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 import secrets
@@ -38,3 +39,15 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
+
+
+def key_view(doc: dict) -> dict:
+    """What an operator sees of a key: never its hash or the key itself."""
+    return {"prefix": doc["prefix"], "note": doc.get("note", ""), "status": doc["status"],
+            "granted": doc["granted"], "used": doc["used"], "reserved": doc["reserved"],
+            "balance": doc["balance"], "created_at": _iso(doc.get("created_at"))}
+
+
+def _iso(at: dt.datetime | None) -> str | None:
+    return at.replace(tzinfo=dt.timezone.utc).isoformat().replace("+00:00", "Z") if at else None
+

@@ -6,7 +6,7 @@ import sys
 
 from relay.errors import RelayError
 from relay.store.connect import close_client, open_store
-from relay.store.mongo import key_view
+from relay.keys import key_view
 
 
 async def run_keys_command(args, store_uri: str) -> int:

@@ -46,10 +46,10 @@ async def settled(store: MongoStore, services=None, timeout: float = 10.0) -> No
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     if services is not None:
-        while services.charger.busy():
+        while services.quota.busy():
             assert loop.time() < deadline, "requests still hold units"
             await asyncio.sleep(0.02)
-        await services.charger.write_all()
+        await services.quota.write_all()
     busy = {"$or": [{"holds.0": {"$exists": True}}, {"pending.0": {"$exists": True}}]}
     while await store.keys.count_documents(busy):
         assert loop.time() < deadline, "reservations still held"

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import tornado.httpserver
 import tornado.testing
 
-from relay.app import build_services, make_app
+from relay.app import make_app
+
+from relay.services import build_services
 from relay.config import parse_config
 from relay.fake_upstream import FakeState, make_fake_app
 from relay.store.mongo import MongoStore

@@ -190,7 +190,7 @@ def test_fuzz_over_the_wire_with_leases_keeps_the_money_exact(embedded, io_loop)
         text = f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-f1]}}\n" \
                f"model_map:\n  gpt-3.5-turbo: gpt-3.5-turbo-1106\nquota: {{leases: true}}\n{PRICING}"
         url, server, services = await serve(text, store)
-        assert services.charger.book is not None, "leases on"
+        assert services.quota.book is not None, "leases on"
         services.throttle.delay_s = services.admin_throttle.delay_s = 0.0  # unknown keys and tokens still
         # turn into 429s; the fuzz need not wait for them
         return store, fake, url, server, services

@@ -47,7 +47,8 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     direct = await open_store(db_uri(embedded, uri.split("/")[3].split("?")[0]))  # the checker's own view
     await add_key(store, quota=10_000_000)
     fake = start_fake()
-    from relay.app import build_services, make_server, make_app
+    from relay.app import make_app, make_server
+    from relay.services import build_services
     from relay.config import parse_config
     # Per request: the journal is that mode's outage path (with leases: tests/test_store_cut.py).
     services = build_services(parse_config(one_upstream_config(fake.base_url, extra="quota: {leases: false}"), {}),
@@ -71,7 +72,7 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     done = await asyncio.gather(*in_flight)
     assert all(r.code == 200 and r.body.endswith(b"data: [DONE]\n\n") for r in done), "streams finish"
     # Each settlement fails after the driver's 2 s timeout.
-    await eventually(lambda: len(services.charger.queue) >= 5, message="their settlements wait in the queue")
+    await eventually(lambda: len(services.quota.queue) >= 5, message="their settlements wait in the queue")
     journal = (tmp_path / "settlements.journal").read_text()
     assert journal.count('"op": "settle"') == 5, "and on disk"
     t0 = time.monotonic()
@@ -80,7 +81,7 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     assert time.monotonic() - t0 < 10
     assert fake.count() == 6, "nothing is forwarded without a reservation"
     proxy.restore()
-    await eventually(lambda: len(services.charger.queue) == 0, timeout=20,
+    await eventually(lambda: len(services.quota.queue) == 0, timeout=20,
                      message="queued settlements are replayed when the store returns")
     fake.state.behaviour.chunk_delay = 0
     assert (await chat(c, url)).code == 200
@@ -99,8 +100,8 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
 
 async def test_journal_is_replayed_by_a_restarted_process(embedded, tmp_path, io_loop):
     """A settlement queued to disk before a crash is applied by the next process."""
-    from relay.settlement_queue import SettlementQueue
-    from relay.store.mongo import LedgerEntry, utc_now
+    from relay.quota.journal import SettlementQueue
+    from relay.metering.ledger import LedgerEntry, utc_now
     store = await open_store(db_uri(embedded, "journal" + uuid.uuid4().hex[:6]))
     await add_key(store, quota=1000)
     h = hash_key(TEST_KEY)
@@ -265,7 +266,8 @@ async def test_repeated_bad_keys_are_slowed_without_hurting_others(io_loop):
     store = mock_store()
     await add_key(store)
     text = one_upstream_config(fake.base_url)
-    from relay.app import build_services, make_app
+    from relay.app import make_app
+    from relay.services import build_services
     from relay.config import parse_config
     from relay.net import parse_trusted
     services = build_services(parse_config(text, {}), store, trusted_proxies=parse_trusted(["127.0.0.1"]))
@@ -386,7 +388,7 @@ async def test_no_key_or_content_anywhere_after_a_mixed_workload(caplog, io_loop
 async def test_background_loops_stop_even_when_a_cancellation_is_swallowed(io_loop):
     """A cancellation inside a driver call can surface as the driver's own error, which a
     maintenance loop catches and logs before it goes round again."""
-    from relay.app import stop_tasks
+    from relay.background import stop_tasks
     rounds = []
 
     async def maintenance_loop():

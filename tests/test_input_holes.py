@@ -11,7 +11,8 @@ import tornado.testing
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 
-from relay.app import build_services, make_app, make_server
+from relay.app import make_app, make_server
+from relay.services import build_services
 from relay.config import parse_config
 from relay.proxy.router import retry_after_seconds
 

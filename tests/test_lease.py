@@ -8,10 +8,13 @@ from tornado.httpclient import AsyncHTTPClient
 
 from relay.errors import InsufficientQuota
 from relay.keys import hash_key
-from relay.lease import LeaseBook
+from relay.quota.lease_book import LeaseBook
 from relay.observability import metrics
-from relay.store import mongo
-from relay.store.mongo import LedgerEntry, MongoStore
+from relay.metering.ledger import ledger_doc, utc_now
+from relay.store.leases import TOMBSTONE_SEQ
+from relay.store.recovery import DEAD_AFTER_S, MAX_HOLD_AGE_S
+from relay.metering.ledger import LedgerEntry
+from relay.store.mongo import MongoStore
 from tests.conservation import assert_conserved, conserved_now
 from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, serve, start_fake
 
@@ -19,7 +22,7 @@ H = hash_key(TEST_KEY)
 
 
 def entry(rid, cost):
-    return LedgerEntry(rid, H, "gpt-4", "p", 8, 10, cost, 200, 1.0, 1.0, False, mongo.utc_now())
+    return LedgerEntry(rid, H, "gpt-4", "p", 8, 10, cost, 200, 1.0, 1.0, False, utc_now())
 
 
 async def spend(book, rid, minimum, full, cost):
@@ -156,9 +159,9 @@ async def test_entries_of_a_batch_that_never_applied_leave_the_ledger_with_the_l
     await spend(book, "unpaid", 160, 560, 300)
     w = book.wallets[H]
     # The commit's insert lands; the process dies before the charge.
-    await store.ledger.insert_many([mongo._ledger_doc(e, lease=w.rid, lseq=w.seq) for e in w.batch])
+    await store.ledger.insert_many([ledger_doc(e, lease=w.rid, lseq=w.seq) for e in w.batch])
     assert await store.ledger_total(H) == 700, "the insert landed, the charge did not"
-    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
+    assert await p.sweep_after(DEAD_AFTER_S + 1) == 1
     assert await store.ledger_total(H) == 400
     doc = await store.key_doc(H)
     assert (doc["used"], doc["balance"], doc["reserved"]) == (400, 99_600, 0)
@@ -174,7 +177,7 @@ async def test_a_stalled_process_bills_its_late_batch_once(io_loop):
     await spend(book, "first", 160, 560, 400)
     await book.commit_all()
     await spend(book, "late", 160, 560, 300)
-    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
+    assert await p.sweep_after(DEAD_AFTER_S + 1) == 1
     await book.commit_all()  # finds the tombstone: the batch becomes a late batch ...
     await book.commit_all()  # ... charged to the balance
     assert book.wallets[H].rid == "" and not book.wallets[H].late
@@ -186,8 +189,8 @@ async def test_a_stalled_process_bills_its_late_batch_once(io_loop):
     assert await store.ledger_total(H) == 700
     await assert_conserved(store)
     tomb = next(iter((await store.key_doc(H))["leases"].values()))
-    assert tomb["seq"] == mongo.TOMBSTONE_SEQ and tomb["amount"] == 0
-    await p.sweep_after(mongo.MAX_HOLD_AGE_S + 1)
+    assert tomb["seq"] == TOMBSTONE_SEQ and tomb["amount"] == 0
+    await p.sweep_after(MAX_HOLD_AGE_S + 1)
     assert not (await store.key_doc(H))["leases"], "the tombstone goes once no late batch can come"
 
 
@@ -198,7 +201,7 @@ async def test_a_swept_slice_is_replaced_and_every_request_is_billed(io_loop):
     await book.commit_all()
     await spend(book, "swept", 160, 560, 560)  # settled here, not committed when the slice goes
     held = await book.reserve(H, "in-flight", 160, 560)  # still running when the slice goes
-    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
+    assert await p.sweep_after(DEAD_AFTER_S + 1) == 1
     await book.commit_all()  # finds its slice gone
     await store.heartbeat()
     await spend(book, "after", 160, 560, 560)  # a new slice
@@ -236,7 +239,7 @@ async def test_http_with_leases_charges_exactly(io_loop):
     text = f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-l1]}}\n" \
            f"quota: {{leases: true}}\n{PRICING}"
     url, server, services = await serve(text, store)
-    assert services.charger.book is not None
+    assert services.quota.book is not None
     c = AsyncHTTPClient(force_instance=True, max_clients=50)
     results = await asyncio.gather(*(c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
                                              headers={"Authorization": f"Bearer {TEST_KEY}"},
@@ -297,7 +300,7 @@ async def test_a_request_that_finds_its_slice_swept_gets_a_new_one(io_loop):
     store, book = p.store, p.book
     await spend(book, "first", 100, 100, 100)
     await book.commit_all()
-    assert await p.sweep_after(mongo.DEAD_AFTER_S + 1) == 1
+    assert await p.sweep_after(DEAD_AFTER_S + 1) == 1
     await store.heartbeat()
     real, calls = store.commit_lease, []
 
@@ -346,7 +349,7 @@ async def test_a_top_up_through_the_admin_api_serves_the_key_at_once(io_loop):
 
 
 def test_slice_size_follows_the_rate_and_a_pause_does_not_reset_it():
-    from relay.lease import Wallet
+    from relay.quota.lease_book import Wallet
     w = Wallet()
     assert w.target(100) == 800  # no rate yet: eight requests like this one
     t = 0.0

@@ -9,8 +9,10 @@ import uuid
 from tornado.httpclient import AsyncHTTPClient
 
 from relay.keys import hash_key
-from relay.lease import COMMIT_EVERY_S
-from relay.store import mongo
+from relay.quota.lease_book import COMMIT_EVERY_S
+from relay.metering.ledger import ledger_doc, utc_now
+from relay.store.leases import TOMBSTONE_SEQ
+from relay.store.recovery import DEAD_AFTER_S
 from relay.store.connect import close_client, open_store
 from tests.conservation import assert_conserved, settled
 from tests.helpers import PRICING, TEST_KEY, add_key, eventually, serve, start_fake
@@ -125,12 +127,12 @@ async def test_kill_9_with_leases_loses_no_unit(embedded, tmp_path, io_loop):
     # never applied, so pass again until the store is quiet: the dead process's last writes
     # may still be reaching the server.
     await store.processes.update_many({"_id": {"$ne": store.instance_id}}, {"$set": {
-        "at": mongo.utc_now() - dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)}})
+        "at": utc_now() - dt.timedelta(seconds=DEAD_AFTER_S + 1)}})
 
     async def swept_and_quiet():
         await store.sweep()
         doc = await store.key_doc(h)
-        returned = all(lease["seq"] == mongo.TOMBSTONE_SEQ for lease in doc.get("leases", {}).values())
+        returned = all(lease["seq"] == TOMBSTONE_SEQ for lease in doc.get("leases", {}).values())
         return returned and doc["reserved"] == 0 and doc["used"] == await store.ledger_total(h)
     await eventually(swept_and_quiet, timeout=20, interval=0.2, message="the dead process's slice is returned")
     await assert_conserved(store)  # granted = balance + used, reserved 0, used = Σ ledger: no unit lost
@@ -183,9 +185,9 @@ async def test_store_outage_with_leases_keeps_known_keys_served_and_loses_nothin
     during = [(await post(c, url, stream=i % 2 == 0)).code for i in range(6)]
     assert during == [200] * 6, "served from the slice while the store is away"
     await eventually(lambda: failed_commits, message="a group commit failed while the store was away")
-    assert services.charger.book.wallets[hash_key(TEST_KEY)].batch, "charges wait in memory"
+    assert services.quota.book.wallets[hash_key(TEST_KEY)].batch, "charges wait in memory"
     proxy.restore()
-    await eventually(lambda: not services.charger.book.wallets[hash_key(TEST_KEY)].batch, timeout=20,
+    await eventually(lambda: not services.quota.book.wallets[hash_key(TEST_KEY)].batch, timeout=20,
                      message="committed once the store is back")
     server.stop()
     await services.close()
@@ -205,13 +207,15 @@ async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded,
     """The wire server's duplicate-key answer to a repeated insert, and the sweeper's
     deletion of entries whose batch never applied, on the real store."""
     import datetime as dt
-    from relay.store import mongo
-    from relay.store.mongo import LedgerEntry, MongoStore
+    from relay.metering.ledger import utc_now
+    from relay.store.recovery import DEAD_AFTER_S
+    from relay.metering.ledger import LedgerEntry
+    from relay.store.mongo import MongoStore
     uri = db_uri(embedded, "leasedup" + uuid.uuid4().hex[:6])
     store = await open_store(uri)
     await add_key(store, quota=100_000)
     h = hash_key(TEST_KEY)
-    now, elapsed = [mongo.utc_now()], [0.0]
+    now, elapsed = [utc_now()], [0.0]
     clocks = {"clock": lambda: now[0], "monotonic": lambda: elapsed[0]}
     dying = MongoStore(store.client, store.db.name, instance_id="p_dying", **clocks)
     sweeper = MongoStore(store.client, store.db.name, instance_id="p_sweeper", **clocks)
@@ -226,10 +230,10 @@ async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded,
     assert first == again == held - 500
     assert await store.ledger.count_documents({"key_hash": h}) == 2
     # Killed between the next batch's insert and its charge:
-    await store.ledger.insert_one(mongo._ledger_doc(entry("c", 400), lease="lease-d", lseq=1))
+    await store.ledger.insert_one(ledger_doc(entry("c", 400), lease="lease-d", lseq=1))
     assert await store.ledger_total(h) == 900
-    now[0] += dt.timedelta(seconds=mongo.DEAD_AFTER_S + 1)
-    elapsed[0] += mongo.DEAD_AFTER_S + 1
+    now[0] += dt.timedelta(seconds=DEAD_AFTER_S + 1)
+    elapsed[0] += DEAD_AFTER_S + 1
     await sweeper.heartbeat()
     assert await sweeper.sweep() == 1
     doc = await store.key_doc(h)

@@ -85,7 +85,7 @@ class Relay:
         h = hash_key(key)
         doc = await self.store.key_doc(h)
         ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
-        w = self.services.charger.book.wallets.get(h) if not self.closed else None
+        w = self.services.quota.book.wallets.get(h) if not self.closed else None
         return (f"key ..{key[-1]}: granted {doc['granted']} balance {doc['balance']} reserved {doc['reserved']} "
                 f"used {doc['used']} Σledger {await self.store.ledger_total(h)}; {len(self.ok[h])} answered 200, "
                 f"{len(ids)} in the ledger, {len(self.ok[h] - ids)} of them not" +
@@ -147,7 +147,7 @@ async def leased_relay(embedded, quotas: dict[str, int] | None = None):
         await add_key(store, key=key, quota=quota)
     fake = start_fake()
     url, server, services = await serve(leased_config(fake), store, admin_token=ADMIN_TOKEN)
-    assert services.charger.book is not None, "leases on"
+    assert services.quota.book is not None, "leases on"
     relay = Relay(store, fake, url, server, services)
     try:
         yield relay

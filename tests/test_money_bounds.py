@@ -50,7 +50,7 @@ async def test_numbers_beyond_64_bits_are_refused_or_clamped_and_billing_goes_on
     await add_key(store, OTHER_KEY, quota=1_000_000)
     upstream, base = hostile_upstream()
     url, server, services = await serve(one_upstream_config(base), store)
-    assert services.charger.book is not None, "the shipped mode: leases"
+    assert services.quota.book is not None, "the shipped mode: leases"
     c = AsyncHTTPClient(force_instance=True)
     HostileUsage.usage = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
     for name in ("max_tokens", "max_completion_tokens"):

@@ -5,15 +5,17 @@ import pytest
 
 from relay.errors import InsufficientQuota, KeyDisabled
 from relay.keys import hash_key
-from relay.store import mongo
-from relay.store.mongo import LedgerEntry, MongoStore
+from relay.metering.ledger import day_of, utc_now
+from relay.store.recovery import DEAD_AFTER_S, MAX_HOLD_AGE_S
+from relay.metering.ledger import LedgerEntry
+from relay.store.mongo import MongoStore
 from tests.conservation import assert_conserved, conserved_now
 from tests.helpers import TEST_KEY, add_key, mock_store
 
 
 def entry(rid: str, cost: int, key=TEST_KEY, at=None) -> LedgerEntry:
     return LedgerEntry(rid, hash_key(key), "gpt-4", "primary", 10, 5, cost, 200, 12.0, 3.0, False,
-                       at or mongo.utc_now())
+                       at or utc_now())
 
 
 @pytest.fixture
@@ -125,13 +127,13 @@ async def test_sweeper_returns_holds_of_dead_processes_only(io_loop):
     await crashed.reserve(h, "dead-1", 1, 30)
     await alive.reserve(h, "live-1", 1, 20)
     assert await alive.sweep() == 0  # it has seen both beat
-    clocks.advance(mongo.DEAD_AFTER_S + 1)
+    clocks.advance(DEAD_AFTER_S + 1)
     await alive.heartbeat()  # only the live process keeps beating
     assert await alive.sweep() == 1
     doc = await alive.key_doc(h)
     assert [x["rid"] for x in doc["holds"]] == ["live-1"] and doc["balance"] == 80
     await assert_conserved(alive, settled=False)
-    clocks.advance(mongo.MAX_HOLD_AGE_S)
+    clocks.advance(MAX_HOLD_AGE_S)
     await alive.heartbeat()
     assert await alive.sweep() == 1, "no hold outlives the longest possible request"
     await assert_conserved(alive)
@@ -169,7 +171,7 @@ async def test_a_settlement_whose_hold_was_swept_is_charged_once(io_loop):
     held = await cut.reserve(h, "r1", 1, 300)
     held2 = await cut.reserve(h, "r2", 1, 300)
     await sweeper.sweep()
-    clocks.advance(mongo.DEAD_AFTER_S + 1)
+    clocks.advance(DEAD_AFTER_S + 1)
     assert await sweeper.sweep() == 2
     assert (await sweeper.key_doc(h))["balance"] == 1000
     assert await cut.settle(entry("r1", 120), held)
@@ -188,7 +190,7 @@ async def test_ledger_outbox_moves_each_entry_exactly_once(store):
         assert await store.settle(entry(rid, 30), held)
     doc = await store.key_doc(h)
     assert [e["_id"] for e in doc["pending"]] == ["r1", "r2"] and doc["used"] == 60
-    assert doc["days"][mongo.day_of(mongo.utc_now())] == {"cost": 60, "requests": 2, "prompt_tokens": 20,
+    assert doc["days"][day_of(utc_now())] == {"cost": 60, "requests": 2, "prompt_tokens": 20,
                                                           "completion_tokens": 10}
     await conserved_now(store, settled=False)  # exact while entries wait in the outbox, too
     # A flush that crashed after inserting but before pulling: the next one inserts nothing twice.

@@ -6,7 +6,6 @@ the numbers the closing note of the money-safety issue quotes.
 """
 import asyncio
 import json
-import time
 import uuid
 
 import pytest

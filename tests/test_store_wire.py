@@ -59,7 +59,7 @@ async def test_store_operations_over_the_wire(uri, client_kind, io_loop):
     await add_key(store, quota=1000)
     h = hash_key(TEST_KEY)
     held = await store.reserve(h, "r1", 10, 600)
-    from relay.store.mongo import LedgerEntry, utc_now
+    from relay.metering.ledger import LedgerEntry, utc_now
     e = LedgerEntry("r1", h, "gpt-4", "p", 8, 10, COST, 200, 1.0, 1.0, False, utc_now())
     assert await store.settle(e, held) and not await store.settle(e, held)
     await assert_conserved(store)

@@ -8,39 +8,24 @@ when no traffic flows, and a successful probe ends an ejection early.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 
 from relay.config import HealthPolicy
 
-# Outcomes of one attempt or probe.
-OK = "ok"
-CONNECT_ERROR = "connect_error"
-TIMEOUT = "timeout"
-SERVER_ERROR = "5xx"
-RATE_LIMITED = "429"
-AUTH = "auth"                 # 401/403, invalid_api_key, account_deactivated
-NO_CREDIT = "quota"           # the upstream key's own insufficient_quota
-CLIENT_ERROR = "client_error"  # the request's fault: says nothing about the upstream
-
-OUTLIER_OUTCOMES = frozenset({CONNECT_ERROR, TIMEOUT, SERVER_ERROR})
-RETRYABLE_OUTCOMES = frozenset({CONNECT_ERROR, TIMEOUT, SERVER_ERROR, RATE_LIMITED, AUTH, NO_CREDIT})
-
-_KEY_DISABLING_CODES = {"invalid_api_key": AUTH, "account_deactivated": AUTH, "insufficient_quota": NO_CREDIT}
+from relay.balancer.outcome import AUTH, CLIENT_ERROR, NO_CREDIT, OK, OUTLIER_OUTCOMES, RATE_LIMITED
 
 
-def classify_status(status: int, error_code: str | None = None) -> str:
-    """An upstream HTTP status (and its OpenAI error code, if any) as an outcome."""
-    if error_code in _KEY_DISABLING_CODES:
-        return _KEY_DISABLING_CODES[error_code]
-    if status < 400:
-        return OK
-    if status in (401, 403):
-        return AUTH
-    if status == 429:
-        return RATE_LIMITED
-    if status >= 500:
-        return SERVER_ERROR
-    return CLIENT_ERROR
+class EndpointState(enum.StrEnum):
+    HEALTHY = "healthy"
+    EJECTED = "ejected"
+    COOLING = "cooling"
+    UNHEALTHY = "unhealthy"
+    DISABLED_BY_CHECKER = "disabled_by_checker"
+    DISABLED_BY_OPERATOR = "disabled_by_operator"
+
+
+WAITING_STATES = frozenset({EndpointState.EJECTED, EndpointState.COOLING, EndpointState.UNHEALTHY})  # time heals
 
 
 @dataclass
@@ -74,23 +59,23 @@ class HealthState:
     """Why an endpoint is or is not available now."""
 
     available: bool
-    state: str            # healthy, ejected, cooling, unhealthy, disabled_by_checker, disabled_by_operator
+    state: EndpointState
     until: float = 0.0    # when the ejection or cooldown ends
 
 
 def endpoint_state(ep_health: EndpointHealth, up_health: UpstreamHealth, operator_disabled: bool,
                    policy: HealthPolicy, now: float) -> HealthState:
     if operator_disabled:
-        return HealthState(False, "disabled_by_operator")
+        return HealthState(False, EndpointState.DISABLED_BY_OPERATOR)
     if ep_health.disabled_reason:
-        return HealthState(False, "disabled_by_checker")
+        return HealthState(False, EndpointState.DISABLED_BY_CHECKER)
     if up_health.ejected(now):
-        return HealthState(False, "ejected", up_health.ejected_until)
+        return HealthState(False, EndpointState.EJECTED, up_health.ejected_until)
     if ep_health.cooling_until > now:
-        return HealthState(False, "cooling", ep_health.cooling_until)
+        return HealthState(False, EndpointState.COOLING, ep_health.cooling_until)
     if ep_health.probe_failures >= policy.unhealthy_after:
-        return HealthState(False, "unhealthy")
-    return HealthState(True, "healthy")
+        return HealthState(False, EndpointState.UNHEALTHY)
+    return HealthState(True, EndpointState.HEALTHY)
 
 
 def record_attempt(outcome: str, ep: EndpointHealth, up: UpstreamHealth, policy: HealthPolicy, now: float,
@@ -106,11 +91,16 @@ def record_attempt(outcome: str, ep: EndpointHealth, up: UpstreamHealth, policy:
         if up.consecutive_failures >= policy.eject_after and not up.ejected(now):
             _eject(up, policy, now)
     elif outcome == RATE_LIMITED:
-        rest = retry_after_s if retry_after_s is not None and retry_after_s >= 0 else policy.default_cooldown_s
-        ep.cooling_until = max(ep.cooling_until, now + min(rest, policy.max_cooldown_s))
+        _cool_down(ep, policy, now, retry_after_s)
     elif outcome in (AUTH, NO_CREDIT):
         ep.disabled_reason = outcome
         ep.disabled_at = now
+
+
+def _cool_down(ep: EndpointHealth, policy: HealthPolicy, now: float, retry_after_s: float | None) -> None:
+    """A 429 rests only that key: for its Retry-After, or the default, never beyond the cap."""
+    rest = retry_after_s if retry_after_s is not None and retry_after_s >= 0 else policy.default_cooldown_s
+    ep.cooling_until = max(ep.cooling_until, now + min(rest, policy.max_cooldown_s))
 
 
 def _eject(up: UpstreamHealth, policy: HealthPolicy, now: float) -> None:
@@ -133,8 +123,7 @@ def record_probe(outcome: str, ep: EndpointHealth, up: UpstreamHealth, policy: H
     if outcome in OUTLIER_OUTCOMES:
         ep.probe_failures += 1
     elif outcome == RATE_LIMITED:
-        rest = retry_after_s if retry_after_s is not None and retry_after_s >= 0 else policy.default_cooldown_s
-        ep.cooling_until = max(ep.cooling_until, now + min(rest, policy.max_cooldown_s))
+        _cool_down(ep, policy, now, retry_after_s)
     elif outcome in (AUTH, NO_CREDIT):
         if not ep.disabled_reason:
             ep.disabled_at = now
@@ -146,34 +135,3 @@ def probe_due(ep: EndpointHealth, policy: HealthPolicy, now: float) -> bool:
     if ep.disabled_reason:
         return now - max(ep.last_probe_at, ep.disabled_at) >= policy.recheck_disabled_s - 1e-9
     return now - ep.last_probe_at >= policy.interval_s - 1e-9
-
-
-@dataclass
-class RetryBudget:
-    """Retries allowed: at most ``ratio`` of the requests in the last window, but never fewer
-    than ``floor`` (so a quiet relay still fails over). Counts in one-second buckets."""
-
-    ratio: float
-    floor: int
-    window_s: float
-    _requests: dict[int, int] = field(default_factory=dict)
-    _retries: dict[int, int] = field(default_factory=dict)
-
-    def _prune(self, now: float) -> None:
-        oldest = int(now - self.window_s)
-        for counts in (self._requests, self._retries):
-            for second in [s for s in counts if s <= oldest]:
-                del counts[second]
-
-    def record_request(self, now: float) -> None:
-        self._prune(now)
-        self._requests[int(now)] = self._requests.get(int(now), 0) + 1
-
-    def try_retry(self, now: float) -> bool:
-        self._prune(now)
-        retries = sum(self._retries.values())
-        allowed = max(self.floor, int(self.ratio * sum(self._requests.values())))
-        if retries >= allowed:
-            return False
-        self._retries[int(now)] = self._retries.get(int(now), 0) + 1
-        return True

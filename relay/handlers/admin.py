@@ -11,7 +11,7 @@ from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
 from relay.keys import bearer_token
 from relay.redact import mask_key, mask_userinfo
-from relay.store.mongo import key_view
+from relay.keys import key_view
 
 
 class KeyNotFound(RelayError):
@@ -72,8 +72,7 @@ class KeyActionHandler(AdminHandler):
         store = self.services.store
         if action == "topup":
             doc = await store.topup(doc["_id"], self.whole_number(self.json_body(), "quota", 1))
-            if self.services.charger.book is not None:
-                self.services.charger.book.balance_changed(doc["_id"])
+            self.services.quota.balance_changed(doc["_id"])
         else:
             doc = await store.set_status(doc["_id"], "disabled" if action == "disable" else "active")
         self.services.auth.forget(doc["_id"])

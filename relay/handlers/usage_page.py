@@ -15,7 +15,7 @@ import tornado.web
 
 from relay.handlers.base import AuthenticatedHandler, RelayHandler
 from relay.metering.pricing import cost
-from relay.store.mongo import day_of, utc_now
+from relay.metering.ledger import day_of, utc_now
 
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

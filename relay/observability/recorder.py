@@ -1,6 +1,6 @@
 """Turns what happens in relay into metric samples; the one place that writes metrics.
 
-The router, the store, the charger and the reloader call these hooks; none of them imports
+The router, the store, the quota and the reloader call these hooks; none of them imports
 prometheus_client, so they stay testable without it.
 """
 from __future__ import annotations

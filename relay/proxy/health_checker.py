@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+import time
 
 from relay.balancer import health as h
+from relay.balancer.outcome import Outcome, classify_failure, classify_probe, retry_after_seconds
 from relay.balancer.pool import Endpoint
 from relay.errors import UpstreamError
-from relay.proxy.router import Router, error_code_of, retry_after_seconds
+from relay.proxy.router import Router
 
 log = logging.getLogger("relay.health")
 MAX_CONCURRENT_PROBES = 32
 
 
 class HealthChecker:
-    def __init__(self, router: Router, on_probe: Callable[[Endpoint, str], None] | None = None):
+    def __init__(self, router: Router):
         self.router = router
-        self.on_probe = on_probe
         self._sem = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 
     async def run(self) -> None:
@@ -42,23 +42,20 @@ class HealthChecker:
             ep.health.last_probe_at = now  # claimed: a slow probe is not started twice
         await asyncio.gather(*(self.probe(ep) for ep in due))
 
-    async def probe(self, ep: Endpoint) -> str:
+    async def probe(self, ep: Endpoint) -> Outcome:
         policy = self.router.pool.config.health
         async with self._sem:
             retry_after = None
             try:
                 status, body, retry_header = await self.router.transport.probe(ep, policy.probe_timeout_s)
-                outcome = h.classify_status(status, error_code_of(body) if status >= 400 else None)
-                retry_after = retry_after_seconds(retry_header)
+                outcome = classify_probe(status, body)
+                retry_after = retry_after_seconds(retry_header, time.time())
             except UpstreamError as err:
-                outcome = err.outcome if err.outcome in h.OUTLIER_OUTCOMES else h.SERVER_ERROR
-        was = ep.state(self.router.pool.config, self.router.clock()).state
-        if outcome == h.CLIENT_ERROR:
-            outcome = h.SERVER_ERROR  # /models answered with nonsense: not a working endpoint
-        h.record_probe(outcome, ep.health, ep.upstream_health, policy, self.router.clock(), retry_after)
-        now_state = ep.state(self.router.pool.config, self.router.clock()).state
+                outcome = classify_failure(err.outcome)
+        config, clock = self.router.pool.config, self.router.clock
+        was = ep.state(config, clock()).state
+        h.record_probe(outcome, ep.health, ep.upstream_health, policy, clock(), retry_after)
+        now_state = ep.state(config, clock()).state
         if now_state != was:
             log.warning("endpoint %s: %s -> %s (probe: %s)", ep.name, was, now_state, outcome)
-        if self.on_probe:
-            self.on_probe(ep, outcome)
         return outcome

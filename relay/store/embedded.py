@@ -72,7 +72,7 @@ _prctl = None
 
 
 def _load_prctl() -> None:
-    # Resolved in the parent: the child runs _die_with_parent between fork and exec, where
+    # Resolved in the parent: the child runs die_with_parent between fork and exec, where
     # a dlopen could deadlock on a loader lock another thread held at the fork.
     global _prctl
     if _prctl is None:
@@ -82,7 +82,7 @@ def _load_prctl() -> None:
             _prctl = False
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # A relay killed with -9 must not leave the server holding the data directory.
     _load_prctl()
     if _prctl:
@@ -299,7 +299,7 @@ class EmbeddedServer:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(_server_command(self.port, self.storage),
                                          stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent, start_new_session=True)
+                                         preexec_fn=die_with_parent, start_new_session=True)
         # Written whole, then renamed: a reader never sees half a file.
         path = os.path.join(self.data_dir, INFO_FILE)
         with open(path + ".tmp", "w") as fh:

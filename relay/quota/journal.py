@@ -15,7 +15,8 @@ import logging
 import os
 from dataclasses import asdict
 
-from relay.store.mongo import LedgerEntry, MongoStore
+from relay.metering.ledger import LedgerEntry
+from relay.store.mongo import MongoStore
 
 log = logging.getLogger("relay.charging")
 MAX_BACKOFF_S = 5.0

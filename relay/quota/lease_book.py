@@ -30,7 +30,9 @@ from bson.errors import InvalidDocument
 
 from relay.errors import InsufficientQuota
 from relay.metering.bounds import MAX_UNITS
-from relay.store.mongo import UNAPPLIED_MARGIN, LeaseGone, LedgerEntry, MongoStore
+from relay.metering.ledger import LedgerEntry
+from relay.store.leases import UNAPPLIED_MARGIN, LeaseGone
+from relay.store.mongo import MongoStore
 
 log = logging.getLogger("relay.charging")
 

@@ -1,0 +1,122 @@
+"""The store's connection: collections, the circuit breaker around every call, the store's time."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import logging
+import secrets
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from pymongo.errors import ConnectionFailure
+
+from relay.errors import RelayError, StoreUnavailable
+from relay.metering.ledger import utc_now
+from relay.store.breaker import Breaker
+
+log = logging.getLogger("relay.store")
+
+CALL_TIMEOUT_S = 2.5         # one store call, at most: past it the store counts as unreachable
+PROBE_EVERY_S = 0.25         # while it is, a ping this often finds out when it is back
+UNAVAILABLE = "The quota store is unavailable; nothing was charged. Retry shortly."
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _op(op: str, bounded: bool = True):
+    """Every store call: failed at once while the store is known to be unreachable; bounded
+    by ``CALL_TIMEOUT_S`` (``bounded``); an unreachable store becomes ``StoreUnavailable``
+    and starts the probe; latency and success reported to ``store.observe``."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def call(self, *args, **kwargs):
+            if not self.breaker.up:
+                self._report(op, 0.0, False)
+                raise StoreUnavailable(UNAVAILABLE)
+            started, ok = time.perf_counter(), False
+            try:
+                work = fn(self, *args, **kwargs)
+                result = await (asyncio.wait_for(work, self.call_timeout_s) if bounded else work)
+                ok = True
+                return result
+            except StoreUnavailable:
+                raise
+            except RelayError:
+                ok = True  # an answer about the key (no quota, disabled), not a store failure
+                raise
+            except (ConnectionFailure, asyncio.TimeoutError):
+                self._unreachable()
+                raise StoreUnavailable(UNAVAILABLE) from None
+            finally:
+                self._report(op, time.perf_counter() - started, ok)
+        return call
+    return wrap
+
+
+
+class StoreCore:
+    def __init__(self, client: Any, db_name: str = "relay",
+                 instance_id: str | None = None, clock: Callable[[], dt.datetime] = utc_now,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.client = client
+        self.db = client[db_name]
+        self.instance_id = instance_id or "p_" + secrets.token_hex(6)
+        self.clock = clock
+        self.monotonic = monotonic
+        self.clock_offset = dt.timedelta(0)  # the store's clock minus this process's, measured
+        self.breaker = Breaker(monotonic)
+        self.call_timeout_s = CALL_TIMEOUT_S
+        self._probe_task: asyncio.Task | None = None
+        self._beats: dict[str, tuple[Any, float]] = {}  # process -> (heartbeat count, when it last moved)
+        self.keys = self.db["keys"]
+        self.ledger = self.db["ledger"]
+        self.grants = self.db["grants"]
+        self.processes = self.db["processes"]
+        self.round_trips = 0  # store operations issued, for the benchmark's per-request count
+        self.dirty: set[str] = set()  # keys whose outbox this process filled since its last flush
+        self.observe: Callable[[str, float, bool], None] | None = None
+        self.on_unreachable: Callable[[bool], None] | None = None  # True: lost; False: back
+
+    def now(self) -> dt.datetime:
+        """The store's time, as well as this process can tell: what a timestamp another
+        process compares (hold and lease ages) is written in."""
+        return self.clock() + self.clock_offset
+
+    def _report(self, op: str, seconds: float, ok: bool) -> None:
+        if self.observe is not None:
+            self.observe(op, seconds, ok)
+
+    def _unreachable(self) -> None:
+        if self.breaker.tripped():
+            log.error("the store is unreachable; requests that need it get 503 until it answers again")
+            if self.on_unreachable is not None:
+                self.on_unreachable(True)
+            self._probe_task = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            try:
+                await asyncio.wait_for(self.ping(), self.call_timeout_s)
+            except Exception:
+                continue
+            log.warning("the store answers again after %.1f s", self.breaker.down_for())
+            self.breaker.reset()
+            if self.on_unreachable is not None:
+                self.on_unreachable(False)
+            return
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+
+    async def ensure_indexes(self) -> None:
+        await self.keys.create_index("prefix")
+        await self.keys.create_index("holds.owner")
+        await self.ledger.create_index([("key_hash", 1), ("at", -1)])
+        await self.ledger.create_index([("at", -1)])
+        await self.grants.create_index([("key_hash", 1), ("at", 1)])
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")

@@ -1,0 +1,113 @@
+"""Relay keys in the store: created, found, topped up, disabled; the balance they are taken from."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+from pymongo import ReturnDocument
+
+from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUnavailable
+from relay.keys import display_prefix, generate_key, hash_key
+from relay.metering.bounds import MAX_UNITS
+from relay.store.base import KeyRecord
+from relay.store.core import StoreCore, _op
+
+RESERVE_ATTEMPTS = 50
+
+
+class KeysMixin(StoreCore):
+    @_op("create_key")
+    async def create_key(self, quota: int, note: str = "", key: str | None = None) -> tuple[str, dict]:
+        """A new key holding ``quota`` units; ``key`` lets tests choose it, otherwise it is random."""
+        if not 0 <= quota <= MAX_UNITS:
+            raise InvalidRequest(f"quota must be between 0 and {MAX_UNITS}", param="quota")
+        key = key or generate_key()
+        now = self.now()
+        doc = {"_id": hash_key(key), "prefix": display_prefix(key), "note": note, "status": "active",
+               "granted": quota, "balance": quota, "reserved": 0, "used": 0, "holds": [], "pending": [],
+               "days": {}, "created_at": now}
+        await self.keys.insert_one(doc)
+        await self.grants.insert_one({"key_hash": doc["_id"], "amount": quota, "kind": "create", "at": now})
+        return key, doc
+
+    @_op("find_key")
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        self.round_trips += 1
+        doc = await self.keys.find_one({"_id": key_hash}, {"prefix": 1, "status": 1, "note": 1})
+        if doc is None:
+            return None
+        return KeyRecord(doc["_id"], doc["prefix"], doc["status"], doc.get("note", ""))
+
+    @_op("key_doc")
+    async def key_doc(self, key_hash: str) -> dict | None:
+        return await self.keys.find_one({"_id": key_hash})
+
+    @_op("resolve")
+    async def resolve(self, key_or_prefix: str) -> dict:
+        """A key document by the full key, its hash, or its display prefix (unique)."""
+        if len(key_or_prefix) > 20:
+            doc = await self.keys.find_one({"_id": hash_key(key_or_prefix)}) or \
+                await self.keys.find_one({"_id": key_or_prefix})
+            if doc:
+                return doc
+        else:
+            docs = await self.keys.find({"prefix": key_or_prefix}).to_list(length=2)
+            if len(docs) > 1:
+                raise InvalidRequest("That prefix matches more than one key; give the whole key.")
+            if docs:
+                return docs[0]
+        raise LookupError("no such key")
+
+    @_op("topup")
+    async def topup(self, key_hash: str, amount: int) -> dict:
+        if not 0 < amount <= MAX_UNITS:
+            raise InvalidRequest(f"a top-up must be between 1 and {MAX_UNITS}", param="quota")
+        doc = await self._find_and_update({"_id": key_hash, "granted": {"$lte": MAX_UNITS - amount}},
+                                          {"$inc": {"granted": amount, "balance": amount}})
+        if doc is None:
+            if await self.keys.find_one({"_id": key_hash}, {"_id": 1}) is None:
+                raise LookupError("no such key")
+            raise InvalidRequest(f"a key may be granted at most {MAX_UNITS} units in all", param="quota")
+        await self.grants.insert_one({"key_hash": key_hash, "amount": amount, "kind": "topup", "at": self.now()})
+        return doc
+
+    @_op("set_status")
+    async def set_status(self, key_hash: str, status: str) -> dict:
+        doc = await self._find_and_update({"_id": key_hash}, {"$set": {"status": status}})
+        if doc is None:
+            raise LookupError("no such key")
+        return doc
+
+    @_op("list_keys")
+    async def list_keys(self, limit: int = 1000) -> list[dict]:
+        return await self.keys.find({}, {"holds": 0, "pending": 0, "days": 0}).sort("created_at", 1).to_list(
+            length=limit)
+
+    async def _find_and_update(self, flt: dict, update: dict) -> dict | None:
+        return await self.keys.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
+
+    async def _take(self, key_hash: str, minimum: int, full: int, update_for) -> int:
+        amount = full
+        for attempt in range(RESERVE_ATTEMPTS):  # compare-and-set on the balance when only a part is left
+            if attempt > 1:
+                await asyncio.sleep(random.uniform(0.001, 0.005))  # others settle and reserve meanwhile
+            flt: dict = {"_id": key_hash, "status": "active"}
+            if full > 0:  # one that costs nothing needs no balance, even an overdrawn one
+                flt["balance"] = {"$gte": amount} if amount == full else amount
+            self.round_trips += 1
+            res = await self.keys.update_one(flt, update_for(amount))
+            if res.modified_count == 1:
+                return amount
+            self.round_trips += 1
+            doc = await self.keys.find_one({"_id": key_hash}, {"balance": 1, "status": 1})
+            if doc is None:
+                raise LookupError("no such key")
+            if doc["status"] != "active":
+                raise KeyDisabled("This relay key has been disabled.")
+            balance = doc["balance"]
+            if balance < max(minimum, 1) and not (minimum == 0 and full == 0):
+                raise InsufficientQuota(
+                    "You exceeded your current quota: this key's balance "
+                    f"({max(balance, 0)} units) does not cover the prompt ({minimum} units). Top it up to continue.")
+            amount = min(full, balance)
+        raise StoreUnavailable("The quota could not be reserved under contention; retry.")
