@@ -1,8 +1,10 @@
 """The OpenAI API as clients see it: chat completions, embeddings, models."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from typing import Any
 
 import tornado.web
 from tornado.iostream import StreamClosedError
@@ -10,14 +12,18 @@ from tornado.iostream import StreamClosedError
 from relay.balancer.pool import Endpoint
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
-from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding
-from relay.metering.tokens import count_text
+from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding, reply_texts
+from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.observability.recorder import on_upstream_done
 from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
 from relay.proxy.transport import UpstreamResponse
 from relay.redact import scrub
 
 PASSED_RESPONSE_HEADERS = ("Content-Type", "OpenAI-Processing-Ms", "OpenAI-Version")
+
+# A JSON reply larger than this is parsed (and its text counted) in a thread: json.loads of a
+# large string body takes ~1 ms per MB; a small one would pay more for the hop than it saves.
+OFF_LOOP_REPLY_BYTES = 1 << 20
 
 
 @tornado.web.stream_request_body
@@ -101,7 +107,7 @@ class ProxyHandler(AuthenticatedHandler):
         services = self.services
         self.charge = await services.charger.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
-        self._completion_text = ""
+        self._tally: TokenTally | None = None  # a stream's delivered text, when no usage comes
         self._delivered = False
         self._ttfb_ms = 0.0
         self.upstream_wait = 0.0
@@ -137,7 +143,7 @@ class ProxyHandler(AuthenticatedHandler):
         if self._usage is not None:
             prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
         else:
-            prompt, completion = quote.prompt_tokens, count_text(self._completion_text)
+            prompt, completion = quote.prompt_tokens, await _count_rest(self._tally) if self._tally is not None else 0
         model = resp.endpoint.upstream_model(quote.model) if resp is not None else quote.model
         price = self.services.config.pricing.get(model, quote.price)
         await charger.settle(self.charge, prompt_tokens=prompt, completion_tokens=completion,
@@ -164,14 +170,13 @@ class ProxyHandler(AuthenticatedHandler):
 
     async def _relay_json(self, resp: UpstreamResponse) -> None:
         waited = time.perf_counter()
-        data = await resp.read()
+        data = await resp.read(self.services.config.limits.max_response_bytes)
         self.upstream_wait += time.perf_counter() - waited
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            raise UpstreamError(f"upstream {resp.endpoint.upstream.name} sent a reply that is not JSON") from None
-        # Without usage from the upstream, relay counts the reply's text itself.
-        self._usage = parse_usage(reply) or Usage(self.charge.quote.prompt_tokens, completion_tokens_of_reply(reply))
+        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt_tokens
+        if len(data) > OFF_LOOP_REPLY_BYTES:
+            self._usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
+        else:
+            self._usage = await _usage_of_small_reply(data, prompt, name)
         self.set_status(resp.status)
         self._copy_headers(resp)
         self.set_header("Content-Type", "application/json")
@@ -187,11 +192,14 @@ class ProxyHandler(AuthenticatedHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
+        limit = self.services.config.limits.max_event_bytes
         decoder = SSEDecoder()
         meter = StreamMeter(forward_usage_chunk=_asked_for_usage(body))
+        self._tally = meter.text
         chunks = resp.chunks().__aiter__()
+        oversized = False
         try:
-            while True:
+            while not oversized:
                 waited = time.perf_counter()
                 try:
                     chunk = await chunks.__anext__()
@@ -201,6 +209,9 @@ class ProxyHandler(AuthenticatedHandler):
                     self.upstream_wait += time.perf_counter() - waited
                 wrote = False
                 for event in decoder.decode(chunk):
+                    if len(event) > limit:
+                        oversized = True
+                        break
                     if meter.accept(event):
                         self.write(event)
                         wrote = True
@@ -208,8 +219,14 @@ class ProxyHandler(AuthenticatedHandler):
                     self._mark_first_byte()
                     await self.flush()
                     self._delivered = True
-            rest = decoder.flush()
-            if rest.strip():
+                if meter.text.ready:
+                    await _count_ready(meter.text)
+                oversized = oversized or decoder.pending > limit
+            if oversized:
+                # Headers are out: the stream just ends, and the upstream's connection with it.
+                self.flag = "upstream_event_too_large"
+                resp.close()
+            elif (rest := decoder.flush()).strip():
                 self.write(rest)
         except UpstreamError:
             self.flag = "upstream_stream_broken"  # headers are out: the stream just ends
@@ -217,7 +234,6 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = "client_disconnected"
         finally:
             self._usage = meter.usage
-            self._completion_text = meter.delivered_text
         if self._client_gone:
             self.flag = "client_disconnected"
         if self.flag == "client_disconnected":
@@ -228,6 +244,45 @@ class ProxyHandler(AuthenticatedHandler):
             await self.finish()
         except StreamClosedError:
             self.flag = "client_disconnected"
+
+
+def _usage_of_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
+    """A JSON reply's usage, or its text counted when the upstream reported none."""
+    reply = _parse_reply(data, upstream)
+    return parse_usage(reply) or Usage(prompt_tokens, completion_tokens_of_reply(reply))
+
+
+async def _usage_of_small_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
+    """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
+    reply = _parse_reply(data, upstream)
+    usage = parse_usage(reply)
+    if usage is not None:
+        return usage
+    texts = reply_texts(reply)
+    if sum(map(len, texts)) <= MAX_SLICE_CHARS:
+        return Usage(prompt_tokens, sum(map(count_long_text, texts)))
+    return Usage(prompt_tokens, await asyncio.to_thread(completion_tokens_of_reply, reply))
+
+
+def _parse_reply(data: bytes, upstream: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise UpstreamError(f"upstream {upstream} sent a reply that is not JSON") from None
+
+
+async def _count_ready(tally: TokenTally) -> None:
+    """Count a stream's pending text a slice at a time, letting the loop run between slices."""
+    tally.count_slice()
+    while tally.ready:
+        await asyncio.sleep(0)
+        tally.count_slice()
+
+
+async def _count_rest(tally: TokenTally) -> int:
+    if tally.ready:
+        await _count_ready(tally)
+    return tally.close()
 
 
 def _asked_for_usage(body: dict) -> bool:
