@@ -46,7 +46,9 @@ class SSEDecoder:
         if self._parts:
             self._parts.append(done)
             done = b"".join(self._parts)
-        self._parts = [rest] if rest else []
+            self._parts = []
+        if rest:
+            self._parts.append(rest)
         self.pending = len(rest) + self._cr
         return [e + b"\n\n" for e in done.split(b"\n\n") if e.strip()]
 
