@@ -5,6 +5,7 @@ pause and keep writing exactly as a broken or attacker-run server would.
 """
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -258,7 +259,8 @@ async def start(script: Script, leases: bool, extra: str = ""):
 
 # --- (a) a 50 MB JSON reply ---------------------------------------------------------------
 
-async def test_a_50_mb_json_reply_is_refused_refunded_and_stalls_nothing(io_loop, leases):
+async def test_a_50_mb_json_reply_is_refused_refunded_and_stalls_nothing(io_loop, leases, caplog):
+    caplog.set_level(logging.INFO, logger="relay.access")
     upstream, store, url, server, services = await start(Script("big_json"), leases)
     c = client()
     assert (await chat(c, url, "hi")).code == 200  # warm: the token tables load on the first request
@@ -273,6 +275,8 @@ async def test_a_50_mb_json_reply_is_refused_refunded_and_stalls_nothing(io_loop
     err = openai_error(resp)
     assert resp.code == 502 and (err["type"], err["code"]) == ("upstream_error", "upstream_response_too_large")
     assert upstream.script.interrupted and upstream.script.sent < 48 * MB, "relay stopped reading at the cap"
+    assert "status=502" in caplog.text and "flag=upstream_response_too_large" in caplog.text
+    assert "sk-h1" not in caplog.text
     growth = peak_rss() - rss_before
     assert growth < 200 * MB, f"peak RSS grew by {growth / MB:.0f} MB"
     lag.check()
@@ -373,7 +377,8 @@ async def test_a_50_mb_stream_without_usage_is_counted_without_stalling_the_loop
 
 @pytest.mark.parametrize("size, extra", [(5 * MB, ""), (8000, "limits: {max_event_bytes: 4096}")],
                          ids=["default-limit-over-many-chunks", "small-limit-in-one-chunk"])
-async def test_an_oversized_event_ends_the_stream_and_bills_what_came_before(io_loop, leases, size, extra):
+async def test_an_oversized_event_ends_the_stream_and_bills_what_came_before(io_loop, leases, size, extra, caplog):
+    caplog.set_level(logging.INFO, logger="relay.access")
     upstream, store, url, server, services = await start(Script("big_event", size=size), leases, extra)
     c = client()
     resp = await chat(c, url, "big", stream=True)
@@ -384,6 +389,7 @@ async def test_an_oversized_event_ends_the_stream_and_bills_what_came_before(io_
     assert len(resp.body) < 4096
     await asyncio.wait_for(upstream.script.ended.wait(), 5)
     assert upstream.script.interrupted, "the upstream connection is closed"
+    assert "flag=upstream_event_too_large" in caplog.text and "sk-h1" not in caplog.text
     [entry] = await ledger(store, 1)
     assert entry["completion_tokens"] == count_text("Hello world") and entry["status"] == 200
     doc = await closed_and_conserved(server, services, store)
