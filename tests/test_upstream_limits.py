@@ -1,7 +1,6 @@
 """Hostile upstreams: oversized bodies and events are refused, and no reply stalls the event loop.
 
-The upstream here writes raw HTTP on a detached Tornado stream, so it can announce, chunk,
-pause and keep writing exactly as a broken or attacker-run server would.
+The upstream writes raw HTTP on a detached Tornado stream: it announces, chunks and stalls at will.
 """
 import asyncio
 import json

@@ -16,7 +16,7 @@ from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, 
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.observability.recorder import on_upstream_done
 from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
-from relay.proxy.transport import UpstreamResponse
+from relay.proxy.transport import ERROR_BODY_BYTES, UpstreamResponse
 from relay.redact import scrub
 
 PASSED_RESPONSE_HEADERS = ("Content-Type", "OpenAI-Processing-Ms", "OpenAI-Version")
@@ -162,7 +162,7 @@ class ProxyHandler(AuthenticatedHandler):
 
     async def _pass_error(self, resp: UpstreamResponse) -> None:
         """The client's own mistake as the upstream judged it: passed on, minus any key. Not charged."""
-        data = scrub(await resp.read(), (resp.endpoint.key,))
+        data = scrub(await resp.read(ERROR_BODY_BYTES), (resp.endpoint.key,))
         self.set_status(resp.status)
         self._copy_headers(resp)
         self.flag = "upstream_4xx"
@@ -187,6 +187,17 @@ class ProxyHandler(AuthenticatedHandler):
         except StreamClosedError:
             self.flag = "client_disconnected"
 
+    def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
+        """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
+        wrote = False
+        for event in events:
+            if len(event) > limit:
+                return wrote, True
+            if meter.accept(event):
+                self.write(event)
+                wrote = True
+        return wrote, False
+
     async def _relay_stream(self, resp: UpstreamResponse, body: dict) -> None:
         self.set_status(resp.status)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -207,14 +218,7 @@ class ProxyHandler(AuthenticatedHandler):
                     break
                 finally:
                     self.upstream_wait += time.perf_counter() - waited
-                wrote = False
-                for event in decoder.decode(chunk):
-                    if len(event) > limit:
-                        oversized = True
-                        break
-                    if meter.accept(event):
-                        self.write(event)
-                        wrote = True
+                wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit)
                 if wrote:
                     self._mark_first_byte()
                     await self.flush()

@@ -1,7 +1,6 @@
 """Incremental Server-Sent Events framing and metering of an OpenAI chat stream. Pure.
 
-``SSEDecoder`` turns chunks into whole events (httpx's decode/flush shape); ``StreamMeter``
-reads each event once: usage, the text to count, and whether the client should get it.
+``SSEDecoder`` cuts chunks into whole events; ``StreamMeter`` reads each event once.
 """
 from __future__ import annotations
 
