@@ -382,10 +382,10 @@ async def test_an_oversized_event_ends_the_stream_and_bills_what_came_before(io_
     c = client()
     resp = await chat(c, url, "big", stream=True)
     assert resp.code == 200
+    assert len(resp.body) < 4096, f"{len(resp.body)} bytes: the oversized event reached the client"
     events = [e for e in resp.body.split(b"\n\n") if e]
     contents = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events]
     assert contents == ["Hello", " world"], "the stream ends before the oversized event"
-    assert len(resp.body) < 4096
     await asyncio.wait_for(upstream.script.ended.wait(), 5)
     assert upstream.script.interrupted, "the upstream connection is closed"
     assert "flag=upstream_event_too_large" in caplog.text and "sk-h1" not in caplog.text
