@@ -288,10 +288,10 @@ async def test_a_50_mb_json_reply_is_refused_refunded_and_stalls_nothing(io_loop
     c.close()
 
 
-async def test_a_20_mb_json_reply_under_the_cap_is_parsed_and_counted_off_the_loop(io_loop):
+async def test_a_20_mb_json_reply_under_the_cap_is_parsed_and_counted_off_the_loop(io_loop, leases):
     script = Script("big_json", size=20 * MB)
     script.resume.set()
-    upstream, store, url, server, services = await start(script, False)
+    upstream, store, url, server, services = await start(script, leases)
     c = client()
     assert (await chat(c, url, "hi")).code == 200  # warm: the token tables load on the first request
     async with LagProbe() as lag:
@@ -306,8 +306,8 @@ async def test_a_20_mb_json_reply_under_the_cap_is_parsed_and_counted_off_the_lo
     c.close()
 
 
-async def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(io_loop):
-    upstream, store, url, server, services = await start(Script("announced_json"), False,
+async def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(io_loop, leases):
+    upstream, store, url, server, services = await start(Script("announced_json"), leases,
                                                          "timeouts: {idle_s: 5}")
     c = client()
     started = time.monotonic()
@@ -322,8 +322,8 @@ async def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(io_loo
     c.close()
 
 
-async def test_an_upstream_error_body_is_bounded_too(io_loop):
-    upstream, store, url, server, services = await start(Script("big_error", size=50 * MB), False,
+async def test_an_upstream_error_body_is_bounded_too(io_loop, leases):
+    upstream, store, url, server, services = await start(Script("big_error", size=50 * MB), leases,
                                                          "retries: {max_attempts: 1}")
     c = client()
     resp = await chat(c, url, "big")
@@ -341,8 +341,8 @@ async def test_an_upstream_error_body_is_bounded_too(io_loop):
 # --- (b) a 50 MB stream without usage ------------------------------------------------------
 
 @pytest.mark.timeout(seconds=120)
-async def test_a_50_mb_stream_without_usage_is_counted_without_stalling_the_loop(io_loop):
-    upstream, store, url, server, services = await start(Script("long_stream"), False)
+async def test_a_50_mb_stream_without_usage_is_counted_without_stalling_the_loop(io_loop, leases):
+    upstream, store, url, server, services = await start(Script("long_stream"), leases)
     c = client()
     assert (await chat(c, url, "hi")).code == 200  # warm: the token tables load on the first request
     received, tail = [], [b""]
