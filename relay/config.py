@@ -89,6 +89,8 @@ class Retries:
 class Limits:
     max_body_bytes: int = 10 * 1024 * 1024
     max_upstream_connections: int = 512
+    max_response_bytes: int = 32 * 1024 * 1024  # a non-streamed upstream reply, read whole
+    max_event_bytes: int = 4 * 1024 * 1024      # one event of an upstream stream
 
 
 @dataclass(frozen=True)

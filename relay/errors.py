@@ -80,6 +80,10 @@ class UpstreamConnectError(UpstreamError):
     outcome = "connect_error"
 
 
+class UpstreamResponseTooLarge(UpstreamError):
+    code = "upstream_response_too_large"
+
+
 class UpstreamTimeout(UpstreamError):
     status, type, code = 504, "upstream_error", "upstream_timeout"
     outcome = "timeout"

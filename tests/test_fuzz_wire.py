@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from tornado.httpclient import AsyncHTTPClient
 
 from relay.keys import hash_key
+from relay.metering.bounds import MAX_UNITS
 from relay.store.connect import close_client, open_store
 from tests.conservation import assert_conserved
 from tests.helpers import PRICING, TEST_KEY, add_key, eventually, serve, start_fake
@@ -32,7 +33,7 @@ KEYS = {  # funded keys: plenty, some, a few requests' worth, and a balance near
     TEST_KEY: 10**9,
     TEST_KEY[:-1] + "2": 200_000,
     TEST_KEY[:-1] + "3": 3_000,
-    TEST_KEY[:-1] + "4": 2**62,
+    TEST_KEY[:-1] + "4": MAX_UNITS,  # the largest grant relay takes
 }
 UNKNOWN_KEY = "ak-" + "u" * 40
 

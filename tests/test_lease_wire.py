@@ -14,6 +14,7 @@ from relay.metering.ledger import ledger_doc, utc_now
 from relay.store.leases import TOMBSTONE_SEQ
 from relay.store.recovery import DEAD_AFTER_S
 from relay.store.connect import close_client, open_store
+from relay.store.mongo import MongoStore
 from tests.conservation import assert_conserved, settled
 from tests.helpers import PRICING, TEST_KEY, add_key, eventually, serve, start_fake
 from tests.processes import RelayProcess, db_uri
@@ -122,15 +123,17 @@ async def test_kill_9_with_leases_loses_no_unit(embedded, tmp_path, io_loop):
     left = (await store.key_doc(h)).get("leases", {})
     assert any(lease["amount"] > 0 for lease in left.values()), "the crash left its slice behind"
 
-    # The sweeper (here this test's own store, with the dead process's heartbeat aged past
-    # DEAD_AFTER_S) returns the slice. Each pass also deletes ledger entries of batches that
-    # never applied, so pass again until the store is quiet: the dead process's last writes
-    # may still be reaching the server.
-    await store.processes.update_many({"_id": {"$ne": store.instance_id}}, {"$set": {
-        "at": utc_now() - dt.timedelta(seconds=DEAD_AFTER_S + 1)}})
+    # The sweeper (here a store of this test's, whose own clock is moved past DEAD_AFTER_S
+    # after it has seen the dead process's last heartbeat) returns the slice. Each pass also
+    # deletes ledger entries of batches that never applied, so pass again until the store is
+    # quiet: the dead process's last writes may still be reaching the server.
+    elapsed = [0.0]
+    sweeper = MongoStore(store.client, store.db.name, instance_id="p_test_sweeper", monotonic=lambda: elapsed[0])
+    await sweeper.sweep()
+    elapsed[0] += DEAD_AFTER_S + 1
 
     async def swept_and_quiet():
-        await store.sweep()
+        await sweeper.sweep()
         doc = await store.key_doc(h)
         returned = all(lease["seq"] == TOMBSTONE_SEQ for lease in doc.get("leases", {}).values())
         return returned and doc["reserved"] == 0 and doc["used"] == await store.ledger_total(h)

@@ -1,8 +1,10 @@
 """The OpenAI API as clients see it: chat completions, embeddings, models."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from typing import Any
 
 import tornado.web
 from tornado.iostream import StreamClosedError
@@ -11,14 +13,18 @@ from relay.balancer.pool import Endpoint
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.bounds import MAX_TOKENS
-from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding
-from relay.metering.tokens import count_text
+from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding, reply_texts
+from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.observability.recorder import on_upstream_done
 from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
-from relay.proxy.transport import UpstreamResponse
+from relay.proxy.transport import ERROR_BODY_BYTES, UpstreamResponse
 from relay.redact import scrub
 
 PASSED_RESPONSE_HEADERS = ("Content-Type", "OpenAI-Processing-Ms", "OpenAI-Version")
+
+# A JSON reply larger than this is parsed (and its text counted) in a thread: json.loads of a
+# large string body takes ~1 ms per MB; a small one would pay more for the hop than it saves.
+OFF_LOOP_REPLY_BYTES = 1 << 20
 
 
 @tornado.web.stream_request_body
@@ -102,7 +108,7 @@ class ProxyHandler(AuthenticatedHandler):
         services = self.services
         self.charge = await services.charger.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
-        self._completion_text = ""
+        self._tally: TokenTally | None = None  # a stream's delivered text, when no usage comes
         self._delivered = False
         self._ttfb_ms = 0.0
         self.upstream_wait = 0.0
@@ -138,7 +144,7 @@ class ProxyHandler(AuthenticatedHandler):
         if self._usage is not None:
             prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
         else:
-            prompt, completion = quote.prompt_tokens, count_text(self._completion_text)
+            prompt, completion = quote.prompt_tokens, await _count_rest(self._tally) if self._tally is not None else 0
         model = resp.endpoint.upstream_model(quote.model) if resp is not None else quote.model
         price = self.services.config.pricing.get(model, quote.price)
         await charger.settle(self.charge, prompt_tokens=prompt, completion_tokens=completion,
@@ -157,7 +163,7 @@ class ProxyHandler(AuthenticatedHandler):
 
     async def _pass_error(self, resp: UpstreamResponse) -> None:
         """The client's own mistake as the upstream judged it: passed on, minus any key. Not charged."""
-        data = scrub(await resp.read(), (resp.endpoint.key,))
+        data = scrub(await resp.read(ERROR_BODY_BYTES), (resp.endpoint.key,))
         self.set_status(resp.status)
         self._copy_headers(resp)
         self.flag = "upstream_4xx"
@@ -165,14 +171,13 @@ class ProxyHandler(AuthenticatedHandler):
 
     async def _relay_json(self, resp: UpstreamResponse) -> None:
         waited = time.perf_counter()
-        data = await resp.read()
+        data = await resp.read(self.services.config.limits.max_response_bytes)
         self.upstream_wait += time.perf_counter() - waited
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            raise UpstreamError(f"upstream {resp.endpoint.upstream.name} sent a reply that is not JSON") from None
-        # Without usage from the upstream, relay counts the reply's text itself.
-        self._usage = parse_usage(reply) or Usage(self.charge.quote.prompt_tokens, completion_tokens_of_reply(reply))
+        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt_tokens
+        if len(data) > OFF_LOOP_REPLY_BYTES:
+            self._usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
+        else:
+            self._usage = await _usage_of_small_reply(data, prompt, name)
         self.set_status(resp.status)
         self._copy_headers(resp)
         self.set_header("Content-Type", "application/json")
@@ -183,16 +188,30 @@ class ProxyHandler(AuthenticatedHandler):
         except StreamClosedError:
             self.flag = "client_disconnected"
 
+    def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
+        """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
+        wrote = False
+        for event in events:
+            if len(event) > limit:
+                return wrote, True
+            if meter.accept(event):
+                self.write(event)
+                wrote = True
+        return wrote, False
+
     async def _relay_stream(self, resp: UpstreamResponse, body: dict) -> None:
         self.set_status(resp.status)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
+        limit = self.services.config.limits.max_event_bytes
         decoder = SSEDecoder()
         meter = StreamMeter(forward_usage_chunk=_asked_for_usage(body))
+        self._tally = meter.text
         chunks = resp.chunks().__aiter__()
+        oversized = False
         try:
-            while True:
+            while not oversized:
                 waited = time.perf_counter()
                 try:
                     chunk = await chunks.__anext__()
@@ -200,17 +219,19 @@ class ProxyHandler(AuthenticatedHandler):
                     break
                 finally:
                     self.upstream_wait += time.perf_counter() - waited
-                wrote = False
-                for event in decoder.decode(chunk):
-                    if meter.accept(event):
-                        self.write(event)
-                        wrote = True
+                wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit)
                 if wrote:
                     self._mark_first_byte()
                     await self.flush()
                     self._delivered = True
-            rest = decoder.flush()
-            if rest.strip():
+                if meter.text.ready:
+                    await _count_ready(meter.text)
+                oversized = oversized or decoder.pending > limit
+            if oversized:
+                # Headers are out: the stream just ends, and the upstream's connection with it.
+                self.flag = "upstream_event_too_large"
+                resp.close()
+            elif (rest := decoder.flush()).strip():
                 self.write(rest)
         except UpstreamError:
             self.flag = "upstream_stream_broken"  # headers are out: the stream just ends
@@ -218,7 +239,6 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = "client_disconnected"
         finally:
             self._usage = meter.usage
-            self._completion_text = meter.delivered_text
         if self._client_gone:
             self.flag = "client_disconnected"
         if self.flag == "client_disconnected":
@@ -229,6 +249,45 @@ class ProxyHandler(AuthenticatedHandler):
             await self.finish()
         except StreamClosedError:
             self.flag = "client_disconnected"
+
+
+def _usage_of_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
+    """A JSON reply's usage, or its text counted when the upstream reported none."""
+    reply = _parse_reply(data, upstream)
+    return parse_usage(reply) or Usage(prompt_tokens, completion_tokens_of_reply(reply))
+
+
+async def _usage_of_small_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
+    """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
+    reply = _parse_reply(data, upstream)
+    usage = parse_usage(reply)
+    if usage is not None:
+        return usage
+    texts = reply_texts(reply)
+    if sum(map(len, texts)) <= MAX_SLICE_CHARS:
+        return Usage(prompt_tokens, sum(map(count_long_text, texts)))
+    return Usage(prompt_tokens, await asyncio.to_thread(completion_tokens_of_reply, reply))
+
+
+def _parse_reply(data: bytes, upstream: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise UpstreamError(f"upstream {upstream} sent a reply that is not JSON") from None
+
+
+async def _count_ready(tally: TokenTally) -> None:
+    """Count a stream's pending text a slice at a time, letting the loop run between slices."""
+    tally.count_slice()
+    while tally.ready:
+        await asyncio.sleep(0)
+        tally.count_slice()
+
+
+async def _count_rest(tally: TokenTally) -> int:
+    if tally.ready:
+        await _count_ready(tally)
+    return tally.close()
 
 
 def _asked_for_usage(body: dict) -> bool:

@@ -10,7 +10,7 @@ from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
 from relay.metering.pricing import cost
-from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_text, content_text
+from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_long_text, content_text
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,21 @@ def _quote(model: str, price: Price, prompt: int, allowance: int, limited: bool 
 
 def completion_tokens_of_reply(reply: Any) -> int:
     """Count a JSON chat reply's text when the upstream reported no usage."""
-    total = 0
-    for choice in (reply.get("choices") or []) if isinstance(reply, dict) else []:
+    return sum(count_long_text(text) for text in reply_texts(reply))
+
+
+def reply_texts(reply: Any) -> list[str]:
+    """The texts of a JSON chat reply that are billed as completion: contents, tool names and arguments."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    texts: list[str] = []
+    for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            total += count_text(content_text(message.get("content")))
-            for call in message.get("tool_calls") or ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict):
-                    total += count_text(str(fn.get("name", ""))) + count_text(str(fn.get("arguments", "")))
-    return total
+        if not isinstance(message, dict):
+            continue
+        texts.append(content_text(message.get("content")))
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                texts += (str(fn.get("name", "")), str(fn.get("arguments", "")))
+    return texts

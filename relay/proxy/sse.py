@@ -1,37 +1,75 @@
 """Incremental Server-Sent Events framing and metering of an OpenAI chat stream. Pure.
 
-``SSEDecoder`` turns network chunks into whole events (httpx's decode/flush shape);
-``StreamMeter`` looks at each event once: it learns the upstream's usage, the text
-delivered so far (for counting when no usage comes), and whether the event should reach
-the client (the usage chunk relay asked for is dropped unless the client asked too).
+``SSEDecoder`` cuts chunks into whole events; ``StreamMeter`` reads each event once.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
+from relay.metering.tokens import TokenTally
+
 DONE = b"[DONE]"
 
 
 class SSEDecoder:
+    """Network chunks in, whole events out; an unfinished event waits as a list of its chunks.
+
+    Only the new chunk is searched for the blank line that ends an event, and the pending
+    chunks are joined once, when their event is complete: an event that arrives in many
+    chunks costs linear time, not a copy of everything pending per chunk.
+    """
+
     def __init__(self) -> None:
-        self._buf = b""
+        self._parts: list[bytes] = []
+        self._cr = False  # the last chunk ended in CR: whether it starts a CRLF is not known yet
+        self.pending = 0  # bytes held for the unfinished event (the caller bounds it)
 
     def decode(self, chunk: bytes) -> list[bytes]:
         """Complete events in arrival order, each ending with its blank line."""
+        if self._cr or b"\r" in chunk:
+            chunk = self._fold_crlf(chunk)
+        if not chunk:
+            return []
+        end = chunk.rfind(b"\n\n")
+        if end >= 0:
+            done, rest = chunk[:end], chunk[end + 2:]
+        elif chunk[0] == 10 and self._parts and self._parts[-1].endswith(b"\n"):
+            # The blank line is split across two chunks: the event is all that was pending.
+            self._parts[-1] = self._parts[-1][:-1]
+            done, rest = b"", chunk[1:]
+        else:
+            self._parts.append(chunk)
+            self.pending += len(chunk)
+            return []
+        if self._parts:
+            self._parts.append(done)
+            done = b"".join(self._parts)
+            self._parts = []
+        if rest:
+            self._parts.append(rest)
+        self.pending = len(rest) + self._cr
+        return [e + b"\n\n" for e in done.split(b"\n\n") if e.strip()]
+
+    def _fold_crlf(self, chunk: bytes) -> bytes:
+        """CRLF to LF; a CR that ends a chunk is held back until the next byte is seen."""
+        if self._cr and chunk:
+            self._cr = False
+            self.pending -= 1
+            if not chunk.startswith(b"\n"):
+                chunk = b"\r" + chunk
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
-        buf = self._buf + chunk if self._buf else chunk
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            self._buf = buf
-            return []
-        self._buf = buf[end + 2:]
-        return [e + b"\n\n" for e in buf[:end].split(b"\n\n") if e.strip()]
+            if chunk.endswith(b"\r"):
+                self._cr = True
+                self.pending += 1
+                chunk = chunk[:-1]
+        return chunk
 
     def flush(self) -> bytes:
         """Bytes of an unfinished event at the end of the stream."""
-        rest, self._buf = self._buf, b""
+        rest = b"".join(self._parts) + (b"\r" if self._cr else b"")
+        self._parts, self._cr, self.pending = [], False, 0
         return rest
 
 
@@ -69,13 +107,18 @@ def _is_count(value: object) -> bool:
 
 
 class StreamMeter:
+    """Usage, delivered text and [DONE] of one stream; the usage chunk relay asked for is
+    dropped unless the client asked too."""
+
     def __init__(self, forward_usage_chunk: bool) -> None:
         self.forward_usage_chunk = forward_usage_chunk
         self.usage: Usage | None = None
         self.done = False
         self.events = 0
         self.malformed = 0
-        self._text: list[str] = []
+        # Counted as it passes (the caller runs its slices), in case no usage comes: the
+        # text itself is not kept, so a long stream costs neither memory nor a long count.
+        self.text = TokenTally()
 
     def accept(self, event: bytes) -> bool:
         """Record one event; True when it should be sent to the client."""
@@ -111,14 +154,15 @@ class StreamMeter:
     def _collect(self, delta: dict) -> None:
         content = delta.get("content")
         if isinstance(content, str):
-            self._text.append(content)
+            self.text.add(content)
         for call in delta.get("tool_calls") or ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 for part in (fn.get("name"), fn.get("arguments")):
                     if isinstance(part, str):
-                        self._text.append(part)
+                        self.text.add(part)
 
     @property
     def delivered_text(self) -> str:
-        return "".join(self._text)
+        """Delivered text not counted yet: all of it until a slice has been counted."""
+        return self.text.uncounted

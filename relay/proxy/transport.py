@@ -13,7 +13,10 @@ import aiohttp
 
 from relay.balancer.pool import Endpoint
 from relay.config import Limits, Timeouts
-from relay.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from relay.errors import UpstreamConnectError, UpstreamError, UpstreamResponseTooLarge, UpstreamTimeout
+
+# Error bodies are a few hundred bytes; the router and the handler read them whole.
+ERROR_BODY_BYTES = 1 << 20
 
 
 class UpstreamResponse:
@@ -25,14 +28,40 @@ class UpstreamResponse:
         self.status = resp.status
         self.headers = resp.headers
         self.finished = False  # set once the router has taken it back
+        self._body: bytes | None = None
 
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"upstream {self.endpoint.upstream.name} stalled while sending its reply") from None
-        except aiohttp.ClientError:
-            raise UpstreamError(f"upstream {self.endpoint.upstream.name} broke off its reply") from None
+    async def read(self, limit: int = ERROR_BODY_BYTES) -> bytes:
+        """The whole body, refused once it passes ``limit`` bytes (or announces more): nothing more is read.
+
+        Read once; later calls return the same bytes.
+        """
+        if self._body is None:
+            length = self._resp.content_length
+            if length is not None and length > limit:
+                raise self._too_large(limit)
+            try:
+                self._body = await self._read_up_to(limit)
+            except asyncio.TimeoutError:
+                raise UpstreamTimeout(f"upstream {self.endpoint.upstream.name} stalled while sending its reply") from None
+            except aiohttp.ClientError:
+                raise UpstreamError(f"upstream {self.endpoint.upstream.name} broke off its reply") from None
+        return self._body
+
+    async def _read_up_to(self, limit: int) -> bytes:
+        content, parts, size = self._resp.content, [], 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(limit)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _too_large(self, limit: int) -> UpstreamResponseTooLarge:
+        self._resp.close()  # the rest is never read: the connection goes, and the upstream's work with it
+        err = UpstreamResponseTooLarge(f"upstream {self.endpoint.upstream.name} sent a reply larger than "
+                                       f"the limit of {limit} bytes")
+        err.upstream = self.endpoint.upstream.name
+        return err
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; each wait is bounded by the idle timeout."""
@@ -106,7 +135,7 @@ class Transport:
         t = Timeouts(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s)
         resp = await self.send(endpoint, "GET", "/models", None, t)
         try:
-            return resp.status, await resp.read(), resp.headers.get("Retry-After")
+            return resp.status, await resp.read(self.limits.max_response_bytes), resp.headers.get("Retry-After")
         finally:
             resp.close()
 
