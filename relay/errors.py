@@ -75,6 +75,19 @@ class UpstreamError(RelayError):
     outcome = "error"  # how the attempt ended, for health and metrics
     upstream = "-"     # the upstream's name, for the access line
 
+    def __init__(self, message: str, *, upstream: str = "-", outcome: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, headers=headers)
+        self.upstream = upstream
+        if outcome is not None:
+            self.outcome = outcome
+
+
+class UpstreamRateLimited(UpstreamError):
+    """Every endpoint tried answered 429: the client may retry, after Retry-After."""
+
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+
 
 class UpstreamConnectError(UpstreamError):
     outcome = "connect_error"

@@ -16,7 +16,7 @@ from relay.metering.ledger import LedgerEntry
 from relay.observability import recorder
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
-from relay.proxy.transport import Transport
+from relay.proxy.transport import AiohttpTransport, Transport
 from relay.quota import LeasedQuota, Quota, build_quota
 from relay.reload import Reloader
 from relay.store.mongo import MongoStore
@@ -84,7 +84,7 @@ class Services:
 def build_services(config: Config, store: MongoStore, trusted_proxies: tuple[str, ...] = (),
                    rng: random.Random | None = None, admin_token: str | None = None,
                    config_path: str | None = None, journal_path: str | None = None) -> Services:
-    transport = Transport(config.limits, config.timeouts)
+    transport = AiohttpTransport(config.limits)
     if admin_token is None:
         admin_token = os.environ.get("RELAY_ADMIN_TOKEN")
     admin_token = checked_admin_token(admin_token)

@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 from relay.app import make_app, make_server
 from relay.services import build_services
 from relay.config import parse_config
-from relay.proxy.router import retry_after_seconds
+from relay.balancer.outcome import retry_after_seconds
 
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, start_fake, unused_port
@@ -182,7 +182,7 @@ async def test_a_probe_answered_429_with_any_retry_after_cools_the_key(io_loop, 
 
 def test_retry_after_parsing():
     now = 1_700_000_000.0
-    assert retry_after_seconds(None) is None
+    assert retry_after_seconds(None, 0.0) is None
     for unusable in ("inf", "-inf", "nan", "-5", "1e309", "1e3", "+5", "0x10", "", "soon", "\u0663",
                      "Wed, 21 Oct 99999 07:28:00 GMT"):
         assert retry_after_seconds(unusable, now) is None, unusable

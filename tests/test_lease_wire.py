@@ -209,8 +209,6 @@ async def test_store_outage_with_leases_keeps_known_keys_served_and_loses_nothin
 async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded, io_loop):
     """The wire server's duplicate-key answer to a repeated insert, and the sweeper's
     deletion of entries whose batch never applied, on the real store."""
-    import datetime as dt
-    from relay.metering.ledger import utc_now
     from relay.store.recovery import DEAD_AFTER_S
     from relay.metering.ledger import LedgerEntry
     from relay.store.mongo import MongoStore

@@ -18,7 +18,7 @@ from relay.errors import (InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFo
                           TooManyFailedAttempts)
 from relay.net import client_address
 from relay.redact import redact_path
-from relay.observability.access_log import flag_for
+from relay.observability.access_log import Flag, flag_for
 from relay.observability.metrics import IN_FLIGHT, exposition
 
 log = logging.getLogger("relay.app")
@@ -39,7 +39,7 @@ class RelayHandler(tornado.web.RequestHandler):
         self.key_prefix = "-"
         self.model = "-"
         self.upstream_name = "-"
-        self.flag = "-"  # why a request failed, in Envoy's spirit (see observability.access_log)
+        self.flag: str = Flag.NONE  # why a request failed, in Envoy's spirit (see observability.access_log)
 
     def set_default_headers(self) -> None:
         # Runs before initialize() and again on every clear(): the id is made once.
@@ -109,7 +109,7 @@ class RelayHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         err = _as_relay_error(status_code, exc)
-        if self.flag == "-":
+        if self.flag == Flag.NONE:
             self.flag = flag_for(err)
         if self.upstream_name == "-":
             self.upstream_name = getattr(err, "upstream", "-")

@@ -13,11 +13,14 @@ from relay.balancer.pool import Endpoint
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.bounds import MAX_TOKENS
-from relay.metering.quote import Quote, completion_tokens_of_reply, quote_chat, quote_embedding, reply_texts
+from relay.observability.access_log import Flag
+from relay.metering.quote import (Quote, completion_tokens_of_reply, price_served, quote_chat, quote_embedding,
+                                  reply_texts)
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
-from relay.observability.recorder import on_upstream_done
+from relay.proxy.request import UpstreamRequest
 from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
 from relay.proxy.transport import ERROR_BODY_BYTES, UpstreamResponse
+from relay.quota import Delivery
 from relay.redact import scrub
 
 PASSED_RESPONSE_HEADERS = ("Content-Type", "OpenAI-Processing-Ms", "OpenAI-Version")
@@ -61,7 +64,7 @@ class ProxyHandler(AuthenticatedHandler):
         # Answer now and drop the connection: the rest of the body is never read.
         self._rejected = True
         self._chunks = []
-        self.flag = "body_too_large"
+        self.flag = Flag.BODY_TOO_LARGE
         self.send_relay_error(BodyTooLarge(f"The request body exceeds the limit of {limit} bytes."))
         self.request.connection.stream.close()
 
@@ -90,66 +93,51 @@ class ProxyHandler(AuthenticatedHandler):
                                 param="model")
         return served
 
-    def body_builder(self, body: dict, served: str, extra: dict | None = None):
-        raw = self.request.body
-        unchanged = served == body["model"] and not extra
+    def upstream_request(self, body: dict[str, Any], served: str, extra: dict[str, Any] | None = None) -> UpstreamRequest:
+        return UpstreamRequest("POST", self.upstream_path, served, body, self.request.body, extra)
 
-        def build(endpoint: Endpoint) -> bytes:
-            upstream_model = endpoint.upstream_model(served)
-            if unchanged and upstream_model == served:
-                return raw  # nothing to change: skip re-serialising
-            return json.dumps({**body, "model": upstream_model, **(extra or {})},
-                              separators=(",", ":")).encode()
-
-        return build
-
-    async def forward(self, body: dict, served: str, stream: bool, quote: Quote, extra: dict | None = None) -> None:
+    async def forward(self, request: UpstreamRequest, quote: Quote, stream: bool, body: dict[str, Any]) -> None:
         """Reserve, send, relay the reply, then settle what was delivered or refund."""
         services = self.services
-        self.charge = await services.charger.reserve(self.key.key_hash, self.request_id, quote, stream)
+        self.charge = await services.quota.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
         self._tally: TokenTally | None = None  # a stream's delivered text, when no usage comes
         self._delivered = False
         self._ttfb_ms = 0.0
         self.upstream_wait = 0.0
-        resp = None
+        served_by: Endpoint | None = None
         sent_at = time.perf_counter()
         try:
-            resp = await services.router.send(served, "POST", self.upstream_path,
-                                              self.body_builder(body, served, extra))
-            self.upstream_wait += time.perf_counter() - sent_at
-            self._upstream = resp
-            self.upstream_name = resp.endpoint.upstream.name
-            if resp.status >= 400:
-                await self._pass_error(resp)
-            elif stream and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-                await self._relay_stream(resp, body)
-            else:
-                await self._relay_json(resp)
+            async with services.router.exchange(request) as resp:
+                self.upstream_wait += time.perf_counter() - sent_at
+                self._upstream, served_by = resp, resp.endpoint
+                self.upstream_name = resp.endpoint.upstream.name
+                if resp.status >= 400:
+                    await self._pass_error(resp)
+                elif stream and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    await self._relay_stream(resp, body)
+                else:
+                    await self._relay_json(resp)
         finally:
             self._upstream = None
-            if resp is not None:
-                services.router.finish(resp)
-                on_upstream_done(resp.endpoint.upstream.name, time.perf_counter() - sent_at)
-            elif self.upstream_wait == 0.0:
+            if served_by is None and self.upstream_wait == 0.0:
                 self.upstream_wait = time.perf_counter() - sent_at  # every attempt failed
-            await self._end_charge(quote, resp)
+            await self._end_charge(quote, served_by)
 
-    async def _end_charge(self, quote: Quote, resp: UpstreamResponse | None) -> None:
+    async def _end_charge(self, quote: Quote, served_by: Endpoint | None) -> None:
         """Exactly one of settle or refund, whatever happened before."""
-        charger = self.services.charger
         if not self._delivered:
-            await charger.refund(self.charge)
+            await self.services.quota.refund(self.charge)
             return
         if self._usage is not None:
             prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
         else:
             prompt, completion = quote.prompt_tokens, await _count_rest(self._tally) if self._tally is not None else 0
-        model = resp.endpoint.upstream_model(quote.model) if resp is not None else quote.model
-        price = self.services.config.pricing.get(model, quote.price)
-        await charger.settle(self.charge, prompt_tokens=prompt, completion_tokens=completion,
-                             status=self.get_status(), upstream=self.upstream_name, model=model, price=price,
-                             latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms)
+        model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
+        await self.services.quota.settle(self.charge, Delivery(
+            prompt_tokens=prompt, completion_tokens=completion, status=self.get_status(), upstream=self.upstream_name,
+            model=model, price=price_served(self.services.config, quote, model),
+            latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms))
 
     def _mark_first_byte(self) -> None:
         if not self._ttfb_ms:
@@ -166,7 +154,7 @@ class ProxyHandler(AuthenticatedHandler):
         data = scrub(await resp.read(ERROR_BODY_BYTES), (resp.endpoint.key,))
         self.set_status(resp.status)
         self._copy_headers(resp)
-        self.flag = "upstream_4xx"
+        self.flag = Flag.UPSTREAM_4XX
         self.finish(data)
 
     async def _relay_json(self, resp: UpstreamResponse) -> None:
@@ -186,7 +174,7 @@ class ProxyHandler(AuthenticatedHandler):
         try:
             await self.finish(data)
         except StreamClosedError:
-            self.flag = "client_disconnected"
+            self.flag = Flag.CLIENT_DISCONNECTED
 
     def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
         """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
@@ -229,26 +217,26 @@ class ProxyHandler(AuthenticatedHandler):
                 oversized = oversized or decoder.pending > limit
             if oversized:
                 # Headers are out: the stream just ends, and the upstream's connection with it.
-                self.flag = "upstream_event_too_large"
+                self.flag = Flag.UPSTREAM_EVENT_TOO_LARGE
                 resp.close()
             elif (rest := decoder.flush()).strip():
                 self.write(rest)
         except UpstreamError:
-            self.flag = "upstream_stream_broken"  # headers are out: the stream just ends
+            self.flag = Flag.UPSTREAM_STREAM_BROKEN  # headers are out: the stream just ends
         except StreamClosedError:
-            self.flag = "client_disconnected"
+            self.flag = Flag.CLIENT_DISCONNECTED
         finally:
             self._usage = meter.usage
         if self._client_gone:
-            self.flag = "client_disconnected"
-        if self.flag == "client_disconnected":
+            self.flag = Flag.CLIENT_DISCONNECTED
+        if self.flag == Flag.CLIENT_DISCONNECTED:
             return
-        if not meter.done and self.flag == "-":
-            self.flag = "upstream_stream_truncated"
+        if not meter.done and self.flag == Flag.NONE:
+            self.flag = Flag.UPSTREAM_STREAM_TRUNCATED
         try:
             await self.finish()
         except StreamClosedError:
-            self.flag = "client_disconnected"
+            self.flag = Flag.CLIENT_DISCONNECTED
 
 
 def _usage_of_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
@@ -307,7 +295,7 @@ class ChatCompletionsHandler(ProxyHandler):
         stream = body.get("stream") is True
         # Ask the upstream for usage on streams; the handler drops that chunk unless the client asked.
         extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}} if stream else None
-        await self.forward(body, served, stream, quote, extra)
+        await self.forward(self.upstream_request(body, served, extra), quote, stream, body)
 
 
 class EmbeddingsHandler(ProxyHandler):
@@ -322,7 +310,8 @@ class EmbeddingsHandler(ProxyHandler):
             raise InvalidRequest("You must provide an input parameter.", param="input")
         if not isinstance(value, (str, list)) or value == [] or value == "":
             raise InvalidRequest("'input' must be a non-empty string or array.", param="input")
-        await self.forward(body, served, False, quote_embedding(self.services.config, served, body))
+        await self.forward(self.upstream_request(body, served), quote_embedding(self.services.config, served, body),
+                           False, body)
 
 
 def _validate_chat(body: dict) -> None:

@@ -32,6 +32,12 @@ def price_for(config: Config, model: str) -> Price:
     return price
 
 
+def price_served(config: Config, quote: Quote, model: str) -> Price:
+    """The price of the model actually served (an upstream's own model_map may have changed it
+    after the quote); the quote's own when that model has no price of its own."""
+    return config.pricing.get(model, quote.price)
+
+
 def quote_chat(config: Config, model: str, body: dict) -> Quote:
     price = price_for(config, model)
     prompt = count_chat_prompt(body["messages"])

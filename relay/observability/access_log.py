@@ -6,6 +6,7 @@ client_disconnected, ...
 """
 from __future__ import annotations
 
+import enum
 import logging
 import re
 import time
@@ -15,13 +16,32 @@ from relay.redact import redact_keys, redact_path
 
 access_log = logging.getLogger("relay.access")
 
+
+class Flag(enum.StrEnum):
+    """Why a request did not end as asked (the ones set by name; errors add their own)."""
+
+    NONE = "-"
+    BODY_TOO_LARGE = "body_too_large"
+    UPSTREAM_4XX = "upstream_4xx"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    UPSTREAM_STREAM_BROKEN = "upstream_stream_broken"
+    UPSTREAM_STREAM_TRUNCATED = "upstream_stream_truncated"
+    UPSTREAM_EVENT_TOO_LARGE = "upstream_event_too_large"
+    NO_ENDPOINT = "no_endpoint"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    BAD_KEY = "bad_key"
+    KEY_DISABLED = "key_disabled"
+    STORE_UNAVAILABLE = "store_unavailable"
+
+
 _FLAG_BY_CODE = {
-    "no_available_endpoint": "no_endpoint",
-    "upstream_timeout": "upstream_timeout",
-    "insufficient_quota": "quota_exhausted",
-    "invalid_api_key": "bad_key",
-    "key_disabled": "key_disabled",
-    "store_unavailable": "store_unavailable",
+    "no_available_endpoint": Flag.NO_ENDPOINT,
+    "upstream_timeout": Flag.UPSTREAM_TIMEOUT,
+    "insufficient_quota": Flag.QUOTA_EXHAUSTED,
+    "invalid_api_key": Flag.BAD_KEY,
+    "key_disabled": Flag.KEY_DISABLED,
+    "store_unavailable": Flag.STORE_UNAVAILABLE,
 }
 
 

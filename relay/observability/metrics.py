@@ -13,6 +13,8 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+from relay.balancer.health import EndpointState
+
 # Sub-millisecond resolution where relay's own work lives; coarser where upstreams live.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
                     0.025, 0.05, 0.1, 0.25, 1.0)
@@ -66,7 +68,7 @@ CONFIG_RELOADS = Counter("relay_config_reloads", "Config reloads by result (ok, 
 CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config reload succeeded, 0 when the "
                          "file on disk was rejected.", multiprocess_mode="livemin")
 
-ENDPOINT_STATES = ("healthy", "ejected", "cooling", "unhealthy", "disabled_by_checker", "disabled_by_operator")
+ENDPOINT_STATES = tuple(EndpointState)
 ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other")
 
 

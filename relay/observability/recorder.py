@@ -8,8 +8,9 @@ from __future__ import annotations
 import functools
 import time
 
+from relay.balancer.health import EndpointState
 from relay.observability import metrics as m
-from relay.observability.access_log import log_request
+from relay.observability.access_log import Flag, log_request
 
 
 @functools.lru_cache(maxsize=8192)
@@ -34,7 +35,7 @@ def on_request_end(handler) -> None:
     wait = getattr(handler, "upstream_wait", None)
     if wait is not None:
         m.OVERHEAD_SECONDS.observe(max(total - wait, 0.0))
-    if handler.flag == "quota_exhausted":
+    if handler.flag == Flag.QUOTA_EXHAUSTED:
         m.QUOTA_REJECTIONS.inc()
 
 
@@ -49,9 +50,8 @@ class RouterEvents:
         if failed.upstream.name != following.upstream.name:
             _child(m.FAILOVERS, reason).inc()
 
-
-def on_upstream_done(upstream: str, seconds: float) -> None:
-    _child(m.UPSTREAM_SECONDS, upstream).observe(seconds)
+    def on_done(self, endpoint, seconds: float) -> None:
+        _child(m.UPSTREAM_SECONDS, endpoint.upstream.name).observe(seconds)
 
 
 def on_settled(config, model: str, prompt_tokens: int, completion_tokens: int, cost: int) -> None:
@@ -97,7 +97,7 @@ def refresh_gauges(pool, now: float) -> None:
         current = ep.state(config, now).state
         for state in m.ENDPOINT_STATES:
             _child(m.ENDPOINT_STATE, ep.upstream.name, ep.key_id, state).set(1 if state == current else 0)
-        if current == "healthy":
+        if current == EndpointState.HEALTHY:
             available[ep] = True
     for model in config.client_model_names():
         served = config.map_model(model)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from relay.balancer import health as h
 from relay.balancer.outcome import Outcome, classify_failure, classify_probe, retry_after_seconds
 from relay.balancer.pool import Endpoint
+from relay.config import Timeouts
 from relay.errors import UpstreamError
+from relay.proxy.request import UpstreamRequest
 from relay.proxy.router import Router
+
+MODELS = UpstreamRequest("GET", "/models")
 
 log = logging.getLogger("relay.health")
 MAX_CONCURRENT_PROBES = 32
@@ -47,9 +50,9 @@ class HealthChecker:
         async with self._sem:
             retry_after = None
             try:
-                status, body, retry_header = await self.router.transport.probe(ep, policy.probe_timeout_s)
+                status, body, retry_header = await self._models(ep, policy.probe_timeout_s)
                 outcome = classify_probe(status, body)
-                retry_after = retry_after_seconds(retry_header, time.time())
+                retry_after = retry_after_seconds(retry_header, self.router.wall_clock())
             except UpstreamError as err:
                 outcome = classify_failure(err.outcome)
         config, clock = self.router.pool.config, self.router.clock
@@ -59,3 +62,13 @@ class HealthChecker:
         if now_state != was:
             log.warning("endpoint %s: %s -> %s (probe: %s)", ep.name, was, now_state, outcome)
         return outcome
+
+    async def _models(self, ep: Endpoint, timeout_s: float) -> tuple[int, bytes, str | None]:
+        """``GET {base_url}/models`` with the endpoint's key: costs no tokens."""
+        t = Timeouts(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s)
+        resp = await self.router.transport.send(ep, MODELS, None, t)
+        try:
+            return resp.status, await resp.read(self.router.pool.config.limits.max_response_bytes), \
+                resp.headers.get("Retry-After")
+        finally:
+            resp.close()

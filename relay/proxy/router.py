@@ -4,26 +4,25 @@ It picks the lowest tier with an available endpoint, sends, classifies the outco
 it to health, and retries a failed attempt (connect error, timeout, 5xx, 429, a refused
 key) on another endpoint — same tier first, then the next — within ``retries.max_attempts``
 and the retry budget. It never retries the client's own errors, and it cannot retry after
-the first byte: it returns the response before any of it reaches the client.
+the first byte: it hands the response over before any of it reaches the client.
 """
 from __future__ import annotations
 
 import math
 import random
-import re
 import time
-from datetime import timezone
-from email.utils import parsedate_to_datetime
-from typing import Callable
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
 
-from relay import bounded_json
 from relay.balancer import health as h
+from relay.balancer.budget import RetryBudget
+from relay.balancer.outcome import (CLIENT_ERROR, OK, RATE_LIMITED, RETRYABLE_OUTCOMES, SERVER_ERROR, Outcome,
+                                    classify_failure, classify_status, error_code_of, retry_after_seconds)
 from relay.balancer.pool import Endpoint, Pool
 from relay.balancer.selection import pick
-from relay.errors import NoEndpoint, RelayError, TooManyRequests, UpstreamError
+from relay.errors import NoEndpoint, RelayError, UpstreamError, UpstreamRateLimited
+from relay.proxy.request import UpstreamRequest
 from relay.proxy.transport import Transport, UpstreamResponse
-
-BodyBuilder = Callable[[Endpoint], bytes]
 
 
 class NoEvents:
@@ -35,27 +34,31 @@ class NoEvents:
     def on_retry(self, reason: str, failed: Endpoint, following: Endpoint) -> None:
         pass
 
+    def on_done(self, endpoint: Endpoint, seconds: float) -> None:
+        pass
+
 
 class Router:
     def __init__(self, pool: Pool, transport: Transport, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.pool = pool
         self.transport = transport
         self.rng = rng or random.Random()
         self.clock = clock
+        self.wall_clock = wall_clock  # for Retry-After dates
         r = pool.config.retries
-        self.budget = h.RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
-        self.events = NoEvents()
+        self.budget = RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
+        self.events: NoEvents = NoEvents()
 
     def swap(self, pool: Pool) -> None:
         """Requests in flight keep the endpoints they hold; new ones see the new pool."""
         r = pool.config.retries
         if (r.budget_ratio, r.budget_floor, r.budget_window_s) != (self.budget.ratio, self.budget.floor,
                                                                    self.budget.window_s):
-            self.budget = h.RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
+            self.budget = RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
         self.pool = pool
 
-    def choose(self, model: str, exclude: frozenset | set = frozenset(), last_hope: bool = True) -> Endpoint:
+    def choose(self, model: str, exclude: Collection[Endpoint] = (), last_hope: bool = True) -> Endpoint:
         """The lowest tier with an available endpoint not yet tried; within it, P2C by weight.
 
         When nothing is available, the endpoint whose ejection or cooldown ends soonest (a
@@ -72,49 +75,61 @@ class Router:
                 return pick(ready, self.rng)
         if last_hope:
             states = [(ep.state(pool.config, now), ep) for tier in tiers for ep in tier if ep not in exclude]
-            waiting = [(st.until, ep) for st, ep in states if st.state in ("ejected", "cooling", "unhealthy")]
+            waiting = [(st.until, ep) for st, ep in states if st.state in h.WAITING_STATES]
             if waiting:
                 return min(waiting, key=lambda pair: pair[0])[1]
         raise NoEndpoint(f"no endpoint is available for model {model} right now (all ejected, cooling or disabled)")
 
-    async def send(self, model: str, method: str, path: str, build_body: BodyBuilder | None) -> UpstreamResponse:
-        """A response the client may see (2xx, or its own 4xx). Hand it back through ``finish``."""
+    @asynccontextmanager
+    async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        """A response the client may see (2xx, or its own 4xx), held for the ``async with``
+        block: the endpoint counts it in flight until the block ends, and then its connection
+        is released (an unfinished body closes it, which cancels the upstream's work)."""
+        started = self.clock()
+        resp = await self._send(request)
+        try:
+            yield resp
+        finally:
+            self._release(resp)
+            self.events.on_done(resp.endpoint, self.clock() - started)
+
+    async def _send(self, request: UpstreamRequest) -> UpstreamResponse:
         max_attempts = self.pool.config.retries.max_attempts
         self.budget.record_request(self.clock())
         tried: set[Endpoint] = set()
         last_error: RelayError | None = None
-        failed: tuple[str, Endpoint] | None = None
+        failed: tuple[Outcome, Endpoint] | None = None
         for attempt in range(max_attempts):
             if attempt and not self.budget.try_retry(self.clock()):
                 break
             try:
-                endpoint = self.choose(model, tried)
+                endpoint = self.choose(request.model, tried)
             except NoEndpoint as exc:
                 last_error = last_error or exc
                 break
             if failed:
                 self.events.on_retry(failed[0], failed[1], endpoint)
             tried.add(endpoint)
-            outcome, result = await self._attempt(endpoint, method, path, build_body, attempt)
-            if isinstance(result, UpstreamResponse):
+            outcome, result = await self._attempt(endpoint, request, attempt)
+            if not isinstance(result, RelayError):
                 return result
             last_error = result
-            if outcome not in h.RETRYABLE_OUTCOMES:
+            if outcome not in RETRYABLE_OUTCOMES:
                 break
             failed = (outcome, endpoint)
-        raise last_error or NoEndpoint(f"no endpoint is available for model {model} right now")
+        raise last_error or NoEndpoint(f"no endpoint is available for model {request.model} right now")
 
-    async def _attempt(self, endpoint: Endpoint, method: str, path: str, build_body: BodyBuilder | None,
-                       attempt: int) -> tuple[str, UpstreamResponse | RelayError]:
+    async def _attempt(self, endpoint: Endpoint, request: UpstreamRequest,
+                       attempt: int) -> tuple[Outcome, UpstreamResponse | RelayError]:
         config = self.pool.config
         endpoint.health.in_flight += 1
         started = self.clock()
         try:
-            resp = await self.transport.send(endpoint, method, path, build_body(endpoint) if build_body else None,
+            resp = await self.transport.send(endpoint, request, request.render(endpoint.upstream_model(request.model)),
                                              config.timeouts)
         except UpstreamError as err:
             endpoint.health.in_flight -= 1
-            outcome = err.outcome if err.outcome in h.OUTLIER_OUTCOMES else h.SERVER_ERROR
+            outcome = classify_failure(err.outcome)
             self._record(endpoint, outcome, attempt, None)
             return outcome, err
         except BaseException:
@@ -123,83 +138,40 @@ class Router:
         ttfb = self.clock() - started
         endpoint.health.record_latency(ttfb * 1000)
         if resp.status < 400:
-            self._record(endpoint, h.OK, attempt, ttfb)
-            return h.OK, resp
+            self._record(endpoint, OK, attempt, ttfb)
+            return OK, resp
         try:
             body = await resp.read()
         except UpstreamError as err:
-            self.finish(resp)
-            self._record(endpoint, h.SERVER_ERROR, attempt, ttfb)
-            return h.SERVER_ERROR, err
-        outcome = h.classify_status(resp.status, error_code_of(body))
-        retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+            self._release(resp)
+            self._record(endpoint, SERVER_ERROR, attempt, ttfb)
+            return SERVER_ERROR, err
+        outcome = classify_status(resp.status, error_code_of(body))
+        retry_after = retry_after_seconds(resp.headers.get("Retry-After"), self.wall_clock())
         self._record(endpoint, outcome, attempt, ttfb, retry_after)
-        if outcome == h.CLIENT_ERROR:
+        if outcome == CLIENT_ERROR:
             return outcome, resp
-        self.finish(resp)
+        self._release(resp)
         return outcome, _failure(resp, outcome, retry_after)
 
-    def _record(self, endpoint: Endpoint, outcome: str, attempt: int, ttfb: float | None,
+    def _record(self, endpoint: Endpoint, outcome: Outcome, attempt: int, ttfb: float | None,
                 retry_after: float | None = None) -> None:
         h.record_attempt(outcome, endpoint.health, endpoint.upstream_health, self.pool.config.health,
                          self.clock(), retry_after)
         self.events.on_attempt(endpoint, outcome, attempt, ttfb)
 
-    def finish(self, resp: UpstreamResponse) -> None:
-        if not resp.finished:
-            resp.finished = True
-            resp.close()
-            resp.endpoint.health.in_flight -= 1
+    @staticmethod
+    def _release(resp: UpstreamResponse) -> None:
+        resp.close()
+        resp.endpoint.health.in_flight -= 1
 
 
-def error_code_of(body: bytes) -> str | None:
-    try:
-        err = bounded_json.loads(body).get("error")  # an upstream's body: as hostile as a client's
-        return err.get("code") if isinstance(err, dict) else None
-    except (ValueError, AttributeError):
-        return None
-
-
-# A day: longer than any cooldown relay applies (health caps it at max_cooldown_s), and
-# small enough that every later sum with a clock stays an ordinary float.
-MAX_RETRY_AFTER_S = 86_400.0
-_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # RFC 9110 says digits; some send "1.5"
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """An upstream's ``Retry-After`` as seconds from ``now`` (wall clock), capped; None when
-    absent or unusable ("inf", "nan", "-5", "1e309", garbage), so the default cooldown applies.
-
-    Both forms of RFC 9110: delta-seconds, or an HTTP-date (one in the past means now)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if _DELTA_SECONDS.fullmatch(value):
-        seconds = float(value)  # digits only: never negative or nan; a huge one is inf, capped below
-    else:
-        seconds = _seconds_until_date(value, time.time() if now is None else now)
-    return None if seconds is None else min(seconds, MAX_RETRY_AFTER_S)
-
-
-def _seconds_until_date(value: str, now: float) -> float | None:
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # "-0000": UTC without a claim about local time
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - now)
-
-
-def _failure(resp: UpstreamResponse, outcome: str, retry_after: float | None) -> RelayError:
+def _failure(resp: UpstreamResponse, outcome: Outcome, retry_after: float | None) -> RelayError:
     name = resp.endpoint.upstream.name
-    if outcome == h.RATE_LIMITED:
+    if outcome == RATE_LIMITED:
         headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
-        err: RelayError = TooManyRequests(f"upstream {name} is rate limited; retry shortly", headers=headers)
-    elif outcome in (h.AUTH, h.NO_CREDIT):
-        err = UpstreamError(f"upstream {name} refused relay's credentials")
-    else:
-        err = UpstreamError(f"upstream {name} failed with status {resp.status}")
-    err.outcome = outcome
-    err.upstream = name
-    return err
+        return UpstreamRateLimited(f"upstream {name} is rate limited; retry shortly", upstream=name,
+                                   outcome=outcome, headers=headers)
+    if outcome in (Outcome.AUTH, Outcome.NO_CREDIT):
+        return UpstreamError(f"upstream {name} refused relay's credentials", upstream=name, outcome=outcome)
+    return UpstreamError(f"upstream {name} failed with status {resp.status}", upstream=name, outcome=outcome)

@@ -1,34 +1,62 @@
-"""Upstream HTTP: pooled keep-alive connections (aiohttp), timeouts, errors mapped to ours.
+"""Upstream HTTP: the transport's contract (one method, as httpx's transports have), and its
+implementation on aiohttp: pooled keep-alive connections, timeouts, errors mapped to ours.
 
 aiohttp was chosen by measurement (bench/http_clients.py): on loopback it costs about half
-the CPU per request of Tornado's curl client and a third of Tornado's simple client, which
-opens a new connection for every request and allows at most 10 at once.
+the CPU per request of Tornado's curl client and a third of Tornado's simple client.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import aiohttp
 
 from relay.balancer.pool import Endpoint
 from relay.config import Limits, Timeouts
 from relay.errors import UpstreamConnectError, UpstreamError, UpstreamResponseTooLarge, UpstreamTimeout
+from relay.proxy.request import UpstreamRequest
 
 # Error bodies are a few hundred bytes; the router and the handler read them whole.
 ERROR_BODY_BYTES = 1 << 20
 
 
-class UpstreamResponse:
+class UpstreamResponse(Protocol):
     """An upstream's answer whose headers have arrived; the body is read on demand."""
 
+    endpoint: Endpoint
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self, limit: int = ERROR_BODY_BYTES) -> bytes:
+        """The whole body, refused (``UpstreamResponseTooLarge``) once it passes ``limit``."""
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive."""
+
+    def close(self) -> None:
+        """Release the connection; an unfinished body closes it, which cancels the upstream's work."""
+
+
+class Transport(Protocol):
+    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: bytes | None,
+                   timeouts: Timeouts) -> UpstreamResponse:
+        """Send with the endpoint's key; raises ``UpstreamError`` (connect error, timeout, bad reply)."""
+
+    async def close(self) -> None: ...
+
+
+class AiohttpResponse:
     def __init__(self, resp: aiohttp.ClientResponse, endpoint: Endpoint):
         self._resp = resp
         self.endpoint = endpoint
         self.status = resp.status
-        self.headers = resp.headers
-        self.finished = False  # set once the router has taken it back
+        self.headers: Mapping[str, str] = resp.headers
         self._body: bytes | None = None
+
+    @property
+    def _name(self) -> str:
+        return self.endpoint.upstream.name
 
     async def read(self, limit: int = ERROR_BODY_BYTES) -> bytes:
         """The whole body, refused once it passes ``limit`` bytes (or announces more): nothing more is read.
@@ -42,9 +70,10 @@ class UpstreamResponse:
             try:
                 self._body = await self._read_up_to(limit)
             except asyncio.TimeoutError:
-                raise UpstreamTimeout(f"upstream {self.endpoint.upstream.name} stalled while sending its reply") from None
+                raise UpstreamTimeout(f"upstream {self._name} stalled while sending its reply",
+                                      upstream=self._name) from None
             except aiohttp.ClientError:
-                raise UpstreamError(f"upstream {self.endpoint.upstream.name} broke off its reply") from None
+                raise UpstreamError(f"upstream {self._name} broke off its reply", upstream=self._name) from None
         return self._body
 
     async def _read_up_to(self, limit: int) -> bytes:
@@ -58,10 +87,8 @@ class UpstreamResponse:
 
     def _too_large(self, limit: int) -> UpstreamResponseTooLarge:
         self._resp.close()  # the rest is never read: the connection goes, and the upstream's work with it
-        err = UpstreamResponseTooLarge(f"upstream {self.endpoint.upstream.name} sent a reply larger than "
-                                       f"the limit of {limit} bytes")
-        err.upstream = self.endpoint.upstream.name
-        return err
+        return UpstreamResponseTooLarge(f"upstream {self._name} sent a reply larger than the limit of {limit} bytes",
+                                        upstream=self._name)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; each wait is bounded by the idle timeout."""
@@ -70,9 +97,9 @@ class UpstreamResponse:
             try:
                 chunk = await content.readany()
             except asyncio.TimeoutError:
-                raise UpstreamTimeout(f"upstream {self.endpoint.upstream.name} went silent mid-stream") from None
+                raise UpstreamTimeout(f"upstream {self._name} went silent mid-stream", upstream=self._name) from None
             except aiohttp.ClientError:
-                raise UpstreamError(f"upstream {self.endpoint.upstream.name} broke off the stream") from None
+                raise UpstreamError(f"upstream {self._name} broke off the stream", upstream=self._name) from None
             if not chunk:
                 return
             yield chunk
@@ -82,10 +109,9 @@ class UpstreamResponse:
         self._resp.close()
 
 
-class Transport:
-    def __init__(self, limits: Limits, timeouts: Timeouts):
+class AiohttpTransport:
+    def __init__(self, limits: Limits):
         self.limits = limits
-        self.timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -98,46 +124,28 @@ class Transport:
                                                   cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
-    async def send(self, endpoint: Endpoint, method: str, path: str, body: bytes | None,
-                   timeouts: Timeouts | None = None) -> UpstreamResponse:
-        t = timeouts or self.timeouts
+    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: bytes | None,
+                   timeouts: Timeouts) -> UpstreamResponse:
         headers = {"Authorization": f"Bearer {endpoint.key}", "Accept-Encoding": "identity"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.idle_s)
-        name = endpoint.upstream.name
-        try:
-            return UpstreamResponse(await self._request(endpoint, method, path, body, headers, timeout,
-                                                        t.first_byte_s), endpoint)
-        except UpstreamError as err:
-            err.upstream = name
-            raise
-
-    async def _request(self, endpoint, method, path, body, headers, timeout, first_byte_s) -> aiohttp.ClientResponse:
+            headers["Content-Type"] = request.content_type
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s)
         name = endpoint.upstream.name
         try:
             return await asyncio.wait_for(
-                self._client().request(method, endpoint.upstream.base_url + path, data=body,
-                                       headers=headers, timeout=timeout, allow_redirects=False),
-                first_byte_s)
+                self._request(endpoint, request.method, request.path, body, headers, timeout), timeouts.first_byte_s)
         except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"upstream {name} did not answer in time") from None
+            raise UpstreamTimeout(f"upstream {name} did not answer in time", upstream=name) from None
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError, OSError):
-            raise UpstreamConnectError(f"could not reach upstream {name}") from None
+            raise UpstreamConnectError(f"could not reach upstream {name}", upstream=name) from None
         except aiohttp.ClientError:
-            raise UpstreamError(f"upstream {name} sent an invalid reply") from None
+            raise UpstreamError(f"upstream {name} sent an invalid reply", upstream=name) from None
 
-    async def probe(self, endpoint: Endpoint, timeout_s: float) -> tuple[int, bytes, str | None]:
-        """``GET {base_url}/models`` with the endpoint's key: costs no tokens.
-
-        Returns (status, body, Retry-After); raises UpstreamError subclasses like ``send``.
-        """
-        t = Timeouts(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s)
-        resp = await self.send(endpoint, "GET", "/models", None, t)
-        try:
-            return resp.status, await resp.read(self.limits.max_response_bytes), resp.headers.get("Retry-After")
-        finally:
-            resp.close()
+    async def _request(self, endpoint: Endpoint, method: str, path: str, body: bytes | None,
+                       headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> AiohttpResponse:
+        resp = await self._client().request(method, endpoint.upstream.base_url + path, data=body, headers=headers,
+                                            timeout=timeout, allow_redirects=False)
+        return AiohttpResponse(resp, endpoint)
 
     async def close(self) -> None:
         if self._session is not None:
