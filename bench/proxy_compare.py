@@ -267,7 +267,7 @@ async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], wo
                                 log_level="info"), cpu=relay_cores, log_path=os.path.join(workdir, f"relay-{port}.log"))
         try:
             wait_port(port, 60)
-            target = Target("relay", port, lambda: [relay.pid] + child_pids(relay.pid))
+            target = Target("relay", port, lambda relay=relay: [relay.pid] + child_pids(relay.pid))
             await asyncio.sleep(1.0)  # workers up
             body = json.dumps({"model": "bench-json", "max_tokens": 64,
                                "messages": [{"role": "user", "content": "Say hi"}]}).encode()

@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import child_pids, drive, free_port, proc_cpu_seconds, relay_cmd, spawn, stop, wait_port  # noqa: E402
-
 
 
 def _config(fake_port: int) -> str:

@@ -13,9 +13,9 @@ import statistics
 import tempfile
 import time
 
+from relay.metering.ledger import LedgerEntry, utc_now
 from relay.store.connect import CLIENTS, close_client, open_store
 from relay.store.embedded import EmbeddedServer
-from relay.metering.ledger import LedgerEntry, utc_now
 
 
 async def measure(uri: str, kind: str, n: int) -> dict[str, float]:

@@ -1,7 +1,6 @@
 """The Tornado Application: routes, and the services they are handed."""
 from __future__ import annotations
 
-
 import tornado.httpserver
 import tornado.web
 

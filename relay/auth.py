@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from relay.config import ConfigError
 from relay.errors import InvalidApiKey, KeyDisabled, StoreUnavailable
 from relay.keys import bearer_token, hash_key, is_well_formed
 from relay.store.base import KeyRecord, KeyStore
-
 
 STALE_IF_ERROR_S = 60.0
 MIN_ADMIN_TOKEN_CHARS = 16  # with the throttle on wrong tokens, far beyond guessing

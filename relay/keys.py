@@ -49,5 +49,5 @@ def key_view(doc: dict) -> dict:
 
 
 def _iso(at: dt.datetime | None) -> str | None:
-    return at.replace(tzinfo=dt.timezone.utc).isoformat().replace("+00:00", "Z") if at else None
+    return at.replace(tzinfo=dt.UTC).isoformat().replace("+00:00", "Z") if at else None
 

@@ -5,8 +5,8 @@ import json
 import sys
 
 from relay.errors import RelayError
-from relay.store.connect import close_client, open_store
 from relay.keys import key_view
+from relay.store.connect import close_client, open_store
 
 
 async def run_keys_command(args, store_uri: str) -> int:

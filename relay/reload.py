@@ -11,8 +11,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from relay.balancer.pool import Pool
 from relay.config import Config, ConfigError, load_config

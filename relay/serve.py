@@ -160,7 +160,8 @@ Ctrl-C stops them all.
        -d '{{"model": "gpt-3.5-turbo", "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); \\
-print(c.chat.completions.create(model='gpt-3.5-turbo', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+r = c.chat.completions.create(model='gpt-3.5-turbo', messages=[{{'role': 'user', 'content': 'Hi'}}]); \\
+print(r.choices[0].message.content)"
 
   curl {base}/dashboard/billing/subscription -H 'Authorization: Bearer {key}'
 """, flush=True)

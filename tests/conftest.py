@@ -1,7 +1,6 @@
 import pytest
 
 from relay.store.embedded import EmbeddedServer
-
 from tests.helpers import TEST_KEY, add_key, mock_store, one_upstream_config, relay_app, start_fake
 
 ADMIN_TOKEN = "admin-test-token-0123456789"

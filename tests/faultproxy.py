@@ -13,7 +13,7 @@ class FaultProxy:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
-    async def start(self) -> "FaultProxy":
+    async def start(self) -> FaultProxy:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

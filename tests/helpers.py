@@ -9,10 +9,9 @@ import tornado.httpserver
 import tornado.testing
 
 from relay.app import make_app
-
-from relay.services import build_services
 from relay.config import parse_config
 from relay.fake_upstream import FakeState, make_fake_app
+from relay.services import build_services
 from relay.store.mongo import MongoStore
 
 # A well-formed relay key used only by tests.

@@ -33,7 +33,7 @@ class RelayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, timeout: float = 40.0) -> "RelayProcess":
+    async def start(self, timeout: float = 40.0) -> RelayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(self.config), "--port", str(self.port),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, parse_config
 from relay.cli import main
+from relay.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """

@@ -4,11 +4,18 @@ import json
 import socket
 
 import pytest
-
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.helpers import TEST_KEY, UPSTREAM_KEY, add_key, mock_store, one_upstream_config, serve, start_fake, \
-    unused_port
+from tests.helpers import (
+    TEST_KEY,
+    UPSTREAM_KEY,
+    add_key,
+    mock_store,
+    one_upstream_config,
+    serve,
+    start_fake,
+    unused_port,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -128,7 +135,7 @@ def _raw_exchange(port: int, head: bytes, body_chunks) -> bytes:
                 if not got:
                     break
                 data += got
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
         return data
 

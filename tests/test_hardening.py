@@ -19,8 +19,17 @@ from relay.redact import mask_key
 from relay.store.connect import close_client, open_store
 from tests.conservation import assert_conserved, settled
 from tests.faultproxy import FaultProxy
-from tests.helpers import TEST_KEY, UPSTREAM_KEY, add_key, eventually, mock_store, one_upstream_config, serve, \
-    start_fake, unused_port
+from tests.helpers import (
+    TEST_KEY,
+    UPSTREAM_KEY,
+    add_key,
+    eventually,
+    mock_store,
+    one_upstream_config,
+    serve,
+    start_fake,
+    unused_port,
+)
 from tests.processes import RelayProcess, db_uri
 
 CHAT = "/v1/chat/completions"
@@ -48,8 +57,8 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
     await add_key(store, quota=10_000_000)
     fake = start_fake()
     from relay.app import make_app, make_server
-    from relay.services import build_services
     from relay.config import parse_config
+    from relay.services import build_services
     # Per request: the journal is that mode's outage path (with leases: tests/test_store_cut.py).
     services = build_services(parse_config(one_upstream_config(fake.base_url, extra="quota: {leases: false}"), {}),
                               store, journal_path=str(tmp_path / "settlements.journal"))
@@ -100,8 +109,8 @@ async def test_store_outage_refuses_new_work_and_loses_no_charge(embedded, tmp_p
 
 async def test_journal_is_replayed_by_a_restarted_process(embedded, tmp_path, io_loop):
     """A settlement queued to disk before a crash is applied by the next process."""
-    from relay.quota.journal import SettlementQueue
     from relay.metering.ledger import LedgerEntry, utc_now
+    from relay.quota.journal import SettlementQueue
     store = await open_store(db_uri(embedded, "journal" + uuid.uuid4().hex[:6]))
     await add_key(store, quota=1000)
     h = hash_key(TEST_KEY)
@@ -182,7 +191,8 @@ async def test_slow_header_and_slow_body_clients_time_out(io_loop):
     slow_header = await loop.run_in_executor(None, linger, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
     assert slow_header < 3, "a client that never finishes its headers is cut"
     slow_body = await loop.run_in_executor(None, linger, (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\nContent-Length: 100\r\n\r\n{{").encode())
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n"
+        "Content-Length: 100\r\n\r\n{").encode())
     assert slow_body < 3, "a client that never finishes its body is cut"
     assert fake.requests == []
     server.stop()
@@ -267,9 +277,9 @@ async def test_repeated_bad_keys_are_slowed_without_hurting_others(io_loop):
     await add_key(store)
     text = one_upstream_config(fake.base_url)
     from relay.app import make_app
-    from relay.services import build_services
     from relay.config import parse_config
     from relay.net import parse_trusted
+    from relay.services import build_services
     services = build_services(parse_config(text, {}), store, trusted_proxies=parse_trusted(["127.0.0.1"]))
     services.throttle = FailedAuthThrottle(max_failures=5, window_s=60, delay_s=0.3)
     port = unused_port()

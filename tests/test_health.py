@@ -40,7 +40,7 @@ def test_consecutive_failures_eject_the_upstream_for_growing_times():
     for _ in range(3):
         h.record_attempt(o.SERVER_ERROR, ep, up, P, now=31)
     assert up.ejected_until == 31 + 60  # 30 s × times ejected
-    for i in range(20):
+    for _ in range(20):
         up.ejected_until = 0
         for _ in range(3):
             h.record_attempt(o.SERVER_ERROR, ep, up, P, now=100)

@@ -12,10 +12,9 @@ import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 
 from relay.app import make_app, make_server
-from relay.services import build_services
-from relay.config import parse_config
 from relay.balancer.outcome import retry_after_seconds
-
+from relay.config import parse_config
+from relay.services import build_services
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, start_fake, unused_port
 

@@ -8,13 +8,12 @@ from tornado.httpclient import AsyncHTTPClient
 
 from relay.errors import InsufficientQuota
 from relay.keys import hash_key
-from relay.quota.lease_book import LeaseBook
+from relay.metering.ledger import LedgerEntry, ledger_doc, utc_now
 from relay.observability import metrics
-from relay.metering.ledger import ledger_doc, utc_now
+from relay.quota.lease_book import LeaseBook
 from relay.store.leases import TOMBSTONE_SEQ
-from relay.store.recovery import DEAD_AFTER_S, MAX_HOLD_AGE_S
-from relay.metering.ledger import LedgerEntry
 from relay.store.mongo import MongoStore
+from relay.store.recovery import DEAD_AFTER_S, MAX_HOLD_AGE_S
 from tests.conservation import assert_conserved, conserved_now
 from tests.helpers import PRICING, TEST_KEY, add_key, mock_store, serve, start_fake
 
@@ -248,7 +247,7 @@ async def test_http_with_leases_charges_exactly(io_loop):
                                      for i in range(40)))
     assert {r.code for r in results} == {200}
     waits = metrics.QUOTA_STORE_WAITS._value.get()
-    for i in range(40):  # one at a time, after the burst: served from the slice
+    for _ in range(40):  # one at a time, after the burst: served from the slice
         r = await c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
                           headers={"Authorization": f"Bearer {TEST_KEY}"},
                           body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}))
@@ -324,19 +323,22 @@ async def test_a_top_up_through_the_admin_api_serves_the_key_at_once(io_loop):
     fake = start_fake()
     store = mock_store()
     await add_key(store, quota=600)
-    text = f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-l1]}}\nquota: {{leases: true}}\n{PRICING}"
+    text = (f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-l1]}}\n"
+            f"quota: {{leases: true}}\n{PRICING}")
     url, server, services = await serve(text, store, admin_token="admin-token-0123456789abcdef")
     c = AsyncHTTPClient(force_instance=True)
 
     async def chat():
         return (await c.fetch(url + "/v1/chat/completions", method="POST", raise_error=False,
                               headers={"Authorization": f"Bearer {TEST_KEY}"},
-                              body=json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}))).code
+                              body=json.dumps({"model": "gpt-4",
+                                               "messages": [{"role": "user", "content": "Hi"}]}))).code
     assert await chat() == 200  # 600 covers the prompt; costs 560
     assert await chat() == 429  # 40 left < 160
     prefix = (await store.key_doc(H))["prefix"]
     r = await c.fetch(f"{url}/admin/keys/{prefix}/topup", method="POST", raise_error=False,
-                      headers={"Authorization": "Bearer admin-token-0123456789abcdef"}, body=json.dumps({"quota": 1000}))
+                      headers={"Authorization": "Bearer admin-token-0123456789abcdef"},
+                      body=json.dumps({"quota": 1000}))
     assert r.code == 200, r.body
     assert await chat() == 200
     server.stop()

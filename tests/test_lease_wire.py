@@ -9,12 +9,12 @@ import uuid
 from tornado.httpclient import AsyncHTTPClient
 
 from relay.keys import hash_key
-from relay.quota.lease_book import COMMIT_EVERY_S
 from relay.metering.ledger import ledger_doc, utc_now
-from relay.store.leases import TOMBSTONE_SEQ
-from relay.store.recovery import DEAD_AFTER_S
+from relay.quota.lease_book import COMMIT_EVERY_S
 from relay.store.connect import close_client, open_store
+from relay.store.leases import TOMBSTONE_SEQ
 from relay.store.mongo import MongoStore
+from relay.store.recovery import DEAD_AFTER_S
 from tests.conservation import assert_conserved, settled
 from tests.helpers import PRICING, TEST_KEY, add_key, eventually, serve, start_fake
 from tests.processes import RelayProcess, db_uri
@@ -23,7 +23,8 @@ COST = 560
 
 
 def leased_config(fake) -> str:
-    return f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-w1]}}\nquota: {{leases: true}}\n{PRICING}"
+    return (f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-w1]}}\n"
+            f"quota: {{leases: true}}\n{PRICING}")
 
 
 async def post(c, url, stream=False):
@@ -209,9 +210,9 @@ async def test_store_outage_with_leases_keeps_known_keys_served_and_loses_nothin
 async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded, io_loop):
     """The wire server's duplicate-key answer to a repeated insert, and the sweeper's
     deletion of entries whose batch never applied, on the real store."""
-    from relay.store.recovery import DEAD_AFTER_S
     from relay.metering.ledger import LedgerEntry
     from relay.store.mongo import MongoStore
+    from relay.store.recovery import DEAD_AFTER_S
     uri = db_uri(embedded, "leasedup" + uuid.uuid4().hex[:6])
     store = await open_store(uri)
     await add_key(store, quota=100_000)

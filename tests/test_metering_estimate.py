@@ -17,11 +17,18 @@ from hypothesis import given, settings
 
 from relay.metering import b64, encodings
 from relay.metering.audio import audio_tokens
-from relay.metering.encodings import (CL100K, CL100K_PAT_CANONICAL, O200K, TokenizerDataError, count_tokens,
-                                      encoding_for, get_encoding, read_ranks)
+from relay.metering.encodings import (
+    CL100K,
+    CL100K_PAT_CANONICAL,
+    O200K,
+    TokenizerDataError,
+    count_tokens,
+    encoding_for,
+    get_encoding,
+    read_ranks,
+)
 from relay.metering.images import image_size, image_tokens
-from relay.metering.prompt import (TOKENS_PER_TOOL_CALL, PromptEstimate, count_chat_request,
-                                   count_responses_request)
+from relay.metering.prompt import TOKENS_PER_TOOL_CALL, PromptEstimate, count_chat_request, count_responses_request
 from relay.metering.tokens import count_chat_prompt
 
 # OpenAI cookbook, "How to count tokens with tiktoken", inputs copied exactly.
@@ -200,7 +207,7 @@ def test_the_estimate_uses_the_override():
 
 # ---- images --------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def png(width, height):
     """A complete, valid grayscale PNG (all black)."""
     def chunk(kind, data):

@@ -72,7 +72,7 @@ async def test_metrics_after_traffic_hold_no_keys_no_content_and_no_junk_series(
     await c.fetch(url + CHAT, method="POST", body=junk, headers=AUTH, raise_error=False)
     before_text = (await c.fetch(url + "/metrics")).body.decode()
     before = series(before_text)
-    for i in range(200):
+    for _ in range(200):
         junk = json.dumps({"model": f"junk-{secrets.token_hex(6)}", "messages": [{"role": "user", "content": "x"}]})
         resp = await c.fetch(url + CHAT, method="POST", body=junk, headers=AUTH, raise_error=False)
         assert resp.code == 400 and b"model_not_priced" in resp.body  # "*" serves it; no price

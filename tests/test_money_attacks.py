@@ -36,7 +36,8 @@ INT64_MAX = 2**63 - 1
 
 
 def leased_config(fake) -> str:
-    return f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-w1]}}\nquota: {{leases: true}}\n{PRICING}"
+    return (f"upstreams:\n  - {{name: p, base_url: '{fake.base_url}', keys: [sk-w1]}}\n"
+            f"quota: {{leases: true}}\n{PRICING}")
 
 
 def assert_openai_error(resp) -> dict:

@@ -108,7 +108,8 @@ def test_prompt_tokens_match_openai_cookbook_example():
         {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate "
                                       "jargon into plain English."},
         {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
-        {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+        {"role": "system", "name": "example_assistant",
+         "content": "Things working well together will increase revenue."},
         {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch "
                                                              "base on opportunities for increased leverage."},
         {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how "

@@ -190,7 +190,7 @@ async def test_billing_endpoints_report_granted_and_usage(http_server_client, au
     sub = json.loads((await http_server_client.fetch(f"{prefix}/dashboard/billing/subscription",
                                                      headers=auth)).body)
     assert sub["hard_limit_usd"] == 1_000_000 and sub["access_until"] == 0 and sub["has_payment_method"]
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     q = f"start_date={today.replace(day=1)}&end_date={today + dt.timedelta(days=1)}"
     usage = json.loads((await http_server_client.fetch(f"{prefix}/dashboard/billing/usage?{q}", headers=auth)).body)
     assert usage["total_usage"] == costs * 100

@@ -43,7 +43,7 @@ def test_same_events_as_one_piece_whatever_the_cuts():
     stream = b"".join(events).replace(b"\n", b"\r\n")
     for _ in range(200):
         cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randint(1, 40)))
-        pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+        pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)], strict=True)]
         d = SSEDecoder()
         assert _decode_all(d, pieces) == events and d.pending == 0
 

@@ -5,10 +5,9 @@ import pytest
 
 from relay.errors import InsufficientQuota, KeyDisabled
 from relay.keys import hash_key
-from relay.metering.ledger import day_of, utc_now
-from relay.store.recovery import DEAD_AFTER_S, MAX_HOLD_AGE_S
-from relay.metering.ledger import LedgerEntry
+from relay.metering.ledger import LedgerEntry, day_of, utc_now
 from relay.store.mongo import MongoStore
+from relay.store.recovery import DEAD_AFTER_S, MAX_HOLD_AGE_S
 from tests.conservation import assert_conserved, conserved_now
 from tests.helpers import TEST_KEY, add_key, mock_store
 

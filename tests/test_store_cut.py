@@ -9,7 +9,6 @@ import json
 import uuid
 
 import pytest
-
 from tornado.httpclient import AsyncHTTPClient
 
 from relay.keys import hash_key

@@ -208,11 +208,12 @@ async def test_restart_and_keys_command_on_the_embedded_store(fake, tmp_path, io
                                                                      "--data-dir", str(data)))
             assert top.returncode == 0, top.stderr
 
-        async def billed():  # settlements follow the responses
-            today = dt.datetime.now(dt.timezone.utc).date()
-            usage = await c.fetch(f"{relay.url}/v1/dashboard/billing/usage?start_date={today}"
-                                  f"&end_date={today + dt.timedelta(days=1)}", headers={"Authorization": f"Bearer {key}"})
-            return json.loads(usage.body)["total_usage"] == 3 * (round_ + 1) * COST * 100
+        async def billed(url=relay.url, rounds=round_ + 1):  # settlements follow the responses
+            today = dt.datetime.now(dt.UTC).date()
+            usage = await c.fetch(f"{url}/v1/dashboard/billing/usage?start_date={today}"
+                                  f"&end_date={today + dt.timedelta(days=1)}",
+                                  headers={"Authorization": f"Bearer {key}"})
+            return json.loads(usage.body)["total_usage"] == 3 * rounds * COST * 100
         await eventually(billed, message="this round's requests are billed")
         await relay.stop()
     shown = await loop.run_in_executor(None, lambda: relay_cli("keys", "show", key[:10], "--data-dir", str(data)))

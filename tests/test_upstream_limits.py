@@ -135,7 +135,7 @@ class HostileChat(tornado.web.RequestHandler):
         stream.set_close_callback(self.script.closed.set)
         try:
             await getattr(self.script, self.script.mode)(stream)
-        except (StreamClosedError, asyncio.TimeoutError):
+        except (TimeoutError, StreamClosedError):
             self.script.interrupted = True
         finally:
             stream.close()

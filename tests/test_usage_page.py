@@ -60,7 +60,7 @@ async def make_traffic(url, store, services):
                       headers={"Authorization": f"Bearer {TEST_KEY}"})
     await settled(store, services)
     # Usage on earlier days, as the settlement would have counted it then.
-    earlier = {(dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=d)).isoformat(): cost
+    earlier = {(dt.datetime.now(dt.UTC).date() - dt.timedelta(days=d)).isoformat(): cost
                for d, cost in ((3, 1200), (10, 45))}
     await store.keys.update_one({"_id": hash_key(TEST_KEY)}, {"$inc": {
         **{f"days.{day}.cost": c for day, c in earlier.items()}, **{f"days.{day}.requests": 1 for day in earlier},
@@ -79,7 +79,7 @@ def number(text: str) -> int:
 async def test_page_shows_what_the_billing_api_says(page_env):
     url, store, services = page_env
     await make_traffic(url, store, services)
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     sub = await api(url, "/v1/dashboard/billing/subscription")
     usage = await api(url, f"/v1/dashboard/billing/usage?start_date={today - dt.timedelta(days=40)}"
                            f"&end_date={today + dt.timedelta(days=1)}")
@@ -100,7 +100,7 @@ async def test_page_shows_what_the_billing_api_says(page_env):
         await page.click("#result details summary")  # open the per-day table, as a person would
         rows = {await r.get_attribute("data-day"): number(await r.locator("td").nth(1).inner_text())
                 for r in await page.locator("#days tbody tr").all()}
-        billed = {dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc).date().isoformat():
+        billed = {dt.datetime.fromtimestamp(d["timestamp"], dt.UTC).date().isoformat():
                   d["line_items"][0]["cost"] // 100 for d in usage["daily_costs"]}
         assert {day: cost for day, cost in rows.items() if cost} == billed and len(billed) == 3
         bars = await page.locator("#chart rect").count()

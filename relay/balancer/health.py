@@ -11,9 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from relay.config import HealthPolicy
-
 from relay.balancer.outcome import AUTH, CLIENT_ERROR, NO_CREDIT, OK, OUTLIER_OUTCOMES, RATE_LIMITED
+from relay.config import HealthPolicy
 
 
 class EndpointState(enum.StrEnum):

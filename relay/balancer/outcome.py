@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 import re
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from relay import bounded_json
@@ -24,7 +24,8 @@ class Outcome(enum.StrEnum):
 
 
 OK, CONNECT_ERROR, TIMEOUT, SERVER_ERROR = Outcome.OK, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.SERVER_ERROR
-RATE_LIMITED, AUTH, NO_CREDIT, CLIENT_ERROR = Outcome.RATE_LIMITED, Outcome.AUTH, Outcome.NO_CREDIT, Outcome.CLIENT_ERROR
+RATE_LIMITED, AUTH, NO_CREDIT = Outcome.RATE_LIMITED, Outcome.AUTH, Outcome.NO_CREDIT
+CLIENT_ERROR = Outcome.CLIENT_ERROR
 
 OUTLIER_OUTCOMES = frozenset({CONNECT_ERROR, TIMEOUT, SERVER_ERROR})  # the upstream's fault
 KEY_OUTCOMES = frozenset({RATE_LIMITED, AUTH, NO_CREDIT})             # one key's fault
@@ -94,5 +95,5 @@ def _seconds_until_date(value: str, now: float) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000": UTC without a claim about local time
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)

@@ -48,7 +48,7 @@ class Pool:
     endpoints: list[Endpoint] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, config: Config, previous: "Pool | None" = None) -> "Pool":
+    def from_config(cls, config: Config, previous: Pool | None = None) -> Pool:
         """A pool for ``config``; health carries over for endpoints that did not change.
 
         An endpoint is the same when its upstream's name and base URL and its key are; new

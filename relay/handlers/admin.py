@@ -9,9 +9,8 @@ import hmac
 
 from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
-from relay.keys import bearer_token
+from relay.keys import bearer_token, key_view
 from relay.redact import mask_key, mask_userinfo
-from relay.keys import key_view
 
 
 class KeyNotFound(RelayError):

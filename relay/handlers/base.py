@@ -9,17 +9,23 @@ import time
 from typing import Any
 
 import tornado.web
-
 from pymongo.errors import PyMongoError
 
 from relay import bounded_json
 from relay.auth import FailedAuthThrottle
-from relay.errors import (InvalidApiKey, InvalidRequest, MethodNotAllowed, NotFound, RelayError, StoreUnavailable,
-                          TooManyFailedAttempts)
+from relay.errors import (
+    InvalidApiKey,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RelayError,
+    StoreUnavailable,
+    TooManyFailedAttempts,
+)
 from relay.net import client_address
-from relay.redact import redact_path
 from relay.observability.access_log import Flag, flag_for
 from relay.observability.metrics import IN_FLIGHT, exposition
+from relay.redact import redact_path
 
 log = logging.getLogger("relay.app")
 

@@ -47,7 +47,7 @@ class UsageHandler(AuthenticatedHandler):
             raise InvalidRequest(f"The date range may span at most {MAX_RANGE_DAYS} days.", param="end_date")
         days = await self.services.store.usage_days(self.key.key_hash, start.isoformat(),
                                                     (end - dt.timedelta(days=1)).isoformat())
-        daily = [{"timestamp": dt.datetime.fromisoformat(d["day"]).replace(tzinfo=dt.timezone.utc).timestamp(),
+        daily = [{"timestamp": dt.datetime.fromisoformat(d["day"]).replace(tzinfo=dt.UTC).timestamp(),
                   "line_items": [{"name": "relay", "cost": d["cost"] * 100}]} for d in days]
         self.set_header("Cache-Control", "no-store")
         self.write_json({"object": "list", "total_usage": sum(d["cost"] for d in days) * 100,

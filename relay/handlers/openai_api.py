@@ -13,10 +13,16 @@ from relay.balancer.pool import Endpoint
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.bounds import MAX_TOKENS
-from relay.observability.access_log import Flag
-from relay.metering.quote import (Quote, completion_tokens_of_reply, price_served, quote_chat, quote_embedding,
-                                  reply_texts)
+from relay.metering.quote import (
+    Quote,
+    completion_tokens_of_reply,
+    price_served,
+    quote_chat,
+    quote_embedding,
+    reply_texts,
+)
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
+from relay.observability.access_log import Flag
 from relay.proxy.request import UpstreamRequest
 from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
 from relay.proxy.transport import ERROR_BODY_BYTES, UpstreamResponse
@@ -93,7 +99,8 @@ class ProxyHandler(AuthenticatedHandler):
                                 param="model")
         return served
 
-    def upstream_request(self, body: dict[str, Any], served: str, extra: dict[str, Any] | None = None) -> UpstreamRequest:
+    def upstream_request(self, body: dict[str, Any], served: str,
+                         extra: dict[str, Any] | None = None) -> UpstreamRequest:
         return UpstreamRequest("POST", self.upstream_path, served, body, self.request.body, extra)
 
     async def forward(self, request: UpstreamRequest, quote: Quote, stream: bool, body: dict[str, Any]) -> None:

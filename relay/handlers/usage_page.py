@@ -14,8 +14,8 @@ from importlib import resources
 import tornado.web
 
 from relay.handlers.base import AuthenticatedHandler, RelayHandler
-from relay.metering.pricing import cost
 from relay.metering.ledger import day_of, utc_now
+from relay.metering.pricing import cost
 
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -89,7 +89,7 @@ class UsageSummaryHandler(AuthenticatedHandler):
             day = (first + dt.timedelta(days=i)).isoformat()
             d = counted.get(day, {})
             days.append({"day": day, "cost": d.get("cost", 0), "requests": d.get("requests", 0)})
-        recent = [{"at": e["at"].replace(tzinfo=dt.timezone.utc).isoformat(), "model": e["model"],
+        recent = [{"at": e["at"].replace(tzinfo=dt.UTC).isoformat(), "model": e["model"],
                    "prompt_tokens": e["prompt_tokens"], "completion_tokens": e["completion_tokens"],
                    "cost": e["cost"], "latency_ms": e["latency_ms"], "ttfb_ms": e["ttfb_ms"],
                    "stream": e["stream"], "status": e["status"]}

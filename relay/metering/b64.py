@@ -4,7 +4,7 @@ Media headers are read this way: a 20 MB image costs a few hundred characters, n
 from __future__ import annotations
 
 import binascii
-from typing import Callable
+from collections.abc import Callable
 
 Reader = Callable[[int, int], bytes]  # (offset, length) -> up to length bytes; short or b"" past the end
 

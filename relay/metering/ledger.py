@@ -23,7 +23,7 @@ class LedgerEntry:
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def day_of(at: dt.datetime) -> str:

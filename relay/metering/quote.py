@@ -10,7 +10,7 @@ from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
 from relay.metering.pricing import cost
-from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_long_text, content_text
+from relay.metering.tokens import content_text, count_chat_prompt, count_embedding_input, count_long_text
 
 
 @dataclass(frozen=True)

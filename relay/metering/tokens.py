@@ -5,7 +5,8 @@ requests (tools, images, audio) in prompt.py."""
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import tiktoken
 

@@ -16,8 +16,18 @@ from contextlib import asynccontextmanager
 
 from relay.balancer import health as h
 from relay.balancer.budget import RetryBudget
-from relay.balancer.outcome import (CLIENT_ERROR, OK, RATE_LIMITED, RETRYABLE_OUTCOMES, SERVER_ERROR, Outcome,
-                                    classify_failure, classify_status, error_code_of, retry_after_seconds)
+from relay.balancer.outcome import (
+    CLIENT_ERROR,
+    OK,
+    RATE_LIMITED,
+    RETRYABLE_OUTCOMES,
+    SERVER_ERROR,
+    Outcome,
+    classify_failure,
+    classify_status,
+    error_code_of,
+    retry_after_seconds,
+)
 from relay.balancer.pool import Endpoint, Pool
 from relay.balancer.selection import pick
 from relay.errors import NoEndpoint, RelayError, UpstreamError, UpstreamRateLimited

@@ -69,7 +69,7 @@ class AiohttpResponse:
                 raise self._too_large(limit)
             try:
                 self._body = await self._read_up_to(limit)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UpstreamTimeout(f"upstream {self._name} stalled while sending its reply",
                                       upstream=self._name) from None
             except aiohttp.ClientError:
@@ -96,7 +96,7 @@ class AiohttpResponse:
         while True:
             try:
                 chunk = await content.readany()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UpstreamTimeout(f"upstream {self._name} went silent mid-stream", upstream=self._name) from None
             except aiohttp.ClientError:
                 raise UpstreamError(f"upstream {self._name} broke off the stream", upstream=self._name) from None
@@ -134,7 +134,7 @@ class AiohttpTransport:
         try:
             return await asyncio.wait_for(
                 self._request(endpoint, request.method, request.path, body, headers, timeout), timeouts.first_byte_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout(f"upstream {name} did not answer in time", upstream=name) from None
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError, OSError):
             raise UpstreamConnectError(f"could not reach upstream {name}", upstream=name) from None

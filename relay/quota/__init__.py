@@ -5,7 +5,7 @@ memory with group commits (the default), or one hold in the store per request.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from relay.metering.ledger import LedgerEntry
 from relay.quota.charge import Charge, Delivery, Quota, bill

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from relay.config import Price
 from relay.errors import RelayError, StoreUnavailable
@@ -96,8 +96,9 @@ class Quota(abc.ABC):
             charge.ended = True
             await self._return(charge)
 
+    @abc.abstractmethod
     def balance_changed(self, key_hash: str) -> None:
-        """A top-up through this process."""
+        """A top-up through this process: what it knows of the key's balance is stale."""
 
     @abc.abstractmethod
     async def _hold(self, key_hash: str, request_id: str, quote: Quote) -> int:

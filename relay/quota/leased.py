@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from relay.errors import StoreUnavailable
 from relay.metering.ledger import LedgerEntry

@@ -3,7 +3,7 @@ document before it is forwarded and one after; what fails after the response is 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from relay.metering.ledger import LedgerEntry
 from relay.metering.quote import Quote
@@ -42,6 +42,9 @@ class PerRequestQuota(Quota):
         except Exception as exc:
             log.error("refund of %s failed (%s); queued for retry", charge.request_id, type(exc).__name__)
             self.queue.put_refund(charge.key_hash, charge.request_id, charge.held)
+
+    def balance_changed(self, key_hash: str) -> None:
+        pass  # every reservation reads the balance in the store
 
     async def run(self) -> None:
         await self.queue.run()

@@ -7,7 +7,7 @@ probe (not a request) finds out when the store is back.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class Breaker:

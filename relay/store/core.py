@@ -7,7 +7,8 @@ import functools
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from pymongo.errors import ConnectionFailure
 
@@ -45,7 +46,7 @@ def _op(op: str, bounded: bool = True):
             except RelayError:
                 ok = True  # an answer about the key (no quota, disabled), not a store failure
                 raise
-            except (ConnectionFailure, asyncio.TimeoutError):
+            except (TimeoutError, ConnectionFailure):
                 self._unreachable()
                 raise StoreUnavailable(UNAVAILABLE) from None
             finally:

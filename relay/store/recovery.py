@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from relay.store.core import _op
 from relay.store.leases import TOMBSTONE_SEQ, UNAPPLIED_MARGIN, LeasesMixin
