@@ -234,9 +234,10 @@ async def test_a_slow_reader_does_not_make_relay_buffer_without_bound(embedded, 
     relay = await RelayProcess(one_upstream_config(fake.base_url), tmp_path, "--mongodb-uri", uri).start()
 
     def rss_mb() -> float:
-        for line in open(f"/proc/{relay.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        with open(f"/proc/{relay.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
         return 0.0
 
     c = client()
