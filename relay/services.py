@@ -95,7 +95,7 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: tuple[str
     recorder.on_start()
 
     def settled(entry: LedgerEntry) -> None:
-        recorder.on_settled(router.pool.config, entry.model, entry.prompt_tokens, entry.completion_tokens, entry.cost)
+        recorder.on_settled(router.pool.config, entry)
 
     quota = build_quota(store, config.quota.leases, journal_path, settled)
     quota.on_store_wait = recorder.on_quota_store_wait

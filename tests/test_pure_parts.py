@@ -13,6 +13,7 @@ from relay.config import Price, parse_config
 from relay.errors import NoEndpoint
 from relay.metering.pricing import cost
 from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_text
+from relay.metering.usage import Usage
 from relay.net import client_address, parse_trusted
 from relay.proxy.router import Router
 from relay.proxy.sse import SSEDecoder, StreamMeter
@@ -130,11 +131,11 @@ def test_token_counting_edge_cases():
 
 
 def test_cost_is_exact_and_rounds_up_once():
-    assert cost(Price(Fraction(2, 3), Fraction(4, 3)), 3, 3) == 6
-    assert cost(Price(Fraction(2, 3), Fraction(4, 3)), 1, 1) == 2  # 2/3 + 4/3 = 2 exactly, no float drift
-    assert cost(Price(Fraction(2, 3), Fraction(4, 3)), 1, 0) == 1
-    assert cost(Price(Fraction(20), Fraction(40)), 129, 10) == 2980
-    assert cost(Price(Fraction(1, 15)), 16, 0) == 2
+    assert cost(Price(Fraction(2, 3), Fraction(4, 3)), Usage(3, 3)) == 6
+    assert cost(Price(Fraction(2, 3), Fraction(4, 3)), Usage(1, 1)) == 2  # 2/3 + 4/3 = 2 exactly, no float drift
+    assert cost(Price(Fraction(2, 3), Fraction(4, 3)), Usage(1, 0)) == 1
+    assert cost(Price(Fraction(20), Fraction(40)), Usage(129, 10)) == 2980
+    assert cost(Price(Fraction(1, 15)), Usage(16, 0)) == 2
 
 
 def test_forwarded_headers_believed_only_from_trusted_proxies():
@@ -158,7 +159,8 @@ def test_pure_modules_import_no_io_frameworks():
     import ast
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "relay"
-    pure = ["config.py", "errors.py", "keys.py", "net.py", "redact.py", "balancer", "metering", "proxy/sse.py"]
+    pure = ["config", "errors.py", "keys.py", "net.py", "redact.py", "bounded_json.py", "balancer", "metering",
+            "proxy/sse.py", "proxy/request.py", "quota/charge.py"]
     banned = {"tornado", "aiohttp", "motor", "pymongo", "prometheus_client", "asyncio"}
     files = [p for name in pure for p in ((root / name).rglob("*.py") if (root / name).is_dir() else [root / name])]
     for path in files:

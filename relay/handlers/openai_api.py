@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import tornado.web
@@ -22,9 +23,10 @@ from relay.metering.quote import (
     reply_texts,
 )
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
+from relay.metering.usage import Usage, parse_usage
 from relay.observability.access_log import Flag
 from relay.proxy.request import UpstreamRequest
-from relay.proxy.sse import SSEDecoder, StreamMeter, Usage, parse_usage
+from relay.proxy.sse import SSEDecoder, StreamMeter
 from relay.proxy.transport import ERROR_BODY_BYTES, UpstreamResponse
 from relay.quota import Delivery
 from relay.redact import scrub
@@ -136,15 +138,15 @@ class ProxyHandler(AuthenticatedHandler):
         if not self._delivered:
             await self.services.quota.refund(self.charge)
             return
-        if self._usage is not None:
-            prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
-        else:
-            prompt, completion = quote.prompt_tokens, await _count_rest(self._tally) if self._tally is not None else 0
+        usage = self._usage
+        if usage is None:  # no usage from the upstream: the prompt as estimated, the reply as counted
+            usage = replace(quote.prompt, completion_tokens=await _count_rest(self._tally) if self._tally else 0)
         model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
         await self.services.quota.settle(self.charge, Delivery(
-            prompt_tokens=prompt, completion_tokens=completion, status=self.get_status(), upstream=self.upstream_name,
+            usage=usage, status=self.get_status(), upstream=self.upstream_name,
             model=model, price=price_served(self.services.config, quote, model),
-            latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms))
+            latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms,
+            requested_model=self.model, api=self.route))
 
     def _mark_first_byte(self) -> None:
         if not self._ttfb_ms:
@@ -168,7 +170,7 @@ class ProxyHandler(AuthenticatedHandler):
         waited = time.perf_counter()
         data = await resp.read(self.services.config.limits.max_response_bytes)
         self.upstream_wait += time.perf_counter() - waited
-        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt_tokens
+        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
         if len(data) > OFF_LOOP_REPLY_BYTES:
             self._usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
         else:
@@ -246,13 +248,13 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = Flag.CLIENT_DISCONNECTED
 
 
-def _usage_of_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
+def _usage_of_reply(data: bytes, prompt: Usage, upstream: str) -> Usage:
     """A JSON reply's usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
-    return parse_usage(reply) or Usage(prompt_tokens, completion_tokens_of_reply(reply))
+    return parse_usage(reply) or replace(prompt, completion_tokens=completion_tokens_of_reply(reply))
 
 
-async def _usage_of_small_reply(data: bytes, prompt_tokens: int, upstream: str) -> Usage:
+async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str) -> Usage:
     """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
     reply = _parse_reply(data, upstream)
     usage = parse_usage(reply)
@@ -260,8 +262,8 @@ async def _usage_of_small_reply(data: bytes, prompt_tokens: int, upstream: str) 
         return usage
     texts = reply_texts(reply)
     if sum(map(len, texts)) <= MAX_SLICE_CHARS:
-        return Usage(prompt_tokens, sum(map(count_long_text, texts)))
-    return Usage(prompt_tokens, await asyncio.to_thread(completion_tokens_of_reply, reply))
+        return replace(prompt, completion_tokens=sum(map(count_long_text, texts)))
+    return replace(prompt, completion_tokens=await asyncio.to_thread(completion_tokens_of_reply, reply))
 
 
 def _parse_reply(data: bytes, upstream: str) -> Any:

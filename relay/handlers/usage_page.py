@@ -10,12 +10,14 @@ import datetime as dt
 import statistics
 import time
 from importlib import resources
+from typing import Any
 
 import tornado.web
 
 from relay.handlers.base import AuthenticatedHandler, RelayHandler
 from relay.metering.ledger import day_of, utc_now
 from relay.metering.pricing import cost
+from relay.metering.usage import Usage
 
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -25,7 +27,9 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 STATIC = {"usage.js": "application/javascript; charset=utf-8", "usage.css": "text/css; charset=utf-8"}
-TYPICAL_MESSAGE = (500, 500)  # prompt and completion tokens of "one message" for the estimate
+TYPICAL_MESSAGE = Usage(prompt_tokens=500, completion_tokens=500)  # "one message", for the estimate
+RECENT_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "image_tokens",
+                 "audio_tokens", "images", "seconds", "characters")
 SPEED_WINDOW = dt.timedelta(hours=1)
 SPEED_CACHE_S = 10.0
 
@@ -89,11 +93,7 @@ class UsageSummaryHandler(AuthenticatedHandler):
             day = (first + dt.timedelta(days=i)).isoformat()
             d = counted.get(day, {})
             days.append({"day": day, "cost": d.get("cost", 0), "requests": d.get("requests", 0)})
-        recent = [{"at": e["at"].replace(tzinfo=dt.UTC).isoformat(), "model": e["model"],
-                   "prompt_tokens": e["prompt_tokens"], "completion_tokens": e["completion_tokens"],
-                   "cost": e["cost"], "latency_ms": e["latency_ms"], "ttfb_ms": e["ttfb_ms"],
-                   "stream": e["stream"], "status": e["status"]}
-                  for e in await store.recent_ledger(self.key.key_hash, 20)]
+        recent = [_recent(e) for e in await store.recent_ledger(self.key.key_hash, 20)]
         site = config.site
         self.set_header("Cache-Control", "no-store")
         self.write_json({
@@ -121,8 +121,16 @@ class UsageSummaryHandler(AuthenticatedHandler):
         return rows
 
 
+def _recent(e: dict[str, Any]) -> dict[str, Any]:
+    """One ledger entry as the page shows it (entries from before a field existed read 0)."""
+    return {"at": e["at"].replace(tzinfo=dt.UTC).isoformat(), "model": e.get("requested_model") or e["model"],
+            "served_model": e["model"], "api": e.get("api", "chat"), "cost": e["cost"],
+            "latency_ms": e["latency_ms"], "ttfb_ms": e["ttfb_ms"], "stream": e["stream"], "status": e["status"],
+            **{field: e.get(field, 0) for field in RECENT_COUNTS}}
+
+
 def _messages(config, model: str, balance: int) -> int | None:
     price = config.price_of(config.map_model(model))
     if price is None or balance <= 0:
         return None if price is None else 0
-    return balance // max(cost(price, *TYPICAL_MESSAGE), 1)
+    return balance // max(cost(price, TYPICAL_MESSAGE), 1)

@@ -20,6 +20,17 @@ class LedgerEntry:
     ttfb_ms: float
     stream: bool
     at: dt.datetime
+    # What the tokens were, where it matters for the price (each a part of the counts above),
+    # and what the client asked for: the model by its own name, the API.
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    image_tokens: int = 0
+    audio_tokens: int = 0
+    images: int = 0
+    seconds: int = 0
+    characters: int = 0
+    requested_model: str = ""
+    api: str = "chat"
 
 
 def utc_now() -> dt.datetime:

@@ -1,12 +1,35 @@
-"""Exact prices: cost = ceil(prompt × input + completion × output), in quota units."""
+"""Exact costs: cost = ceil(Σ each part of the usage × its price), in quota units. Pure."""
 from __future__ import annotations
 
 from fractions import Fraction
 from math import ceil
 
 from relay.config import Price
+from relay.metering.usage import Usage
 
 
-def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
-    exact = price.input * prompt_tokens + price.output * completion_tokens
-    return ceil(Fraction(exact))
+def cost(price: Price, usage: Usage) -> int:
+    """Computed once, in fractions, under the price of the prompt's tier; parts a price does not
+    name are charged as plain input (input parts) or output (output parts)."""
+    return ceil(exact(price, usage))
+
+
+def exact(price: Price, usage: Usage) -> Fraction:
+    p = price.for_prompt(usage.prompt_tokens)
+    size, _, quality = usage.image_kind.partition("/")
+    parts = ((p.input, usage.text_input), (_or(p.cached_input, p.input), usage.cached_tokens),
+             (_or(p.image_input, p.input), usage.image_tokens), (_or(p.audio_input, p.input), usage.audio_input_tokens),
+             (p.output, usage.text_output), (_or(p.reasoning, p.output), usage.reasoning_tokens),
+             (_or(p.audio_output, p.output), usage.audio_output_tokens), (p.image(size, quality), usage.images),
+             (p.per_second, usage.seconds), (p.per_character, usage.characters))
+    return sum((rate * count for rate, count in parts if count), Fraction(0))
+
+
+def highest_output(price: Price) -> Fraction:
+    """The dearest an output token can be: what a completion allowance is reserved at."""
+    return max(price.output, _or(price.reasoning, price.output), _or(price.audio_output, price.output),
+               *(max(t.output, _or(t.reasoning, t.output)) for _, t in price.tiers))
+
+
+def _or(value: Fraction | None, default: Fraction) -> Fraction:
+    return default if value is None else value

@@ -1,27 +1,32 @@
-"""What a request must hold before it is forwarded, and what it costs after. Pure."""
+"""What a request must hold before it is forwarded. Pure."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from math import ceil
 from typing import Any
 
 from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
-from relay.metering.pricing import cost
-from relay.metering.tokens import content_text, count_chat_prompt, count_embedding_input, count_long_text
+from relay.metering.pricing import cost, exact, highest_output
+from relay.metering.prompt import PromptEstimate, count_chat_request
+from relay.metering.tokens import content_text, count_embedding_input, count_long_text
+from relay.metering.usage import Usage
 
 
 @dataclass(frozen=True)
 class Quote:
     model: str            # the model the price is for (after mapping)
     price: Price
-    prompt_tokens: int    # estimated with tiktoken
+    prompt: Usage         # the prompt as estimated (text, image and audio tokens)
     allowance: int        # completion tokens reserved for
     minimum: int          # units that must be there: the prompt alone
     full: int             # units held when the balance allows: prompt + allowance
     limited: bool = False  # the client set the allowance (max_tokens × n): no reply can be longer
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt.prompt_tokens
 
 
 def price_for(config: Config, model: str) -> Price:
@@ -38,26 +43,39 @@ def price_served(config: Config, quote: Quote, model: str) -> Price:
     return config.pricing.get(model, quote.price)
 
 
-def quote_chat(config: Config, model: str, body: dict) -> Quote:
-    price = price_for(config, model)
-    prompt = count_chat_prompt(body["messages"])
-    limit = body.get("max_tokens") or body.get("max_completion_tokens")
-    allowance = limit or config.quota.default_max_tokens
+def client_limit(body: dict[str, Any], *names: str) -> int | None:
+    """The completion limit the client set (validated by the handler), times ``n`` choices."""
+    limit = next((body[name] for name in names if body.get(name)), None)
     n = body.get("n")
-    if isinstance(n, int) and n > 1:
-        allowance *= n  # n choices each get up to max_tokens
-    return _quote(model, price, prompt, allowance, limited=bool(limit))
+    return limit * n if limit and isinstance(n, int) and n > 1 else limit
 
 
-def quote_embedding(config: Config, model: str, body: dict) -> Quote:
-    return _quote(model, price_for(config, model), count_embedding_input(body["input"]), 0, limited=True)
+def quote_chat(config: Config, model: str, body: dict[str, Any]) -> Quote:
+    estimate = count_chat_request(body, model, config.quota.encodings)
+    limit = client_limit(body, "max_completion_tokens", "max_tokens")
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    allowance = limit or config.quota.allowance_for(model) * max(n, 1)
+    return quote_tokens(model, price_for(config, model), prompt_usage(estimate), allowance, limited=bool(limit))
 
 
-def _quote(model: str, price: Price, prompt: int, allowance: int, limited: bool = False) -> Quote:
-    """Units are capped at ``MAX_UNITS``: no balance holds more, so a larger reservation could
+def quote_embedding(config: Config, model: str, body: dict[str, Any]) -> Quote:
+    prompt = Usage(prompt_tokens=count_embedding_input(body["input"]))
+    return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
+
+
+def prompt_usage(estimate: PromptEstimate) -> Usage:
+    return Usage(prompt_tokens=estimate.total, image_tokens=estimate.image, audio_input_tokens=estimate.audio)
+
+
+def quote_tokens(model: str, price: Price, prompt: Usage, allowance: int, limited: bool = False) -> Quote:
+    """The prompt at its prices (its tier's), the allowance at the dearest an output token can be.
+
+    Units are capped at ``MAX_UNITS``: no balance holds more, so a larger reservation could
     only ever hold what is left, and the cap keeps every amount stored a 64-bit integer."""
-    return Quote(model, price, prompt, allowance, minimum=min(ceil(Fraction(price.input) * prompt), MAX_UNITS),
-                 full=min(cost(price, prompt, allowance), MAX_UNITS), limited=limited)
+    tier = price.for_prompt(prompt.prompt_tokens)
+    full = ceil(exact(price, prompt) + allowance * highest_output(tier))
+    return Quote(model, price, prompt, allowance, minimum=min(cost(price, prompt), MAX_UNITS),
+                 full=min(full, MAX_UNITS), limited=limited)
 
 
 def completion_tokens_of_reply(reply: Any) -> int:

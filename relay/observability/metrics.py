@@ -56,7 +56,8 @@ ENDPOINT_STATE = Gauge("relay_endpoint_state", "1 for the state each endpoint (u
 MODEL_ENDPOINTS = Gauge("relay_model_available_endpoints", "Endpoints available now for each configured model.",
                         ["model"], multiprocess_mode="livemax")
 
-TOKENS = Counter("relay_tokens", "Tokens metered, by model and kind (prompt, completion).", ["model", "kind"])
+TOKENS = Counter("relay_tokens", "Tokens metered, by model and kind: prompt and completion (every token), and the "
+                 "parts priced apart: cached, reasoning, image, audio.", ["model", "kind"])
 QUOTA_CHARGED = Counter("relay_quota_units_charged", "Quota units charged to relay keys.", ["model"])
 QUOTA_REJECTIONS = Counter("relay_quota_rejections", "Requests refused with insufficient_quota.")
 

@@ -54,11 +54,15 @@ class RouterEvents:
         _child(m.UPSTREAM_SECONDS, endpoint.upstream.name).observe(seconds)
 
 
-def on_settled(config, model: str, prompt_tokens: int, completion_tokens: int, cost: int) -> None:
-    label = m.model_label(config, model)
-    _child(m.TOKENS, label, "prompt").inc(prompt_tokens)
-    _child(m.TOKENS, label, "completion").inc(completion_tokens)
-    _child(m.QUOTA_CHARGED, label).inc(cost)
+def on_settled(config, entry) -> None:
+    """Tokens by kind (the parts are also counted in prompt or completion), and the charge."""
+    label = m.model_label(config, entry.model)
+    for kind, count in (("prompt", entry.prompt_tokens), ("completion", entry.completion_tokens),
+                        ("cached", entry.cached_tokens), ("reasoning", entry.reasoning_tokens),
+                        ("image", entry.image_tokens), ("audio", entry.audio_tokens)):
+        if count or kind in ("prompt", "completion"):
+            _child(m.TOKENS, label, kind).inc(count)
+    _child(m.QUOTA_CHARGED, label).inc(entry.cost)
 
 
 def on_store_op(op: str, seconds: float, ok: bool) -> None:

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from relay.metering.tokens import TokenTally
+from relay.metering.usage import Usage, parse_usage
 
 DONE = b"[DONE]"
 
@@ -77,33 +77,6 @@ def event_data(event: bytes) -> bytes:
     """The joined ``data:`` lines of one event."""
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-def parse_usage(obj: object) -> Usage | None:
-    """The upstream's token counts, when they are counts: a boolean, a float or a negative
-    number is no count, and then relay counts itself. Without ``completion_tokens`` (the
-    embeddings API) the completion is what ``total_tokens`` holds beyond the prompt."""
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if c is None and _is_count(usage.get("total_tokens")) and _is_count(p):
-        c = usage["total_tokens"] - p
-    if _is_count(p) and _is_count(c):
-        return Usage(p, c)
-    return None
-
-
-def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
 
 
 class StreamMeter:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from relay.config import Price
 from relay.errors import RelayError, StoreUnavailable
-from relay.metering.bounds import MAX_TOKENS, clamp_tokens
 from relay.metering.ledger import LedgerEntry, utc_now
 from relay.metering.pricing import cost
 from relay.metering.quote import Quote
+from relay.metering.usage import Usage
 
 log = logging.getLogger("relay.charging")
 
@@ -35,34 +35,38 @@ class Charge:
 class Delivery:
     """What a request delivered, as the upstream reported it (or relay counted it)."""
 
-    prompt_tokens: int
-    completion_tokens: int
+    usage: Usage
     status: int
     upstream: str
     model: str       # the model actually served, after every mapping
     price: Price     # its price: an upstream's own model_map may have changed it after the quote
     latency_ms: float
     ttfb_ms: float
+    requested_model: str = ""  # the name the client sent
+    api: str = "chat"
 
 
 def bill(charge: Charge, d: Delivery) -> LedgerEntry:
     """The ledger entry for what was delivered: counts kept within bounds, a reply no longer
-    than the client allowed, cost = ceil(Σ tokens × price), computed once."""
-    prompt, completion = d.prompt_tokens, d.completion_tokens
-    if not (0 <= prompt <= MAX_TOKENS and 0 <= completion <= MAX_TOKENS):
+    than the client allowed, cost = ceil(Σ each part × its price), computed once."""
+    usage = d.usage
+    if not usage.within_bounds():
         log.warning("usage of %s out of range (%d prompt, %d completion tokens): clamped", charge.request_id,
-                    prompt, completion)
-        prompt, completion = clamp_tokens(prompt), clamp_tokens(completion)
-    if charge.quote.limited and completion > charge.quote.allowance:
+                    usage.prompt_tokens, usage.completion_tokens)
+        usage = usage.clamped()
+    if charge.quote.limited and usage.completion_tokens > charge.quote.allowance:
         # The client capped the reply: an upstream cannot have produced more than that.
-        log.warning("upstream reported %d completion tokens for %s, capped by the client at %d", completion,
-                    charge.request_id, charge.quote.allowance)
-        completion = charge.quote.allowance
+        log.warning("upstream reported %d completion tokens for %s, capped by the client at %d",
+                    usage.completion_tokens, charge.request_id, charge.quote.allowance)
+        usage = usage.with_completion(charge.quote.allowance)
     return LedgerEntry(
         request_id=charge.request_id, key_hash=charge.key_hash, model=d.model, upstream=d.upstream,
-        prompt_tokens=prompt, completion_tokens=completion, cost=cost(d.price, prompt, completion),
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=cost(d.price, usage),
         status=d.status, latency_ms=round(d.latency_ms, 3), ttfb_ms=round(d.ttfb_ms, 3), stream=charge.stream,
-        at=utc_now())
+        at=utc_now(), cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
+        image_tokens=usage.image_tokens, audio_tokens=usage.audio_input_tokens + usage.audio_output_tokens,
+        images=usage.images, seconds=usage.seconds, characters=usage.characters,
+        requested_model=d.requested_model[:128], api=d.api)
 
 
 class Quota(abc.ABC):

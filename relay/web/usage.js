@@ -15,6 +15,7 @@ const TEXT = {
     empty: "请输入密钥。", noRequests: "暂无请求", copy: "复制", copied: "已复制",
     sdkOpenai: "OpenAI SDK base_url", sdkV1: "OpenAI SDK base_url（/v1）", chatUrl: "翻译插件（完整地址）",
     primary: "主域名", backup: "备用域名", current: "本站", lang: "English",
+    cached: "缓存", reasoning: "推理", images: "图片", characters: "字符",
   },
   en: {
     title: "Usage", keyLabel: "API key", check: "Check", keyHint: "Your key stays on this page and is sent only as a header to this site.",
@@ -28,6 +29,7 @@ const TEXT = {
     failed: "The lookup failed; try again shortly.", empty: "Enter your key.", noRequests: "No requests yet",
     copy: "Copy", copied: "Copied", sdkOpenai: "OpenAI SDK base_url", sdkV1: "OpenAI SDK base_url (/v1)",
     chatUrl: "Translators (full URL)", primary: "Primary", backup: "Backup", current: "This site", lang: "中文",
+    cached: "cached", reasoning: "reasoning", images: "images", characters: "characters",
   },
 };
 
@@ -94,9 +96,26 @@ function render(s) {
   if (shop) $("shop-link").href = shop;
   renderChart(s.days);
   fillTable("days", s.days.slice().reverse(), (d) => [d.day, fmt(d.cost), fmt(d.requests)], (d) => ({ day: d.day }));
-  fillTable("recent", s.recent, (r) => [new Date(r.at).toLocaleString(), r.model,
-    `${fmt(r.prompt_tokens)} / ${fmt(r.completion_tokens)}`, fmt(r.cost), `${Math.round(r.latency_ms)} ms`]);
+  fillTable("recent", s.recent, (r) => [new Date(r.at).toLocaleString(), modelName(r), tokens(r), fmt(r.cost),
+    `${Math.round(r.latency_ms)} ms`]);
   fillTable("speed", s.speed, (r) => [r.model, `${Math.round(r.ttft_p50_ms)} ms`, fmt(r.requests)]);
+}
+
+// The name the client asked for, and the one served where they differ.
+function modelName(r) {
+  return r.served_model && r.served_model !== r.model ? `${r.model} → ${r.served_model}` : r.model;
+}
+
+// Prompt / completion tokens, and the parts priced apart when there are any.
+function tokens(r) {
+  const parts = [];
+  if (r.cached_tokens) parts.push(`${t("cached")} ${fmt(r.cached_tokens)}`);
+  if (r.reasoning_tokens) parts.push(`${t("reasoning")} ${fmt(r.reasoning_tokens)}`);
+  if (r.images) parts.push(`${t("images")} ${fmt(r.images)}`);
+  if (r.seconds) parts.push(`${fmt(r.seconds)} s`);
+  if (r.characters) parts.push(`${fmt(r.characters)} ${t("characters")}`);
+  const main = `${fmt(r.prompt_tokens)} / ${fmt(r.completion_tokens)}`;
+  return parts.length ? `${main} (${parts.join(", ")})` : main;
 }
 
 function fillTable(id, rows, cells, attrs) {
