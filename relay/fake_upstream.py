@@ -24,7 +24,9 @@ from relay.metering.tokens import count_chat_prompt, count_embedding_input, coun
 
 PIECES = ["Hello", " from", " the", " fake", " upstream", ",", " relay", " says", " hi", "!"]
 MODELS = ["gpt-3.5-turbo-1106", "gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-4", "gpt-4-32k",
-          "gpt-4-1106-preview", "text-embedding-ada-002"]
+          "gpt-4-1106-preview", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini",
+          "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-ada-002", "text-embedding-3-small",
+          "text-embedding-3-large"]
 EMBEDDING_DIM = 8
 
 
@@ -44,6 +46,8 @@ class Behaviour:
     truncate_after_chunks: int | None = None  # close the connection after N content chunks
     omit_usage: bool = False         # never report usage (relay must count itself)
     usage_override: dict | None = None  # report exactly this as ``usage`` (JSON replies, the stream's usage chunk)
+    cached_tokens: int = 0           # this much of each prompt is reported as read from the cache
+    reasoning_tokens: int = 0        # thinking before the reply: reported, billed, never shown
     key_status: dict = field(default_factory=dict)  # per upstream key: answer with this status
     broken: str | None = None        # "invalid_json", "html" (a 200 error page), "sse_garbage"
 
@@ -62,6 +66,16 @@ class FakeState:
     def reset(self) -> None:
         self.behaviour = Behaviour()
         self.requests.clear()
+
+
+def chat_usage(prompt: int, text: int, b: Behaviour) -> dict:
+    """Usage as OpenAI reports it for today's models: the cached part of the prompt and the
+    reasoning part of the completion in their details."""
+    completion = text + b.reasoning_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": min(b.cached_tokens, prompt), "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
 class _FakeHandler(tornado.web.RequestHandler):
@@ -154,7 +168,7 @@ class ChatHandler(_FakeHandler):
         pieces = reply_pieces(n)
         prompt = count_chat_prompt(messages)
         completion = count_text("".join(pieces))
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = chat_usage(prompt, completion, b)
         if b.usage_override is not None:
             usage = b.usage_override  # what a buggy or lying upstream reports, whatever it delivered
         cid = f"chatcmpl-fake{self.state.counter}"

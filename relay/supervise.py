@@ -42,9 +42,11 @@ def freeze_start_up_objects() -> None:
     A full collection walks every tracked object: modules, the driver, the app, ~60k of them,
     10 ms on this machine, a stall in whichever request is in flight (it was relay's p99 at
     concurrency 1). Frozen, they are never walked again; collections see only what requests
-    allocate. The token encoder loads first so that its tables are among them."""
-    from relay.metering.tokens import encoder
-    encoder()
+    allocate. The tokenizers load first (a first request would otherwise wait ~0.3 s for
+    o200k's table), so that their tables are among them."""
+    from relay.metering.encodings import ENCODINGS, get_encoding
+    for name in ENCODINGS:
+        get_encoding(name)
     gc.collect()
     gc.freeze()
 

@@ -36,10 +36,12 @@ def test_a_tier_prices_the_whole_request_once_the_prompt_passes_it():
 
 
 def test_images_seconds_and_characters():
-    dalle = Price(per_image={"1024x1024/standard": F(80, 3), "1024x1024/hd": F(160, 3), "1024x1792": F(160, 3)})
-    assert cost(dalle, Usage(images=3, image_kind="1024x1024/standard")) == 80  # 3 × $0.04 = 80 units
-    assert cost(dalle, Usage(images=1, image_kind="1024x1792/hd")) == 54, "the size alone when no entry names both"
-    assert cost(dalle, Usage(images=1, image_kind="512x512/standard")) == 54, "unknown: the dearest"
+    # dall-e-3: $0.04 a standard 1024² image = 80000/3 units; hd $0.08; 1024×1792 $0.08.
+    dalle = Price(per_image={"1024x1024/standard": F(80000, 3), "1024x1024/hd": F(160000, 3),
+                             "1024x1792": F(160000, 3)})
+    assert cost(dalle, Usage(images=3, image_kind="1024x1024/standard")) == 80_000
+    assert cost(dalle, Usage(images=1, image_kind="1024x1792/hd")) == 53_334, "the size alone, without a quality"
+    assert cost(dalle, Usage(images=1, image_kind="512x512/standard")) == 53_334, "unknown: the dearest"
     whisper = Price(per_second=F(200, 3))  # $0.006 a minute = $0.0001 a second = 200/3 units
     assert cost(whisper, Usage(seconds=61)) == 4067  # ceil(12200/3)
     tts = Price(per_character=F(10))  # $15 per 1M characters
@@ -75,14 +77,14 @@ def test_prices_in_the_config_file():
 pricing:
   gpt-4o: {input: "5/3", cached_input: "5/6", output: "20/3"}
   o3: {input: "4/3", output: "16/3", reasoning: 8, tiers: [{above: 200000, input: "8/3"}]}
-  dall-e-3: {per_image: {"1024x1024/standard": "80/3", "1024x1024/hd": "160/3"}}
+  dall-e-3: {per_image: {"1024x1024/standard": "80000/3", "1024x1024/hd": "160000/3"}}
   whisper-1: {per_second: "200/3"}
   tts-1: {per_character: 10}
 """, {})
     assert cfg.pricing["gpt-4o"] == GPT_4O
     o3 = cfg.pricing["o3"]
     assert o3.for_prompt(200_001) == Price(input=F(8, 3), output=F(16, 3), reasoning=F(8))
-    assert cfg.pricing["dall-e-3"].image("1024x1024", "hd") == F(160, 3)
+    assert cfg.pricing["dall-e-3"].image("1024x1024", "hd") == F(160000, 3)
     assert cfg.pricing["whisper-1"].per_second == F(200, 3) and cfg.pricing["tts-1"].per_character == 10
 
 

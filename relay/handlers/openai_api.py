@@ -300,11 +300,15 @@ class ChatCompletionsHandler(ProxyHandler):
         body = self.parsed_body()
         served = self.resolve_model(body)
         _validate_chat(body)
-        quote = quote_chat(self.services.config, served, body)
+        config = self.services.config
+        quote = quote_chat(config, served, body)
         stream = body.get("stream") is True
-        # Ask the upstream for usage on streams; the handler drops that chunk unless the client asked.
-        extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}} if stream else None
-        await self.forward(self.upstream_request(body, served, extra), quote, stream, body)
+        extra: dict[str, Any] = {}
+        if stream:  # ask for usage on streams; the handler drops that chunk unless the client asked too
+            extra["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if not quote.limited and config.quota.forward_max_tokens:
+            extra["max_completion_tokens"] = quote.allowance  # the limit relay reserved for, if the operator wants
+        await self.forward(self.upstream_request(body, served, extra or None), quote, stream, body)
 
 
 class EmbeddingsHandler(ProxyHandler):
