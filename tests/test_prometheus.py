@@ -70,9 +70,11 @@ health: {{interval_s: 0.5}}
     config["rule_files"] = [str(rules)]
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{relay_port}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    with open(tmp_path / "prometheus.log", "wb") as prom_log:  # the child keeps its own copy of the descriptor
+        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                stdout=subprocess.DEVNULL, stderr=prom_log)
     c = AsyncHTTPClient(force_instance=True, max_clients=16)
     base = f"http://127.0.0.1:{prom_port}"
     try:
