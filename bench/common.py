@@ -21,14 +21,14 @@ def free_port() -> int:
 
 
 def spawn(args: list[str], env: dict | None = None, cpu: str | None = None,
-          log_path: str | None = None) -> subprocess.Popen:
+          log_path: str | None = None, cwd: str | None = None) -> subprocess.Popen:
     """``log_path``: where the child's stderr (relay's log, access lines included) goes; a pipe
     nobody reads would block the child once it fills, so without a path it is discarded."""
     cmd = (["taskset", "-c", cpu] if cpu else []) + args
     err = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
         return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+                                stderr=err, start_new_session=True, cwd=cwd)
     finally:
         if log_path:
             err.close()

@@ -94,7 +94,7 @@ class Target:
         self.name, self.port, self.pids_fn, self.path_prefix = name, port, pids_fn, path_prefix
 
     def url(self, mode: str) -> str:
-        if self.name == "relay":
+        if self.name in ("relay", "base"):
             return f"http://127.0.0.1:{self.port}/v1/chat/completions"
         return f"http://127.0.0.1:{self.port}/{mode}/v1/chat/completions"
 
@@ -181,7 +181,16 @@ async def main(args) -> int:
                                 "--data-dir", workdir, log_level="info"), cpu=PROXY_CORE,
                       log_path=os.path.join(workdir, "relay.log"))
         procs.append(relay)
-        for port in (fake_port, nginx_port, relay_port):
+        ports = [fake_port, nginx_port, relay_port]
+        if args.baseline:  # the same relay from another source tree (e.g. a worktree of main), same store
+            base_port = free_port()
+            base = spawn(relay_cmd("serve", "--config", cfg, "--port", str(base_port), "--mongodb-uri", uri,
+                                   "--data-dir", os.path.join(workdir, "base"), log_level="info"), cpu=PROXY_CORE,
+                         log_path=os.path.join(workdir, "relay-base.log"), cwd=os.path.abspath(args.baseline),
+                         env={"PYTHONPATH": os.path.abspath(args.baseline)})
+            procs.append(base)
+            ports.append(base_port)
+        for port in ports:
             wait_port(port, 60)
         key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -189,6 +198,8 @@ async def main(args) -> int:
         targets = [Target("direct", fake_port, lambda: [fake.pid]),
                    Target("nginx", nginx_port, lambda: [floor.pid] + child_pids(floor.pid)),
                    Target("relay", relay_port, lambda: [relay.pid])]
+        if args.baseline:
+            targets.append(Target("base", base_port, lambda: [base.pid]))
         if args.soak:
             return await soak(targets[2], headers, args.soak, relay.pid)
         if args.scaling:
@@ -213,7 +224,7 @@ async def main(args) -> int:
         store_cpu = proc_cpu_seconds(store.proc.pid)
         print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}")
         print_table(rows)
-        total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] == "relay")
+        total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] in ("relay", "base"))
         print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
               f"{store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; RSS {rss_mb(store.proc.pid):.0f} MB")
         with open(os.path.join(workdir, "relay.log"), "rb") as fh:
@@ -342,6 +353,9 @@ if __name__ == "__main__":
                         help="python (aiohttp; records time to first byte) or wrk (leaner; no TTFB)")
     parser.add_argument("--scaling", action="store_true",
                         help="--workers 2 against one worker (JSON, concurrency 64) instead of the table")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure relay from this source tree (a checkout of an earlier commit), "
+                             "interleaved with this one: the row 'base'")
     parser.add_argument("--no-leases", action="store_true",
                         help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))
