@@ -41,7 +41,7 @@ class Authenticator:
         self.clock = clock
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
-        self._inflight: dict[str, asyncio.Future] = {}  # one store lookup per key at a time
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}  # one store lookup per key at a time
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         token = bearer_token(authorization)
@@ -77,7 +77,7 @@ class Authenticator:
         finally:
             del self._inflight[key_hash]
 
-    async def _fetch(self, key_hash: str, hit, now: float) -> KeyRecord | None:
+    async def _fetch(self, key_hash: str, hit: tuple[float, KeyRecord | None] | None, now: float) -> KeyRecord | None:
         try:
             record = await self.store.find_key(key_hash)
         except Exception:

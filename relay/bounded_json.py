@@ -40,7 +40,7 @@ def deeper_than(value: Any, limit: int) -> bool:
     for _ in range(limit):
         if not level:
             return False
-        inner: list = []
+        inner: list[Any] = []
         add = inner.append
         for container in level:
             if type(container) is dict:

@@ -4,6 +4,8 @@ Handlers raise these; ``handlers.base`` formats every one of them in one place.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class RelayError(Exception):
     status = 500
@@ -19,7 +21,7 @@ class RelayError(Exception):
             self.code = code
         self.headers = headers or {}
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 

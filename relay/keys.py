@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+from typing import Any
 
 PREFIX = "ak-"
 KEY_RE = re.compile(r"ak-[A-Za-z0-9_-]{32,128}")
@@ -41,7 +42,7 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
-def key_view(doc: dict) -> dict:
+def key_view(doc: dict[str, Any]) -> dict[str, Any]:
     """What an operator sees of a key: never its hash or the key itself."""
     return {"prefix": doc["prefix"], "note": doc.get("note", ""), "status": doc["status"],
             "granted": doc["granted"], "used": doc["used"], "reserved": doc["reserved"],

@@ -1,15 +1,17 @@
 """``relay keys ...``: key management from the shell, against the same store as serve."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from relay.errors import RelayError
 from relay.keys import key_view
 from relay.store.connect import close_client, open_store
+from relay.store.mongo import MongoStore
 
 
-async def run_keys_command(args, store_uri: str) -> int:
+async def run_keys_command(args: argparse.Namespace, store_uri: str) -> int:
     store = await open_store(store_uri, args.mongo_client)
     try:
         return await _run(args, store)
@@ -23,7 +25,7 @@ async def run_keys_command(args, store_uri: str) -> int:
         await close_client(store.client)
 
 
-async def _run(args, store) -> int:
+async def _run(args: argparse.Namespace, store: MongoStore) -> int:
     cmd = args.keys_command
     if cmd == "create":
         key, doc = await store.create_key(args.quota, args.note)

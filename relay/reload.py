@@ -40,7 +40,7 @@ class Reloader:
         self.last_reload_at: float | None = None
         self._identity = self._stat()
 
-    def _stat(self):
+    def _stat(self) -> tuple[int, int, int] | None:
         if not self.path:
             return None
         try:

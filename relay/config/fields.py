@@ -1,6 +1,7 @@
 """What every part of the config parser shares: the error that names a key path, and checks. Pure."""
 from __future__ import annotations
 
+from collections.abc import Set
 from typing import Any
 
 ANY_MODEL = "*"  # a model name that stands for every model (in pricing: the default price)
@@ -14,7 +15,7 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{path}: {reason}" if path else f"{where}{reason}")
 
 
-def mapping(value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+def mapping(value: Any, path: str, allowed: Set[str], required: Set[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(path, f"must be a mapping, got {kind(value)}")
     for key in value:

@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 from urllib.parse import urlsplit
 
 import yaml
@@ -16,6 +16,11 @@ import yaml
 from relay.config.fields import ConfigError, is_int, join, kind, mapping
 from relay.config.model import ANY_MODEL, Config, HealthPolicy, Limits, Quota, Retries, Site, Timeouts, Upstream
 from relay.config.prices import parse_pricing
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    D = TypeVar("D", bound=DataclassInstance)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -81,7 +86,7 @@ def _site(raw: Any, path: str) -> Site:
     if raw is None:
         return Site()
     values = mapping(raw, path, {"primary_host", "backup_host", "usage_host", "shop_url", "scheme"})
-    out = {}
+    out: dict[str, str] = {}
     for key in ("primary_host", "backup_host", "usage_host"):
         if key in values:
             host = values[key]
@@ -165,12 +170,13 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
 def _expand(value: str, path: str, env: Mapping[str, str]) -> str:
     """``${VAR}`` or ``${VAR:-default}``, as in the shell."""
 
-    def sub(m: re.Match) -> str:
+    def sub(m: re.Match[str]) -> str:
         value = env.get(m.group(1))
         if value:
             return value
-        if m.group(2) is not None:
-            return m.group(2)
+        default: str | None = m.group(2)
+        if default is not None:
+            return default
         raise ConfigError(path, f"environment variable {m.group(1)} is not set")
 
     return _ENV_REF.sub(sub, value)
@@ -214,13 +220,13 @@ def _encodings(raw: Any, path: str) -> dict[str, str]:
     return table
 
 
-def _numbers(raw: Any, path: str, cls: type):
+def _numbers(raw: Any, path: str, cls: type[D]) -> D:
     """A section of positive numbers; each field's type follows its default (int or float)."""
     if raw is None:
         return cls()
     defaults = cls()
     values = mapping(raw, path, set(defaults.__dataclass_fields__))
-    out = {}
+    out: dict[str, bool | int | float] = {}
     for key, value in values.items():
         kind = type(getattr(defaults, key))
         if kind is bool:
@@ -232,7 +238,11 @@ def _numbers(raw: Any, path: str, cls: type):
     return cls(**out)
 
 
-def _positive(value: Any, path: str, kind: type) -> int | float:
+@overload
+def _positive(value: Any, path: str, kind: type[int]) -> int: ...
+@overload
+def _positive(value: Any, path: str, kind: type[float]) -> float: ...
+def _positive(value: Any, path: str, kind: type[int] | type[float]) -> int | float:
     """A number > 0 of the field's kind, finite and within the bound its name implies."""
     if kind is int:
         if not is_int(value) or value <= 0:

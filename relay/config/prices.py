@@ -111,7 +111,9 @@ def _tiers(raw: Any, path: str, base: Price) -> tuple[tuple[int, Price], ...]:
         above = e["above"]
         if not is_int(above) or not 0 < above < 2**31 or (out and above <= out[-1][0]):
             raise ConfigError(f"{p}.above", "must be a whole number of prompt tokens, each tier above the last")
-        changes = {name: fraction(value, f"{p}.{name}") for name, value in e.items() if name != "above"}
+        # Only the Fraction prices (per token, second, character): Any since ``replace`` checks
+        # ``**changes`` against every field of Price, the per-image table and the tiers too.
+        changes: dict[str, Any] = {name: fraction(value, f"{p}.{name}") for name, value in e.items() if name != "above"}
         if not changes:
             raise ConfigError(p, "give the prices that change above that many prompt tokens")
         out.append((above, replace(base, **changes)))

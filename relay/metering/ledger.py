@@ -49,7 +49,7 @@ def ledger_doc(entry: LedgerEntry, lease: str | None = None, lseq: int | None = 
     lease carry the lease and the batch (``lseq``) that charges them."""
     # Not dataclasses.asdict: it deep-copies every field, 15 µs an entry, paid inside the event
     # loop for every entry of every group commit.
-    doc = {"_id": entry.request_id}
+    doc: dict[str, Any] = {"_id": entry.request_id}
     for name in _ENTRY_FIELDS:
         doc[name] = getattr(entry, name)
     if lease is not None:

@@ -163,7 +163,8 @@ def _part(tally: _Tally, part: Any) -> None:
             tally.audio += audio_tokens(audio.get("data"), audio.get("format"))
     elif kind in FILE_PARTS:
         # Only the name: what a file's pages cost is not knowable without reading the file.
-        inner = part.get("file") if isinstance(part.get("file"), dict) else part
+        file = part.get("file")
+        inner = file if isinstance(file, dict) else part
         tally.add_text(_str(inner.get("filename")))
     elif kind == "refusal":
         tally.add_text(_str(part.get("refusal")))
@@ -171,10 +172,11 @@ def _part(tally: _Tally, part: Any) -> None:
         _other(tally, part)
 
 
-def _image(tally: _Tally, part: dict) -> None:
+def _image(tally: _Tally, part: dict[str, Any]) -> None:
     ref, detail = part.get("image_url"), part.get("detail", "auto")
     if isinstance(ref, dict):
-        ref, detail = ref.get("url"), ref.get("detail", detail)
+        detail = ref.get("detail", detail)
+        ref = ref.get("url")
     # A file_id or a missing URL is an image of unknown size: image_tokens counts the maximum.
     tally.image += image_tokens(tally.model, ref, detail)
 
@@ -220,7 +222,8 @@ def _item(tally: _Tally, item: Any) -> None:
 
 def _other(tally: _Tally, value: Any) -> None:
     """A shape no formula covers: its keys and strings as text, except embedded images."""
-    words, stack, visited = [], [value], 0
+    words: list[str] = []
+    stack, visited = [value], 0
     while stack and visited < MAX_JSON_NODES:  # iterative: absurd nesting costs a loop, not the stack
         item = stack.pop()
         visited += 1
@@ -236,7 +239,7 @@ def _other(tally: _Tally, value: Any) -> None:
     tally.add_text(" ".join(words))
 
 
-def _as_list(value: Any) -> list:
+def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [] if value is None else [value]
 
 

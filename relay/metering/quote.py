@@ -53,7 +53,8 @@ def client_limit(body: dict[str, Any], *names: str) -> int | None:
 def quote_chat(config: Config, model: str, body: dict[str, Any]) -> Quote:
     estimate = count_chat_request(body, model, config.quota.encodings)
     limit = client_limit(body, "max_completion_tokens", "max_tokens")
-    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    choices = body.get("n")
+    n = choices if isinstance(choices, int) else 1
     allowance = limit or config.quota.allowance_for(model) * max(n, 1)
     return quote_tokens(model, price_for(config, model), prompt_usage(estimate), allowance, limited=bool(limit))
 

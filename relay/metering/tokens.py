@@ -119,7 +119,7 @@ def content_text(content: Any) -> str:
     return ""
 
 
-def count_chat_prompt(messages: Iterable[dict], encoding: str = DEFAULT_ENCODING) -> int:
+def count_chat_prompt(messages: Iterable[dict[str, Any]], encoding: str = DEFAULT_ENCODING) -> int:
     """Text tokens of chat messages (tool calls included, images and audio not), with the priming."""
     return count_messages(messages, encoding=encoding).text
 

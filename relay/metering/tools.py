@@ -53,7 +53,7 @@ def _tool_tokens(tool: Any, formula: ToolFormula, encoding: str) -> int:
     return total + _parameters_tokens(function.get("parameters"), formula, encoding)
 
 
-def _function_of(tool: Any) -> dict | None:
+def _function_of(tool: Any) -> dict[str, Any] | None:
     """The {name, description, parameters} of a Chat tool, a Responses tool or a legacy function."""
     if not isinstance(tool, dict):
         return None
@@ -120,7 +120,8 @@ def json_text(value: Any) -> str:
 
 def _scalars(value: Any) -> list[str]:
     # Iterative, so that absurd nesting costs a loop, not the stack; capped in nodes visited.
-    out, stack, visited = [], [value], 0
+    out: list[str] = []
+    stack, visited = [value], 0
     while stack and visited < MAX_JSON_NODES:
         item = stack.pop()
         visited += 1

@@ -8,7 +8,7 @@ number) is ignored: relay then counts itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from relay.metering.bounds import MAX_TOKENS
 
@@ -109,5 +109,5 @@ def _count(details: dict[str, Any], name: str) -> int:
     return value if _is_count(value) else 0
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return type(value) is int and value >= 0

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from typing import Any
 
 from relay.metering.ledger import LedgerEntry
 from relay.store.mongo import MongoStore
@@ -26,10 +27,10 @@ class SettlementQueue:
     def __init__(self, store: MongoStore, journal_path: str | None = None):
         self.store = store
         self.journal_path = journal_path
-        self.pending: dict[str, dict] = {}
+        self.pending: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         if journal_path:
-            self.pending.update(self._read_journal())
+            self.pending.update(self._read_journal(journal_path))
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -42,7 +43,7 @@ class SettlementQueue:
     def put_refund(self, key_hash: str, request_id: str, held: int) -> None:
         self._put({"op": "refund", "id": request_id, "key_hash": key_hash, "held": held})
 
-    def _put(self, item: dict) -> None:
+    def _put(self, item: dict[str, Any]) -> None:
         self.pending[item["id"]] = item
         self._append(item)
         self._wake.set()
@@ -74,7 +75,7 @@ class SettlementQueue:
         self._compact()
         return True
 
-    async def _apply(self, item: dict) -> bool:
+    async def _apply(self, item: dict[str, Any]) -> bool:
         if item["op"] == "settle":
             doc = dict(item["entry"])
             doc["at"] = dt.datetime.fromisoformat(doc["at"])
@@ -83,7 +84,7 @@ class SettlementQueue:
 
     # --- the journal ----------------------------------------------------------------
 
-    def _append(self, record: dict) -> None:
+    def _append(self, record: dict[str, Any]) -> None:
         if not self.journal_path:
             return
         with open(self.journal_path, "a", encoding="utf-8") as fh:
@@ -91,10 +92,10 @@ class SettlementQueue:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _read_journal(self) -> dict[str, dict]:
-        pending: dict[str, dict] = {}
+    def _read_journal(self, path: str) -> dict[str, dict[str, Any]]:
+        pending: dict[str, dict[str, Any]] = {}
         try:
-            with open(self.journal_path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 for line in fh:
                     try:
                         record = json.loads(line)
@@ -107,7 +108,7 @@ class SettlementQueue:
         except FileNotFoundError:
             pass
         if pending:
-            log.warning("replaying %d settlement(s) from %s", len(pending), self.journal_path)
+            log.warning("replaying %d settlement(s) from %s", len(pending), path)
         return pending
 
     def _compact(self) -> None:

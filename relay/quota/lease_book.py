@@ -91,7 +91,7 @@ class Wallet:
     rate: float = 0.0           # units reserved per second, over the last window
     window_units: int = 0
     window_start: float = 0.0
-    topping_up: asyncio.Task | None = None
+    topping_up: asyncio.Task[None] | None = None
     top_up_after: float = float("-inf")
     orphans: dict[str, str] = field(default_factory=dict)  # request id -> swept lease it reserved from
     late: dict[str, LateBatch] = field(default_factory=dict)  # by swept lease

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from relay.store.embedded import EmbeddedServer, StoreAlreadyRunning, StoreUnreachable, wait_for_running
 from relay.store.mongo import MongoStore
@@ -18,9 +20,11 @@ CLIENTS = ("pymongo", "motor")
 DEFAULT_CLIENT = "pymongo"
 
 
-def make_client(uri: str, kind: str = DEFAULT_CLIENT):
+def make_client(uri: str, kind: str = DEFAULT_CLIENT) -> Any:
+    """A PyMongo ``AsyncMongoClient`` or a motor ``AsyncIOMotorClient`` (motor is untyped)."""
     # Short timeouts: with the store down, a request gets its 503 in about two seconds.
-    opts = {"serverSelectionTimeoutMS": 2000, "connectTimeoutMS": 2000, "socketTimeoutMS": 10000, "tz_aware": False}
+    opts: dict[str, Any] = {"serverSelectionTimeoutMS": 2000, "connectTimeoutMS": 2000, "socketTimeoutMS": 10000,
+                            "tz_aware": False}
     if kind == "pymongo":
         from pymongo import AsyncMongoClient
         return AsyncMongoClient(uri, **opts)
@@ -30,7 +34,7 @@ def make_client(uri: str, kind: str = DEFAULT_CLIENT):
     raise ValueError(f"unknown mongo client {kind!r} (choose from {', '.join(CLIENTS)})")
 
 
-async def close_client(client) -> None:
+async def close_client(client: Any) -> None:
     result = client.close()
     if inspect.isawaitable(result):  # PyMongo's async close is a coroutine, motor's is not
         await result
@@ -61,7 +65,8 @@ class StoreLocation:
             self.embedded.stop()
 
 
-def locate_store(mongodb_uri: str | None, data_dir: str, on_give_up=None) -> StoreLocation:
+def locate_store(mongodb_uri: str | None, data_dir: str,
+                 on_give_up: Callable[[], None] | None = None) -> StoreLocation:
     """MONGODB_URI if given; else the embedded server on data_dir (reach a running one, or start it).
 
     ``on_give_up`` runs if a server started here dies and cannot be brought back.

@@ -7,9 +7,11 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure
 
 from relay.errors import RelayError, StoreUnavailable
@@ -22,16 +24,26 @@ CALL_TIMEOUT_S = 2.5         # one store call, at most: past it the store counts
 PROBE_EVERY_S = 0.25         # while it is, a ping this often finds out when it is back
 UNAVAILABLE = "The quota store is unavailable; nothing was charged. Retry shortly."
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+# A document as the drivers read and write it (BSON values: str, int, datetime, lists, dicts).
+Document: TypeAlias = dict[str, Any]
+# A collection, typed as PyMongo's async one: motor's (RELAY_MONGO_CLIENT=motor, untyped) and
+# the tests' mongomock_motor have the same surface for every call the store makes.
+Collection: TypeAlias = AsyncCollection[Document]
+
+S = TypeVar("S", bound="StoreCore")
+P = ParamSpec("P")
+R = TypeVar("R")
+# A store method (``async def``): the store, then its own parameters.
+StoreMethod: TypeAlias = Callable[Concatenate[S, P], Coroutine[Any, Any, R]]
 
 
-def _op(op: str, bounded: bool = True):
+def _op(op: str, bounded: bool = True) -> Callable[[StoreMethod[S, P, R]], StoreMethod[S, P, R]]:
     """Every store call: failed at once while the store is known to be unreachable; bounded
     by ``CALL_TIMEOUT_S`` (``bounded``); an unreachable store becomes ``StoreUnavailable``
     and starts the probe; latency and success reported to ``store.observe``."""
-    def wrap(fn):
+    def wrap(fn: StoreMethod[S, P, R]) -> StoreMethod[S, P, R]:
         @functools.wraps(fn)
-        async def call(self, *args, **kwargs):
+        async def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
             if not self.breaker.up:
                 self._report(op, 0.0, False)
                 raise StoreUnavailable(UNAVAILABLE)
@@ -61,19 +73,19 @@ class StoreCore:
                  instance_id: str | None = None, clock: Callable[[], dt.datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic):
         self.client = client
-        self.db = client[db_name]
+        self.db: AsyncDatabase[Document] = client[db_name]
         self.instance_id = instance_id or "p_" + secrets.token_hex(6)
         self.clock = clock
         self.monotonic = monotonic
         self.clock_offset = dt.timedelta(0)  # the store's clock minus this process's, measured
         self.breaker = Breaker(monotonic)
         self.call_timeout_s = CALL_TIMEOUT_S
-        self._probe_task: asyncio.Task | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self._beats: dict[str, tuple[Any, float]] = {}  # process -> (heartbeat count, when it last moved)
-        self.keys = self.db["keys"]
-        self.ledger = self.db["ledger"]
-        self.grants = self.db["grants"]
-        self.processes = self.db["processes"]
+        self.keys: Collection = self.db["keys"]
+        self.ledger: Collection = self.db["ledger"]
+        self.grants: Collection = self.db["grants"]
+        self.processes: Collection = self.db["processes"]
         self.round_trips = 0  # store operations issued, for the benchmark's per-request count
         self.dirty: set[str] = set()  # keys whose outbox this process filled since its last flush
         self.observe: Callable[[str, float, bool], None] | None = None

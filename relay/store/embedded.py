@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, Literal, TextIO
 
 LOCK_FILE = "store.lock"
 INFO_FILE = "store.json"
@@ -54,7 +56,8 @@ def _uri(port: int) -> str:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _port_bindable(port: int) -> bool:
@@ -68,7 +71,8 @@ def _port_bindable(port: int) -> bool:
     return True
 
 
-_prctl = None
+# libc's prctl once resolved; False where there is none (not Linux/glibc).
+_prctl: Callable[..., int] | Literal[False] | None = None
 
 
 def _load_prctl() -> None:
@@ -109,7 +113,7 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def _reap(proc: subprocess.Popen, block: bool = False) -> str | None:
+def _reap(proc: subprocess.Popen[bytes], block: bool = False) -> str | None:
     """How ``proc`` ended (reaping it), for the log; None while it runs."""
     if proc.returncode is not None:
         return _describe_exit(proc.returncode)
@@ -143,7 +147,7 @@ def _wait_gone(pid: int, storage: str, timeout: float) -> bool:
     return True
 
 
-def _read_info(data_dir: str) -> dict | None:
+def _read_info(data_dir: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(data_dir, INFO_FILE)) as fh:
             info = json.load(fh)
@@ -167,6 +171,7 @@ def _lock_held(data_dir: str) -> bool:
 
 def _answers(uri: str, timeout_ms: int = 300) -> bool:
     from pymongo import MongoClient
+    client: MongoClient[dict[str, Any]]
     try:
         with MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms) as client:
             client.admin.command("ping")
@@ -221,15 +226,15 @@ class EmbeddedServer:
     ``restarts``: how many times the server was brought back.
     """
 
-    def __init__(self, data_dir: str, on_give_up=None):
+    def __init__(self, data_dir: str, on_give_up: Callable[[], None] | None = None):
         self.data_dir = os.path.abspath(data_dir)
         self.on_give_up = on_give_up
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.uri = ""
         self.port = 0
         self.status = "stopped"
         self.restarts = 0
-        self._lock = None
+        self._lock: TextIO | None = None
         self._mutex = threading.Lock()  # orders a restart's launch against stop()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -251,8 +256,8 @@ class EmbeddedServer:
         self.uri = _uri(self.port)
         self._stopping.clear()
         try:
-            self._launch()
-            self._wait_ready(timeout)
+            proc = self._launch()
+            self._wait_ready(proc, timeout)
         except _StartFailed as exc:
             self.stop()
             raise RuntimeError(str(exc)) from None
@@ -294,20 +299,20 @@ class EmbeddedServer:
         except OSError:
             pass
 
-    def _launch(self) -> None:
+    def _launch(self) -> subprocess.Popen[bytes]:
         _load_prctl()
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(_server_command(self.port, self.storage),
-                                         stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent, start_new_session=True)
+            self.proc = proc = subprocess.Popen(_server_command(self.port, self.storage),
+                                                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                                preexec_fn=die_with_parent, start_new_session=True)
         # Written whole, then renamed: a reader never sees half a file.
         path = os.path.join(self.data_dir, INFO_FILE)
         with open(path + ".tmp", "w") as fh:
-            json.dump({"port": self.port, "pid": self.proc.pid}, fh)
+            json.dump({"port": self.port, "pid": proc.pid}, fh)
         os.replace(path + ".tmp", path)
+        return proc
 
-    def _wait_ready(self, timeout: float) -> None:
-        proc = self.proc
+    def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ended = _reap(proc)
@@ -323,6 +328,8 @@ class EmbeddedServer:
         failed: int | None = 0  # failed starts in a row; None once stopping or given up
         while failed is not None:
             proc = self.proc
+            if proc is None:  # stop() ran (it clears proc after setting _stopping)
+                return
             how = _reap(proc, block=True)
             if self._stopping.is_set():
                 return
@@ -340,7 +347,7 @@ class EmbeddedServer:
             if self._stopping.wait(min(RESTART_FIRST_DELAY_S * 2 ** failed, RESTART_MAX_DELAY_S)):
                 return None
             try:
-                self._start_again()
+                proc = self._start_again()
             except _StartFailed as exc:
                 if self._stopping.is_set():
                     return None
@@ -352,19 +359,20 @@ class EmbeddedServer:
             self.restarts += 1
             self.status = "running"
             log.warning("the embedded store is back on port %d (pid %d), %.1f s after it died (restart #%d)",
-                        self.port, self.proc.pid, self._ready_at - died_at, self.restarts)
+                        self.port, proc.pid, self._ready_at - died_at, self.restarts)
             return failed
         self._give_up(failed)
         return None
 
-    def _start_again(self) -> None:
+    def _start_again(self) -> subprocess.Popen[bytes]:
         if not _port_bindable(self.port):
             raise _StartFailed(f"port {self.port} is taken by another process")
         with self._mutex:
             if self._stopping.is_set():
                 raise _StartFailed("stopping")
-            self._launch()
-        self._wait_ready(RESTART_READY_S)
+            proc = self._launch()
+        self._wait_ready(proc, RESTART_READY_S)
+        return proc
 
     def _give_up(self, failed: int) -> None:
         self.status = "failed"
@@ -399,7 +407,7 @@ class EmbeddedServer:
             self._lock = None
 
 
-def _kill(proc: subprocess.Popen | None) -> None:
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
         try:

@@ -13,7 +13,7 @@ import logging
 from pymongo.errors import BulkWriteError
 
 from relay.metering.ledger import LedgerEntry, day_counts, ledger_doc
-from relay.store.core import _op
+from relay.store.core import Document, _op
 from relay.store.keys import KeysMixin
 
 log = logging.getLogger("relay.store")
@@ -74,7 +74,7 @@ class HoldsMixin(KeysMixin):
             return True
         return False
 
-    async def _insert_ledger(self, docs: list[dict]) -> None:
+    async def _insert_ledger(self, docs: list[Document]) -> None:
         """Insert ledger documents, each exactly once: those already there (same request id,
         the _id) are skipped, any other failure is raised."""
         try:
@@ -90,7 +90,7 @@ class HoldsMixin(KeysMixin):
         With no ``key_hashes``, every key with an outbox (the sweeper's pass).
         """
         if key_hashes is None:
-            flt: dict = {"pending.0": {"$exists": True}}
+            flt: Document = {"pending.0": {"$exists": True}}
         else:
             if not key_hashes:
                 return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 from pymongo import ReturnDocument
 
@@ -10,20 +11,20 @@ from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUn
 from relay.keys import display_prefix, generate_key, hash_key
 from relay.metering.bounds import MAX_UNITS
 from relay.store.base import KeyRecord
-from relay.store.core import StoreCore, _op
+from relay.store.core import Document, StoreCore, _op
 
 RESERVE_ATTEMPTS = 50
 
 
 class KeysMixin(StoreCore):
     @_op("create_key")
-    async def create_key(self, quota: int, note: str = "", key: str | None = None) -> tuple[str, dict]:
+    async def create_key(self, quota: int, note: str = "", key: str | None = None) -> tuple[str, Document]:
         """A new key holding ``quota`` units; ``key`` lets tests choose it, otherwise it is random."""
         if not 0 <= quota <= MAX_UNITS:
             raise InvalidRequest(f"quota must be between 0 and {MAX_UNITS}", param="quota")
         key = key or generate_key()
         now = self.now()
-        doc = {"_id": hash_key(key), "prefix": display_prefix(key), "note": note, "status": "active",
+        doc: Document = {"_id": hash_key(key), "prefix": display_prefix(key), "note": note, "status": "active",
                "granted": quota, "balance": quota, "reserved": 0, "used": 0, "holds": [], "pending": [],
                "days": {}, "created_at": now}
         await self.keys.insert_one(doc)
@@ -39,11 +40,11 @@ class KeysMixin(StoreCore):
         return KeyRecord(doc["_id"], doc["prefix"], doc["status"], doc.get("note", ""))
 
     @_op("key_doc")
-    async def key_doc(self, key_hash: str) -> dict | None:
+    async def key_doc(self, key_hash: str) -> Document | None:
         return await self.keys.find_one({"_id": key_hash})
 
     @_op("resolve")
-    async def resolve(self, key_or_prefix: str) -> dict:
+    async def resolve(self, key_or_prefix: str) -> Document:
         """A key document by the full key, its hash, or its display prefix (unique)."""
         if len(key_or_prefix) > 20:
             doc = await self.keys.find_one({"_id": hash_key(key_or_prefix)}) or \
@@ -59,7 +60,7 @@ class KeysMixin(StoreCore):
         raise LookupError("no such key")
 
     @_op("topup")
-    async def topup(self, key_hash: str, amount: int) -> dict:
+    async def topup(self, key_hash: str, amount: int) -> Document:
         if not 0 < amount <= MAX_UNITS:
             raise InvalidRequest(f"a top-up must be between 1 and {MAX_UNITS}", param="quota")
         doc = await self._find_and_update({"_id": key_hash, "granted": {"$lte": MAX_UNITS - amount}},
@@ -72,26 +73,26 @@ class KeysMixin(StoreCore):
         return doc
 
     @_op("set_status")
-    async def set_status(self, key_hash: str, status: str) -> dict:
+    async def set_status(self, key_hash: str, status: str) -> Document:
         doc = await self._find_and_update({"_id": key_hash}, {"$set": {"status": status}})
         if doc is None:
             raise LookupError("no such key")
         return doc
 
     @_op("list_keys")
-    async def list_keys(self, limit: int = 1000) -> list[dict]:
+    async def list_keys(self, limit: int = 1000) -> list[Document]:
         return await self.keys.find({}, {"holds": 0, "pending": 0, "days": 0}).sort("created_at", 1).to_list(
             length=limit)
 
-    async def _find_and_update(self, flt: dict, update: dict) -> dict | None:
+    async def _find_and_update(self, flt: Document, update: Document) -> Document | None:
         return await self.keys.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
 
-    async def _take(self, key_hash: str, minimum: int, full: int, update_for) -> int:
+    async def _take(self, key_hash: str, minimum: int, full: int, update_for: Callable[[int], Document]) -> int:
         amount = full
         for attempt in range(RESERVE_ATTEMPTS):  # compare-and-set on the balance when only a part is left
             if attempt > 1:
                 await asyncio.sleep(random.uniform(0.001, 0.005))  # others settle and reserve meanwhile
-            flt: dict = {"_id": key_hash, "status": "active"}
+            flt: Document = {"_id": key_hash, "status": "active"}
             if full > 0:  # one that costs nothing needs no balance, even an overdrawn one
                 flt["balance"] = {"$gte": amount} if amount == full else amount
             self.round_trips += 1

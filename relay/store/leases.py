@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from relay.metering.ledger import LedgerEntry, day_counts, ledger_doc
-from relay.store.core import _op
+from relay.store.core import Document, _op
 from relay.store.holds import HoldsMixin
 
 TOMBSTONE_SEQ = -1           # a returned lease: no batch can apply to it
@@ -65,7 +65,7 @@ class LeasesMixin(HoldsMixin):
             # Some may be there from an attempt whose answer was lost.
             await self._insert_ledger([ledger_doc(e, lease=rid, lseq=seq) for e in entries])
         inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **day_counts(entries)}
-        flt: dict = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
+        flt: Document = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
             flt["balance"] = {"$gte": extra}
         # An emptied lease stays (amount 0) so that a repeat of this batch can still tell it applied.

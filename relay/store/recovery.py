@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from relay.store.core import _op
+from relay.store.core import Document, _op
 from relay.store.leases import TOMBSTONE_SEQ, UNAPPLIED_MARGIN, LeasesMixin
 
 log = logging.getLogger("relay.store")
@@ -87,7 +87,7 @@ class RecoveryMixin(LeasesMixin):
         await self.flush_ledger()
         return swept
 
-    async def _sweep_hold(self, key_hash: str, hold: dict, now: dt.datetime) -> int:
+    async def _sweep_hold(self, key_hash: str, hold: Document, now: dt.datetime) -> int:
         """Return a dead process's hold to the balance, noting it (``swept``) so that the
         settlement it may still send (from its journal, once it reaches the store) is charged."""
         res = await self.keys.update_one(
@@ -99,11 +99,12 @@ class RecoveryMixin(LeasesMixin):
         log.warning("returned a stale reservation of %d units (owner %s)", hold["amount"], hold.get("owner"))
         return 1
 
-    async def _return_lease(self, key_hash: str, rid: str, lease: dict, now: dt.datetime) -> int:
+    async def _return_lease(self, key_hash: str, rid: str, lease: Document, now: dt.datetime) -> int:
         """Give a dead process's slice back to the balance, leaving a tombstone that no commit
         can match (``seq`` -1) and that remembers which batches never applied."""
         amount = lease["amount"]
-        since = lease.get("next_from", lease["at"]) - UNAPPLIED_MARGIN
+        at: dt.datetime = lease["at"]
+        since = lease.get("next_from", at) - UNAPPLIED_MARGIN
         tomb = {"owner": lease.get("owner"), "amount": 0, "seq": TOMBSTONE_SEQ, "unapplied_from": lease["seq"],
                 "late_seq": lease["seq"], "unapplied_since": since, "at": now}
         res = await self.keys.update_one(
@@ -116,7 +117,7 @@ class RecoveryMixin(LeasesMixin):
             log.warning("returned a stale lease of %d units (owner %s)", amount, lease.get("owner"))
         return 1 if amount else 0
 
-    async def _clear_tombstone(self, key_hash: str, rid: str, tomb: dict, oldest: dt.datetime) -> None:
+    async def _clear_tombstone(self, key_hash: str, rid: str, tomb: Document, oldest: dt.datetime) -> None:
         """Every sweep deletes the lease's unapplied entries again: a process that only looked
         dead (stalled, or cut off from the store) may still insert a batch before its commit
         finds the tombstone; it then charges that batch through ``commit_late``."""
