@@ -1,11 +1,15 @@
 """The Tornado Application: routes, and the services they are handed."""
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import tornado.httpserver
+import tornado.iostream
 import tornado.web
 
 from relay.handlers import admin, billing, openai_api, usage_page
-from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler
+from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
 from relay.observability import recorder
 from relay.services import Services, build_services
 
@@ -22,10 +26,11 @@ def _billing(path: str) -> str:
     return rf"/(?:openai/)?(?:v1/)?dashboard/billing{path}"
 
 
-def make_app(services: Services, metrics: bool = True, **settings) -> tornado.web.Application:
+def make_app(services: Services, metrics: bool = True, **settings: Any) -> tornado.web.Application:
     """The application; ``metrics=False`` when /metrics is served on its own port instead."""
     kw = {"services": services}
-    routes = [(r"/metrics", MetricsHandler, kw)] if metrics else []
+    routes: list[tuple[str, type[RelayHandler], dict[str, Services]]] = \
+        [(r"/metrics", MetricsHandler, kw)] if metrics else []
     routes += [
         (_api("/chat/completions"), openai_api.ChatCompletionsHandler, kw),
         (_api("/embeddings"), openai_api.EmbeddingsHandler, kw),
@@ -56,8 +61,9 @@ def make_metrics_app(services: Services) -> tornado.web.Application:
                                    default_handler_args=kw, log_function=lambda handler: None)
 
 
-def make_server(app: tornado.web.Application, ssl_options=None, max_body: int = 0, client_timeout_s: float = 60.0,
-                body_timeout_s: float = 120.0):
+def make_server(app: tornado.web.Application, ssl_options: ssl.SSLContext | dict[str, Any] | None = None,
+                max_body: int = 0, client_timeout_s: float = 60.0,
+                body_timeout_s: float = 120.0) -> tornado.httpserver.HTTPServer:
     """The HTTP server, with the limits that protect it from slow and idle clients.
 
     ``client_timeout_s`` bounds both reading a request's headers (slow-header clients) and an
@@ -78,9 +84,11 @@ class _NoDelayServer(tornado.httpserver.HTTPServer):
     whole responses and whole events, never bytes it would want coalesced. (asyncio and
     aiohttp set it on the upstream side already.)"""
 
-    def handle_stream(self, stream, address) -> None:
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         stream.set_nodelay(True)
-        stream.set_nodelay = _keep_nodelay
+        # A deliberate monkeypatch of this one stream (the point of this class), which mypy
+        # flags as assigning to a method.
+        stream.set_nodelay = _keep_nodelay  # type: ignore[method-assign]
         super().handle_stream(stream, address)
 
 

@@ -21,7 +21,7 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def _check_config(args) -> int:
+def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file, os.environ)
     except ConfigError as exc:

@@ -16,8 +16,10 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_text
@@ -45,22 +47,23 @@ class Behaviour:
     stall_after_chunks: int | None = None     # stop sending (hang) after N content chunks
     truncate_after_chunks: int | None = None  # close the connection after N content chunks
     omit_usage: bool = False         # never report usage (relay must count itself)
-    usage_override: dict | None = None  # report exactly this as ``usage`` (JSON replies, the stream's usage chunk)
+    # Report exactly this as ``usage`` (JSON replies, the stream's usage chunk).
+    usage_override: dict[str, Any] | None = None
     cached_tokens: int = 0           # this much of each prompt is reported as read from the cache
     reasoning_tokens: int = 0        # thinking before the reply: reported, billed, never shown
-    key_status: dict = field(default_factory=dict)  # per upstream key: answer with this status
+    key_status: dict[str, int] = field(default_factory=dict)  # per upstream key: answer with this status
     broken: str | None = None        # "invalid_json", "html" (a 200 error page), "sse_garbage"
 
 
-def _error_body(message: str, type_: str, code: str | None) -> dict:
+def _error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
 class FakeState:
-    def __init__(self, keys: set[str] | None = None, max_records: int = 10_000):
+    def __init__(self, keys: set[str] | None = None, max_records: int = 10_000) -> None:
         self.keys = keys
         self.behaviour = Behaviour()
-        self.requests: deque = deque(maxlen=max_records)
+        self.requests: deque[dict[str, Any]] = deque(maxlen=max_records)
         self.counter = 0
 
     def reset(self) -> None:
@@ -68,7 +71,7 @@ class FakeState:
         self.requests.clear()
 
 
-def chat_usage(prompt: int, text: int, b: Behaviour) -> dict:
+def chat_usage(prompt: int, text: int, b: Behaviour) -> dict[str, Any]:
     """Usage as OpenAI reports it for today's models: the cached part of the prompt and the
     reasoning part of the completion in their details."""
     completion = text + b.reasoning_tokens
@@ -82,10 +85,10 @@ class _FakeHandler(tornado.web.RequestHandler):
     def initialize(self, state: FakeState) -> None:
         self.state = state
 
-    def compute_etag(self):
+    def compute_etag(self) -> None:
         return None
 
-    def write_json(self, obj, status: int = 200) -> None:
+    def write_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(obj))
@@ -119,9 +122,9 @@ class _FakeHandler(tornado.web.RequestHandler):
             return False
         return True
 
-    def record(self, body: dict | None) -> None:
+    def record(self, body: dict[str, Any] | None) -> None:
         body = body or {}
-        self.rec = {
+        self.rec: dict[str, Any] = {
             "path": self.request.path, "method": self.request.method, "model": body.get("model"),
             "authorization": self.request.headers.get("Authorization"), "stream": body.get("stream"),
             "stream_options": body.get("stream_options"), "max_tokens": body.get("max_tokens"),
@@ -130,7 +133,7 @@ class _FakeHandler(tornado.web.RequestHandler):
         }
         self.state.requests.append(self.rec)
 
-    def parse(self) -> dict | None:
+    def parse(self) -> dict[str, Any] | None:
         try:
             body = json.loads(self.request.body)
         except ValueError:
@@ -158,10 +161,12 @@ class ChatHandler(_FakeHandler):
         b = self.state.behaviour
         if b.broken == "invalid_json":
             self.set_header("Content-Type", "application/json")
-            return self.finish(b'{"id": "chatcmpl-broken", "choices": [')
+            self.finish(b'{"id": "chatcmpl-broken", "choices": [')
+            return
         if b.broken == "html":
             self.set_header("Content-Type", "text/html")
-            return self.finish(b"<html><body><h1>502 Bad Gateway</h1>cloudflare</body></html>")
+            self.finish(b"<html><body><h1>502 Bad Gateway</h1>cloudflare</body></html>")
+            return
         n = b.reply_tokens
         if isinstance(body.get("max_tokens"), int):
             n = min(n, body["max_tokens"])
@@ -183,15 +188,17 @@ class ChatHandler(_FakeHandler):
                          "logprobs": None, "finish_reason": "length" if n < b.reply_tokens else "stop"}],
             "usage": None if b.omit_usage else usage, "system_fingerprint": "fp_fake"})
 
-    async def stream(self, cid, created, model, pieces, usage, include_usage) -> None:
+    async def stream(self, cid: str, created: int, model: str, pieces: list[str], usage: dict[str, Any],
+                     include_usage: bool) -> None:
         b = self.state.behaviour
         sent_at = self.rec["chunks_sent_at"]
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         with_usage = include_usage and not b.omit_usage
 
-        def chunk(delta, finish=None, choices=True, usage_value=None):
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, choices: bool = True,
+                  usage_value: dict[str, Any] | None = None) -> bytes:
+            obj: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                    "system_fingerprint": "fp_fake",
                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
                    if choices else []}
@@ -216,7 +223,8 @@ class ChatHandler(_FakeHandler):
                 if b.stall_after_chunks is not None and content_sent >= b.stall_after_chunks:
                     await asyncio.sleep(3600)
                 if b.truncate_after_chunks is not None and content_sent >= b.truncate_after_chunks:
-                    self.request.connection.stream.close()
+                    # Tornado's HTTPServer serves every request on an HTTP1Connection.
+                    cast(HTTP1Connection, self.request.connection).stream.close()
                     return
                 self.write(event)
                 await self.flush()
@@ -242,6 +250,7 @@ class EmbeddingsHandler(_FakeHandler):
         for i, item in enumerate(items):
             seed = hashlib.sha256(json.dumps(item).encode()).digest()
             vector = [((seed[j] / 255.0) * 2 - 1) for j in range(EMBEDDING_DIM)]
+            value: str | list[float]
             if body.get("encoding_format") == "base64":
                 value = base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vector)).decode()
             else:
@@ -285,7 +294,7 @@ class ControlHandler(tornado.web.RequestHandler):
 
 def make_fake_app(state: FakeState, quiet: bool = False) -> tornado.web.Application:
     kw = {"state": state}
-    settings = {"log_function": lambda handler: None} if quiet else {}
+    settings: dict[str, Any] = {"log_function": lambda handler: None} if quiet else {}
     return tornado.web.Application([
         (r"/v1/chat/completions", ChatHandler, kw),
         (r"/v1/embeddings", EmbeddingsHandler, kw),

@@ -1,19 +1,23 @@
 """Running relay: the servers, the services and their store, from start to a graceful stop."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import tempfile
 from importlib import resources
+from typing import Any
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.process
+import tornado.web
 
 from relay import supervise
 from relay.auth import checked_admin_token
@@ -47,7 +51,7 @@ async def until_signalled() -> None:
     await stop.wait()
 
 
-def _ssl_context(args) -> ssl.SSLContext | None:
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.certfile:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -55,8 +59,10 @@ def _ssl_context(args) -> ssl.SSLContext | None:
     return ctx
 
 
-def listen(app, port: int, host: str, ssl_options=None, max_body: int = 0, sockets=None,
-            client_timeout_s: float = 60.0, body_timeout_s: float = 120.0) -> tornado.httpserver.HTTPServer:
+def listen(app: tornado.web.Application, port: int, host: str,
+           ssl_options: ssl.SSLContext | dict[str, Any] | None = None, max_body: int = 0,
+           sockets: list[socket.socket] | None = None, client_timeout_s: float = 60.0,
+           body_timeout_s: float = 120.0) -> tornado.httpserver.HTTPServer:
     from relay.app import make_server
     server = make_server(app, ssl_options, max_body, client_timeout_s, body_timeout_s)
     if sockets is not None:
@@ -66,7 +72,8 @@ def listen(app, port: int, host: str, ssl_options=None, max_body: int = 0, socke
     return server
 
 
-async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worker: int | None = None) -> int:
+async def _serve(args: argparse.Namespace, store_uri: str, sockets: list[socket.socket] | None = None,
+                 metrics_sockets: list[socket.socket] | None = None, worker: int | None = None) -> int:
     from relay.app import make_app
     from relay.services import build_services
     config = load_pool(args.config)
@@ -101,7 +108,7 @@ async def _serve(args, store_uri: str, sockets=None, metrics_sockets=None, worke
     return 0
 
 
-def serve_command(args) -> int:
+def serve_command(args: argparse.Namespace) -> int:
     """Bind, start the store, and with --workers N fork N processes sharing the sockets."""
     load_pool(args.config)  # a bad file fails before any store starts
     checked_admin_token(os.environ.get("RELAY_ADMIN_TOKEN"))  # so does a short admin token
@@ -129,7 +136,7 @@ def serve_command(args) -> int:
         location.stop()
 
 
-async def fake_upstream(args) -> int:
+async def fake_upstream(args: argparse.Namespace) -> int:
     keys = set(filter(None, args.keys.split(","))) if args.keys else None
     server = listen(make_fake_app(FakeState(keys)), args.port, args.host)
     log.info("fake upstream listening on %s:%d", args.host, args.port)
@@ -138,7 +145,7 @@ async def fake_upstream(args) -> int:
     return 0
 
 
-async def demo(args, store_uri: str) -> int:
+async def demo(args: argparse.Namespace, store_uri: str) -> int:
     from relay.app import make_app
     from relay.services import build_services
     fake = listen(make_fake_app(FakeState(), quiet=True), args.upstream_port, "127.0.0.1")

@@ -3,10 +3,12 @@ background work that keeps them (started, drained and closed here)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from relay import background
 from relay.auth import Authenticator, FailedAuthThrottle, checked_admin_token
@@ -23,6 +25,9 @@ from relay.store.mongo import MongoStore
 
 log = logging.getLogger("relay.app")
 
+# The reverse proxies whose X-Forwarded-* headers are believed, as relay.net.parse_trusted makes them.
+TrustedProxies: TypeAlias = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
 
 @dataclass
 class Services:
@@ -33,11 +38,13 @@ class Services:
     quota: Quota
     reloader: Reloader
     checker: HealthChecker
-    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxies: TrustedProxies = ()
     admin_token: str | None = None
     throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)
     admin_throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)  # wrong admin tokens
     active: int = 0  # requests being handled, for a graceful drain
+    # The usage page's response speed per model, every key's requests: (computed at, rows), monotonic.
+    speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -66,7 +73,8 @@ class Services:
     async def close(self) -> None:
         """Stop background work, then hand the store what is still owed (best effort)."""
         for task in await background.stop_tasks(self._tasks, 5.0):
-            log.warning("background task %s did not stop within 5 s", task.get_coro().__qualname__)
+            log.warning("background task %s did not stop within 5 s",
+                        getattr(task.get_coro(), "__qualname__", task.get_name()))
         self._tasks.clear()
         try:
             await asyncio.wait_for(self._final_writes(), 10)
@@ -81,7 +89,7 @@ class Services:
         await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done
 
 
-def build_services(config: Config, store: MongoStore, trusted_proxies: tuple[str, ...] = (),
+def build_services(config: Config, store: MongoStore, trusted_proxies: TrustedProxies = (),
                    rng: random.Random | None = None, admin_token: str | None = None,
                    config_path: str | None = None, journal_path: str | None = None) -> Services:
     transport = AiohttpTransport(config.limits)

@@ -8,6 +8,10 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.store.connect import StoreLocation
 
 log = logging.getLogger("relay")
 
@@ -51,7 +55,7 @@ def freeze_start_up_objects() -> None:
     gc.freeze()
 
 
-def stop_workers(location, timeout_s: float) -> None:
+def stop_workers(location: StoreLocation, timeout_s: float) -> None:
     """SIGTERM every worker (each drains gracefully) and wait for them, not for the store."""
     store_pid = location.embedded.proc.pid if location.embedded and location.embedded.proc else None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

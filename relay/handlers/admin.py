@@ -6,6 +6,7 @@ ones throttled per address like bad relay keys); with no token configured the ad
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
@@ -33,13 +34,13 @@ class AdminHandler(RelayHandler):
             raise AdminUnauthorized("Missing or wrong admin token.")
         self.set_header("Cache-Control", "no-store")
 
-    async def lookup(self, key_or_prefix: str) -> dict:
+    async def lookup(self, key_or_prefix: str) -> dict[str, Any]:
         try:
             return await self.services.store.resolve(key_or_prefix)
         except LookupError:
             raise KeyNotFound("No key matches that key or prefix.") from None
 
-    def whole_number(self, body: dict, name: str, minimum: int) -> int:
+    def whole_number(self, body: dict[str, Any], name: str, minimum: int) -> int:
         value = body.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise InvalidRequest(f"'{name}' must be a whole number >= {minimum}.", param=name)

@@ -6,7 +6,8 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import tornado.web
 from pymongo.errors import PyMongoError
@@ -27,6 +28,10 @@ from relay.observability.access_log import Flag, flag_for
 from relay.observability.metrics import IN_FLIGHT, exposition
 from relay.redact import redact_path
 
+if TYPE_CHECKING:
+    from relay.services import Services
+    from relay.store.base import KeyRecord
+
 log = logging.getLogger("relay.app")
 
 ALLOWED_HEADERS = "Authorization, Content-Type"
@@ -35,7 +40,7 @@ ALLOWED_HEADERS = "Authorization, Content-Type"
 class RelayHandler(tornado.web.RequestHandler):
     route = "other"  # the route label in metrics
 
-    def initialize(self, services) -> None:
+    def initialize(self, services: Services) -> None:
         self.services = services
         self.started = time.perf_counter()
         self.upstream_wait: float | None = None  # seconds spent waiting on upstreams, for the overhead metric
@@ -95,7 +100,7 @@ class RelayHandler(tornado.web.RequestHandler):
             await asyncio.sleep(throttle.delay_s)  # slows a guesser down; nobody else waits
             raise TooManyFailedAttempts(message) from None
 
-    def json_body(self) -> dict:
+    def json_body(self) -> dict[str, Any]:
         try:
             body = bounded_json.loads(self.request.body or b"")
         except bounded_json.TooDeep:
@@ -129,11 +134,14 @@ class RelayHandler(tornado.web.RequestHandler):
     def send_relay_error(self, err: RelayError) -> None:
         self.send_error(err.status, exc_info=(type(err), err, None))
 
-    def log_exception(self, typ, value, tb) -> None:
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
         if isinstance(value, (RelayError, tornado.web.HTTPError)):
             return  # expected; the access line records it
+        # Tornado passes sys.exc_info(): the exception carries its type and traceback (tb is
+        # value.__traceback__), and logging takes it whole where the tuple's Optionals do not fit.
         log.error("unhandled error in %s %s [%s]", self.request.method, redact_path(self.request.path),
-                  self.request_id, exc_info=(typ, value, tb))
+                  self.request_id, exc_info=value)
 
 
 def _as_relay_error(status: int, exc: BaseException | None) -> RelayError:
@@ -147,7 +155,7 @@ def _as_relay_error(status: int, exc: BaseException | None) -> RelayError:
         return NotFound("Unknown URL.")
     if 400 <= status < 500:
         reason = getattr(exc, "log_message", None) or "Bad request."
-        err = InvalidRequest(reason)
+        err: RelayError = InvalidRequest(reason)
         err.status = status
         return err
     err = RelayError("The server had an error while processing your request.")
@@ -157,6 +165,8 @@ def _as_relay_error(status: int, exc: BaseException | None) -> RelayError:
 
 class AuthenticatedHandler(RelayHandler):
     """Requires a valid, active relay key before anything else happens."""
+
+    key: KeyRecord  # set by prepare()
 
     async def prepare(self) -> None:
         if self.request.method == "OPTIONS":

@@ -5,9 +5,10 @@ import asyncio
 import json
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.balancer.pool import Endpoint
@@ -74,20 +75,22 @@ class ProxyHandler(AuthenticatedHandler):
         self._chunks = []
         self.flag = Flag.BODY_TOO_LARGE
         self.send_relay_error(BodyTooLarge(f"The request body exceeds the limit of {limit} bytes."))
-        self.request.connection.stream.close()
+        # Tornado's HTTPServer serves every request on an HTTP1Connection.
+        cast(HTTP1Connection, self.request.connection).stream.close()
 
     def on_connection_close(self) -> None:
         self._client_gone = True
-        if getattr(self, "_upstream", None) is not None:
-            self._upstream.close()  # cancels the upstream's work
+        upstream: UpstreamResponse | None = getattr(self, "_upstream", None)  # None before prepare()
+        if upstream is not None:
+            upstream.close()  # cancels the upstream's work
         super().on_connection_close()
 
-    def parsed_body(self) -> dict:
+    def parsed_body(self) -> dict[str, Any]:
         self.request.body = b"".join(self._chunks)
         self._chunks = []
         return self.json_body()
 
-    def resolve_model(self, body: dict) -> str:
+    def resolve_model(self, body: dict[str, Any]) -> str:
         model = body.get("model")
         if model is None:
             raise InvalidRequest("You must provide a model parameter.", param="model")
@@ -148,6 +151,10 @@ class ProxyHandler(AuthenticatedHandler):
             latency_ms=(time.perf_counter() - self.started) * 1000, ttfb_ms=self._ttfb_ms,
             requested_model=self.model, api=self.route))
 
+    def _add_upstream_wait(self, since: float) -> None:
+        """The time since ``since`` (``perf_counter``) was spent waiting on the upstream."""
+        self.upstream_wait = (self.upstream_wait or 0.0) + (time.perf_counter() - since)
+
     def _mark_first_byte(self) -> None:
         if not self._ttfb_ms:
             self._ttfb_ms = (time.perf_counter() - self.started) * 1000
@@ -169,7 +176,7 @@ class ProxyHandler(AuthenticatedHandler):
     async def _relay_json(self, resp: UpstreamResponse) -> None:
         waited = time.perf_counter()
         data = await resp.read(self.services.config.limits.max_response_bytes)
-        self.upstream_wait += time.perf_counter() - waited
+        self._add_upstream_wait(waited)
         name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
         if len(data) > OFF_LOOP_REPLY_BYTES:
             self._usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
@@ -196,7 +203,7 @@ class ProxyHandler(AuthenticatedHandler):
                 wrote = True
         return wrote, False
 
-    async def _relay_stream(self, resp: UpstreamResponse, body: dict) -> None:
+    async def _relay_stream(self, resp: UpstreamResponse, body: dict[str, Any]) -> None:
         self.set_status(resp.status)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
@@ -215,7 +222,7 @@ class ProxyHandler(AuthenticatedHandler):
                 except StopAsyncIteration:
                     break
                 finally:
-                    self.upstream_wait += time.perf_counter() - waited
+                    self._add_upstream_wait(waited)
                 wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit)
                 if wrote:
                     self._mark_first_byte()
@@ -287,7 +294,7 @@ async def _count_rest(tally: TokenTally) -> int:
     return tally.close()
 
 
-def _asked_for_usage(body: dict) -> bool:
+def _asked_for_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
 
@@ -327,7 +334,7 @@ class EmbeddingsHandler(ProxyHandler):
                            False, body)
 
 
-def _validate_chat(body: dict) -> None:
+def _validate_chat(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("You must provide a messages parameter.", param="messages")
@@ -349,7 +356,7 @@ def _validate_chat(body: dict) -> None:
             raise InvalidRequest(f"'{name}' must be a whole number >= 1 and <= {most}.", param=name)
 
 
-def _typed(body: dict, name: str, kind: type) -> None:
+def _typed(body: dict[str, Any], name: str, kind: type) -> None:
     value = body.get(name)
     if value is not None and not isinstance(value, kind):
         raise InvalidRequest(f"'{name}' must be of type {kind.__name__}.", param=name)

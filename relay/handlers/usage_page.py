@@ -14,6 +14,8 @@ from typing import Any
 
 import tornado.web
 
+from relay.config import Config
+from relay.errors import InvalidApiKey
 from relay.handlers.base import AuthenticatedHandler, RelayHandler
 from relay.metering.ledger import day_of, utc_now
 from relay.metering.pricing import cost
@@ -38,7 +40,9 @@ def _web_file(name: str) -> bytes:
     return resources.files("relay").joinpath(f"web/{name}").read_bytes()
 
 
-class UsagePageHandler(RelayHandler):
+class _PageHandler(RelayHandler):
+    """What the page and its static files share: the page's headers."""
+
     route = "usage"
 
     def set_default_headers(self) -> None:
@@ -46,6 +50,8 @@ class UsagePageHandler(RelayHandler):
         for name, value in PAGE_HEADERS.items():
             self.set_header(name, value)
 
+
+class UsagePageHandler(_PageHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
@@ -67,7 +73,7 @@ class UsageRootHandler(UsagePageHandler):
         super().get()
 
 
-class UsageStaticHandler(UsagePageHandler):
+class UsageStaticHandler(_PageHandler):
     def get(self, name: str) -> None:
         if name not in STATIC:
             raise tornado.web.HTTPError(404)
@@ -85,6 +91,8 @@ class UsageSummaryHandler(AuthenticatedHandler):
         services = self.services
         store, config = services.store, services.config
         doc = await store.key_doc(self.key.key_hash)
+        if doc is None:  # gone from the store since the key was authenticated (cached up to its TTL)
+            raise InvalidApiKey("Incorrect API key provided: this key is not known to relay.")
         today = utc_now().date()
         first = today - dt.timedelta(days=29)
         counted = {d["day"]: d for d in await store.usage_days(self.key.key_hash, first.isoformat(), today.isoformat())}
@@ -106,9 +114,9 @@ class UsageSummaryHandler(AuthenticatedHandler):
                      "shop_url": site.shop_url},
         })
 
-    async def _speed_by_model(self) -> list[dict]:
+    async def _speed_by_model(self) -> list[dict[str, Any]]:
         """Relay's measured time to first byte per model over the last hour, every key's requests."""
-        cached_at, rows = getattr(self.services, "speed_cache", (float("-inf"), []))
+        cached_at, rows = self.services.speed_cache
         if time.monotonic() - cached_at < SPEED_CACHE_S:
             return rows
         by_model: dict[str, list[float]] = {}
@@ -129,7 +137,7 @@ def _recent(e: dict[str, Any]) -> dict[str, Any]:
             **{field: e.get(field, 0) for field in RECENT_COUNTS}}
 
 
-def _messages(config, model: str, balance: int) -> int | None:
+def _messages(config: Config, model: str, balance: int) -> int | None:
     price = config.price_of(config.map_model(model))
     if price is None or balance <= 0:
         return None if price is None else 0

@@ -10,9 +10,13 @@ import enum
 import logging
 import re
 import time
+from typing import TYPE_CHECKING
 
 from relay.errors import RelayError
 from relay.redact import redact_keys, redact_path
+
+if TYPE_CHECKING:
+    import tornado.web
 
 access_log = logging.getLogger("relay.access")
 
@@ -66,7 +70,8 @@ def printable(value: str, limit: int) -> str:
     ``...(+N)`` when N characters were cut."""
     if len(value) <= limit and not _UNSAFE.search(value):
         return value
-    out, used = [], 0
+    out: list[str] = []
+    used = 0
     for i, ch in enumerate(value):
         piece = _escape(ch) if _UNSAFE.match(ch) else ch
         if used + len(piece) > limit:
@@ -83,7 +88,7 @@ def _escape(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def log_request(handler) -> None:
+def log_request(handler: tornado.web.RequestHandler) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     status = handler.get_status()

@@ -9,6 +9,7 @@ across them.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +22,9 @@ from prometheus_client import (
 )
 
 from relay.balancer.health import EndpointState
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 # Sub-millisecond resolution where relay's own work lives; coarser where upstreams live.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
@@ -84,7 +88,8 @@ def exposition() -> tuple[bytes, str]:
     """The text format for /metrics; aggregated over worker processes in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        # prometheus_client annotates its metrics but not this constructor.
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
@@ -98,10 +103,10 @@ class ModelLabels:
     """Model label values limited to the configured names; everything else is ``other``."""
 
     def __init__(self) -> None:
-        self._config = None
+        self._config: Config | None = None
         self._known: frozenset[str] = frozenset()
 
-    def __call__(self, config, model: str | None) -> str:
+    def __call__(self, config: Config, model: str | None) -> str:
         if config is not self._config:
             names = set(config.client_model_names()) | set(config.pricing) | set(config.model_map.values())
             for u in config.upstreams:

@@ -7,21 +7,42 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
+
+from prometheus_client.metrics import MetricWrapperBase
 
 from relay.balancer.health import EndpointState
 from relay.observability import metrics as m
 from relay.observability.access_log import Flag, log_request
 
+if TYPE_CHECKING:
+    from relay.balancer.pool import Endpoint, Pool
+    from relay.config import Config
+    from relay.handlers.base import RelayHandler
+    from relay.metering.ledger import LedgerEntry
+    from relay.reload import ReloadResult
 
-@functools.lru_cache(maxsize=8192)
-def _child(metric, *values: str):
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+class _Labels(Protocol):
+    def __call__(self, metric: _M, *values: str) -> _M: ...
+
+
+def _labels(metric: MetricWrapperBase, *values: str) -> MetricWrapperBase:
     """``metric.labels(*values)``, remembered: prometheus_client validates and locks on every
     call, and each request makes eight of them. The label sets are bounded (model labels are
     the configured names, upstreams the configured ones), and no child is ever removed."""
     return metric.labels(*values)
 
 
-def on_request_end(handler) -> None:
+# labels() returns a child of the metric's own class (a Counter's child is a Counter), which
+# lru_cache's stub cannot express: the cast says so, at no cost per call.
+_child = cast(_Labels, functools.lru_cache(maxsize=8192)(_labels))
+
+
+def on_request_end(handler: RelayHandler) -> None:
     """Called by Tornado once per request (the Application's log_function)."""
     log_request(handler)
     status = handler.get_status()
@@ -40,21 +61,21 @@ def on_request_end(handler) -> None:
 
 
 class RouterEvents:
-    def on_attempt(self, endpoint, outcome: str, attempt: int, seconds: float | None) -> None:
+    def on_attempt(self, endpoint: Endpoint, outcome: str, attempt: int, seconds: float | None) -> None:
         _child(m.ATTEMPTS, endpoint.upstream.name, outcome).inc()
         if seconds is not None:
             _child(m.UPSTREAM_TTFB, endpoint.upstream.name).observe(seconds)
 
-    def on_retry(self, reason: str, failed, following) -> None:
+    def on_retry(self, reason: str, failed: Endpoint, following: Endpoint) -> None:
         _child(m.RETRIES, reason).inc()
         if failed.upstream.name != following.upstream.name:
             _child(m.FAILOVERS, reason).inc()
 
-    def on_done(self, endpoint, seconds: float) -> None:
+    def on_done(self, endpoint: Endpoint, seconds: float) -> None:
         _child(m.UPSTREAM_SECONDS, endpoint.upstream.name).observe(seconds)
 
 
-def on_settled(config, entry) -> None:
+def on_settled(config: Config, entry: LedgerEntry) -> None:
     """Tokens by kind (the parts are also counted in prompt or completion), and the charge."""
     label = m.model_label(config, entry.model)
     for kind, count in (("prompt", entry.prompt_tokens), ("completion", entry.completion_tokens),
@@ -88,15 +109,15 @@ def on_start() -> None:
     m.STORE_UP.set(1)
 
 
-def on_reload(result) -> None:
+def on_reload(result: ReloadResult) -> None:
     _child(m.CONFIG_RELOADS, "invalid" if not result.ok else "ok" if result.changed else "unchanged").inc()
     m.CONFIG_RELOAD_OK.set(1 if result.ok else 0)
 
 
-def refresh_gauges(pool, now: float) -> None:
+def refresh_gauges(pool: Pool, now: float) -> None:
     """Endpoint states and available endpoints per model, from the pool as it is now."""
     config = pool.config
-    available = {}
+    available: dict[Endpoint, bool] = {}
     for ep in pool.endpoints:
         current = ep.state(config, now).state
         for state in m.ENDPOINT_STATES:

@@ -24,7 +24,7 @@ MAX_CONCURRENT_PROBES = 32
 
 
 class HealthChecker:
-    def __init__(self, router: Router):
+    def __init__(self, router: Router) -> None:
         self.router = router
         self._sem = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from relay.balancer import health as h
 from relay.balancer.budget import RetryBudget
@@ -35,8 +36,18 @@ from relay.proxy.request import UpstreamRequest
 from relay.proxy.transport import Transport, UpstreamResponse
 
 
+class Events(Protocol):
+    """What the router reports; the metrics recorder (``recorder.RouterEvents``) implements it."""
+
+    def on_attempt(self, endpoint: Endpoint, outcome: str, attempt: int, seconds: float | None) -> None: ...
+
+    def on_retry(self, reason: str, failed: Endpoint, following: Endpoint) -> None: ...
+
+    def on_done(self, endpoint: Endpoint, seconds: float) -> None: ...
+
+
 class NoEvents:
-    """What the router reports; the metrics recorder implements the same methods."""
+    """Reports to nobody: the router's events until the recorder is plugged in."""
 
     def on_attempt(self, endpoint: Endpoint, outcome: str, attempt: int, seconds: float | None) -> None:
         pass
@@ -50,7 +61,7 @@ class NoEvents:
 
 class Router:
     def __init__(self, pool: Pool, transport: Transport, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         self.pool = pool
         self.transport = transport
         self.rng = rng or random.Random()
@@ -58,7 +69,7 @@ class Router:
         self.wall_clock = wall_clock  # for Retry-After dates
         r = pool.config.retries
         self.budget = RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
-        self.events: NoEvents = NoEvents()
+        self.events: Events = NoEvents()
 
     def swap(self, pool: Pool) -> None:
         """Requests in flight keep the endpoints they hold; new ones see the new pool."""

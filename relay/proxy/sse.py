@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from relay.metering.tokens import TokenTally
 from relay.metering.usage import Usage, parse_usage
@@ -124,7 +125,7 @@ class StreamMeter:
                 return False
         return True
 
-    def _collect(self, delta: dict) -> None:
+    def _collect(self, delta: dict[str, Any]) -> None:
         content = delta.get("content")
         if isinstance(content, str):
             self.text.add(content)

@@ -47,7 +47,7 @@ class Transport(Protocol):
 
 
 class AiohttpResponse:
-    def __init__(self, resp: aiohttp.ClientResponse, endpoint: Endpoint):
+    def __init__(self, resp: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
         self._resp = resp
         self.endpoint = endpoint
         self.status = resp.status
@@ -110,7 +110,7 @@ class AiohttpResponse:
 
 
 class AiohttpTransport:
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._session: aiohttp.ClientSession | None = None
 
