@@ -8,7 +8,7 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
-from relay.handlers import admin, billing, openai_api, usage_page
+from relay.handlers import admin, billing, chat, embeddings, models, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
 from relay.observability import recorder
 from relay.services import Services, build_services
@@ -32,9 +32,9 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
     routes: list[tuple[str, type[RelayHandler], dict[str, Services]]] = \
         [(r"/metrics", MetricsHandler, kw)] if metrics else []
     routes += [
-        (_api("/chat/completions"), openai_api.ChatCompletionsHandler, kw),
-        (_api("/embeddings"), openai_api.EmbeddingsHandler, kw),
-        (_api("/models"), openai_api.ModelsHandler, kw),
+        (_api("/chat/completions"), chat.ChatCompletionsHandler, kw),
+        (_api("/embeddings"), embeddings.EmbeddingsHandler, kw),
+        (_api("/models"), models.ModelsHandler, kw),
         (_billing("/subscription"), billing.SubscriptionHandler, kw),
         (_billing("/usage"), billing.UsageHandler, kw),
         (r"/admin/keys", admin.KeysHandler, kw),

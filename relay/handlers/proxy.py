@@ -1,4 +1,5 @@
-"""The OpenAI API as clients see it: chat completions, embeddings, models."""
+"""The proxying every API route shares: the body read under its limit, the reservation, the
+exchange with an upstream, the reply relayed (JSON or server-sent events), and the bill."""
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +15,10 @@ from tornado.iostream import StreamClosedError
 from relay.balancer.pool import Endpoint
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
-from relay.metering.bounds import MAX_TOKENS
 from relay.metering.quote import (
     Quote,
     completion_tokens_of_reply,
     price_served,
-    quote_chat,
-    quote_embedding,
     reply_texts,
 )
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
@@ -192,6 +190,10 @@ class ProxyHandler(AuthenticatedHandler):
         except StreamClosedError:
             self.flag = Flag.CLIENT_DISCONNECTED
 
+    def stream_meter(self, body: dict[str, Any]) -> StreamMeter:
+        """What reads this route's stream: its usage, its delivered text, its end."""
+        return StreamMeter(forward_usage_chunk=False)
+
     def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
         """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
         wrote = False
@@ -210,7 +212,7 @@ class ProxyHandler(AuthenticatedHandler):
         self.set_header("X-Accel-Buffering", "no")
         limit = self.services.config.limits.max_event_bytes
         decoder = SSEDecoder()
-        meter = StreamMeter(forward_usage_chunk=_asked_for_usage(body))
+        meter = self.stream_meter(body)
         self._tally = meter.text
         chunks = resp.chunks().__aiter__()
         oversized = False
@@ -292,82 +294,4 @@ async def _count_rest(tally: TokenTally) -> int:
     if tally.ready:
         await _count_ready(tally)
     return tally.close()
-
-
-def _asked_for_usage(body: dict[str, Any]) -> bool:
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-class ChatCompletionsHandler(ProxyHandler):
-    upstream_path = "/chat/completions"
-    route = "chat"
-
-    async def post(self) -> None:
-        body = self.parsed_body()
-        served = self.resolve_model(body)
-        _validate_chat(body)
-        config = self.services.config
-        quote = quote_chat(config, served, body)
-        stream = body.get("stream") is True
-        extra: dict[str, Any] = {}
-        if stream:  # ask for usage on streams; the handler drops that chunk unless the client asked too
-            extra["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        if not quote.limited and config.quota.forward_max_tokens:
-            extra["max_completion_tokens"] = quote.allowance  # the limit relay reserved for, if the operator wants
-        await self.forward(self.upstream_request(body, served, extra or None), quote, stream, body)
-
-
-class EmbeddingsHandler(ProxyHandler):
-    upstream_path = "/embeddings"
-    route = "embeddings"
-
-    async def post(self) -> None:
-        body = self.parsed_body()
-        served = self.resolve_model(body)
-        value = body.get("input")
-        if value is None:
-            raise InvalidRequest("You must provide an input parameter.", param="input")
-        if not isinstance(value, (str, list)) or value == [] or value == "":
-            raise InvalidRequest("'input' must be a non-empty string or array.", param="input")
-        await self.forward(self.upstream_request(body, served), quote_embedding(self.services.config, served, body),
-                           False, body)
-
-
-def _validate_chat(body: dict[str, Any]) -> None:
-    messages = body.get("messages")
-    if messages is None:
-        raise InvalidRequest("You must provide a messages parameter.", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'.",
-                                 param=f"messages[{i}]")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise InvalidRequest(f"messages[{i}].content must be a string or an array of parts.",
-                                 param=f"messages[{i}].content")
-    _typed(body, "stream", bool)
-    _typed(body, "stream_options", dict)
-    for name, most in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("n", 128)):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most):
-            raise InvalidRequest(f"'{name}' must be a whole number >= 1 and <= {most}.", param=name)
-
-
-def _typed(body: dict[str, Any], name: str, kind: type) -> None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, kind):
-        raise InvalidRequest(f"'{name}' must be of type {kind.__name__}.", param=name)
-
-
-class ModelsHandler(AuthenticatedHandler):
-    route = "models"
-
-    def get(self) -> None:
-        names = self.services.config.client_model_names()
-        self.write_json({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "relay"} for n in names]})
-
 

@@ -1,0 +1,30 @@
+"""An OpenAI-compatible fake upstream: for trying relay offline and for tests.
+
+It speaks OpenAI's wire format (one module per API) with deterministic replies, so token
+counts are predictable. It can be told to misbehave (``Behaviour``) in-process or through
+``POST /_fake/behaviour``, and it records what it was sent (``GET /_fake/requests``) so tests
+can check what relay forwarded.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+
+from relay.fake_upstream import chat, control, embeddings, models
+from relay.fake_upstream.state import MODELS, PIECES, Behaviour, FakeState, chat_usage, reply_pieces
+
+__all__ = ["MODELS", "PIECES", "Behaviour", "FakeState", "chat_usage", "make_fake_app", "reply_pieces"]
+
+ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
+    (r"/v1/chat/completions", chat.ChatHandler),
+    (r"/v1/embeddings", embeddings.EmbeddingsHandler),
+    (r"/v1/models", models.ModelsHandler),
+    (r"/_fake/(behaviour|requests|reset)", control.ControlHandler),
+]
+
+
+def make_fake_app(state: FakeState, quiet: bool = False) -> tornado.web.Application:
+    kw = {"state": state}
+    settings: dict[str, Any] = {"log_function": lambda handler: None} if quiet else {}
+    return tornado.web.Application([(path, handler, kw) for path, handler in ROUTES], **settings)
