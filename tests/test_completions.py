@@ -145,19 +145,15 @@ async def test_token_arrays_count_as_given_and_best_of_is_paid_in_full(client, b
 
 async def test_the_legacy_default_of_16_tokens_is_reserved_for_every_generated_choice(
         client, base_url, fake, store, services):
-    fake.state.behaviour.first_byte_delay = 0.3  # the request holds its reservation meanwhile
+    fake.state.behaviour.first_byte_delay = 1.0  # the request holds its reservation meanwhile
     sdk = client(base_url)
-    held = []
 
-    async def watch():
-        book = services.quota.book
-        while not held:
-            wallet = book.wallets.get(hash_key(TEST_KEY))
-            held.extend(wallet.holds.values() if wallet else ())
-            await asyncio.sleep(0.005)
-    watcher = asyncio.ensure_future(watch())
-    await sdk.completions.create(model=INSTRUCT, prompt=[PROMPT, PROMPT], n=2, best_of=3)
-    await asyncio.wait_for(watcher, 5)
+    def holds():
+        wallet = services.quota.book.wallets.get(hash_key(TEST_KEY))
+        return list(wallet.holds.values()) if wallet else []
+    request = asyncio.ensure_future(sdk.completions.create(model=INSTRUCT, prompt=[PROMPT, PROMPT], n=2, best_of=3))
+    held = await eventually(holds, timeout=5, message="the request holds its reservation")
+    await request
     # 10 prompt tokens + 16 tokens × best_of 3 × 2 prompts at 4/3: 10 + 128 = 138
     assert held == [138]
     [e] = await ledger(store, services)
