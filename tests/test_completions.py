@@ -6,9 +6,12 @@ import json
 import socket
 from fractions import Fraction
 from math import ceil
+from urllib.parse import quote
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai import AsyncOpenAI
 from tornado.httpclient import AsyncHTTPClient
 
@@ -424,3 +427,67 @@ def test_the_completion_meter_reads_text_drops_the_usage_chunk_unless_asked_and_
     assert asked.reply_texts(reply) == ["a", "b"] and asked.reply_texts([]) == []
     chat = StreamMeter(forward_usage_chunk=False)
     assert chat.accept(events[1]) and chat.delivered_text == "", "a chat meter reads deltas, not text"
+
+
+# --- fuzz: any body gets an OpenAI-shaped answer, never a 500, and every unit is accounted for ---
+
+_junk = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                     | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+_tokens = st.lists(st.integers(-2, 120_000) | st.sampled_from([2**31 - 1, 2**31, 2**64]), max_size=4)
+_counts = st.integers(-2, 6) | st.sampled_from([128, 129, 2**31 - 1, 2**31, 2**63]) | _junk
+_prompts = st.text(max_size=20) | st.lists(st.text(max_size=8), min_size=1, max_size=3) \
+    | st.lists(st.integers(0, 100_000), min_size=1, max_size=4) \
+    | st.lists(st.lists(st.integers(0, 100_000), min_size=1, max_size=3), min_size=1, max_size=3)
+# Bodies mostly within bounds (served, charged), and bodies of anything at all.
+_completion_bodies = st.fixed_dictionaries({"model": st.sampled_from([INSTRUCT, "instruct"]), "prompt": _prompts},
+                                           optional={"max_tokens": st.integers(0, 4), "n": st.integers(1, 3),
+                                                     "best_of": st.integers(0, 4), "echo": st.booleans(),
+                                                     "suffix": st.text(max_size=8), "stream": st.booleans(),
+                                                     "stream_options": st.just({"include_usage": True})}) \
+    | st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from([INSTRUCT, "instruct", "gpt-4", "", "no-such-model"]) | _junk,
+        "prompt": _prompts | _tokens | st.lists(_tokens, max_size=3) | _junk,
+        "max_tokens": _counts, "n": _counts, "best_of": _counts, "echo": st.booleans() | _junk,
+        "suffix": st.text(max_size=8) | _junk, "stream": st.booleans() | _junk,
+        "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | _junk}) | _junk})
+_parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]) | _junk}, optional={
+    "text": st.text(max_size=8) | _junk, "image_url": st.fixed_dictionaries({"url": st.text(max_size=12) | _junk})
+    | _junk}), max_size=3)
+_moderation_bodies = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["omni-moderation-latest", "text-moderation-latest", "gpt-4", ""]) | _junk,
+    "input": st.text(max_size=20) | st.lists(st.text(max_size=8), max_size=3) | _parts | _junk})
+_requests = st.tuples(st.just("/v1/completions"), _completion_bodies) | \
+    st.tuples(st.just("/openai/v1/moderations"), _moderation_bodies) | \
+    st.tuples(st.just("/v1/models/"), st.text(max_size=30) | st.sampled_from([INSTRUCT, FINE_TUNE, "gpt-4"]))
+FUZZED = {"n": 0}
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(request=_requests)
+def test_no_completion_moderation_or_model_request_gets_a_500(http_server_client, fake, store, services, io_loop,
+                                                              request):
+    fake.state.behaviour.reply_tokens = 3
+    path, body = request
+    auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    if path.endswith("/models/"):
+        resp = io_loop.run_sync(lambda: http_server_client.fetch(path + quote(body, safe=""), headers=auth,
+                                                                 raise_error=False))
+    else:
+        resp = io_loop.run_sync(lambda: http_server_client.fetch(path, method="POST", body=json.dumps(body),
+                                                                 headers=auth, raise_error=False))
+    FUZZED["n"] += 1
+    assert resp.code < 500, (resp.code, body, resp.body[:300])
+    if resp.code >= 400:
+        err = json.loads(resp.body)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+
+    async def conserved():
+        await settled(store, services)
+        await assert_conserved(store)
+    io_loop.run_sync(conserved)
+
+
+def test_the_fuzz_ran_its_cases():
+    assert FUZZED["n"] >= 300

@@ -41,7 +41,10 @@ class CompletionsHandler(FakeHandler):
         pieces = reply_pieces(min(b.reply_tokens, limit))
         n, best_of = body.get("n") or 1, body.get("best_of") or 1
         echo = body.get("echo") is True
-        prompts = prompts_of(prompt)
+        try:
+            prompts = prompts_of(prompt)
+        except (KeyError, TypeError, ValueError):
+            return self.write_json(error_body("Invalid token in prompt.", "invalid_request_error", None), 400)
         # Every prompt's tokens once (token arrays as given), with its suffix; every generated
         # completion's tokens, the best_of ones not returned included.
         counted = count_completion_prompt(body, "cl100k_base")
