@@ -10,6 +10,8 @@ import tornado.web
 
 from relay.handlers import admin, billing, chat, embeddings, models, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
+from relay.handlers.completions import CompletionsHandler
+from relay.handlers.moderations import ModerationsHandler
 from relay.observability import recorder
 from relay.services import Services, build_services
 
@@ -35,6 +37,9 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
         (_api("/chat/completions"), chat.ChatCompletionsHandler, kw),
         (_api("/embeddings"), embeddings.EmbeddingsHandler, kw),
         (_api("/models"), models.ModelsHandler, kw),
+        (_api("/models/(.+)"), models.ModelHandler, kw),
+        (_api("/completions"), CompletionsHandler, kw),
+        (_api("/moderations"), ModerationsHandler, kw),
         (_billing("/subscription"), billing.SubscriptionHandler, kw),
         (_billing("/usage"), billing.UsageHandler, kw),
         (r"/admin/keys", admin.KeysHandler, kw),

@@ -12,6 +12,8 @@ from typing import Any
 import tornado.web
 
 from relay.fake_upstream import chat, control, embeddings, models
+from relay.fake_upstream.completions import CompletionsHandler
+from relay.fake_upstream.moderations import ModerationsHandler
 from relay.fake_upstream.state import MODELS, PIECES, Behaviour, FakeState, chat_usage, reply_pieces
 
 __all__ = ["MODELS", "PIECES", "Behaviour", "FakeState", "chat_usage", "make_fake_app", "reply_pieces"]
@@ -20,6 +22,8 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/chat/completions", chat.ChatHandler),
     (r"/v1/embeddings", embeddings.EmbeddingsHandler),
     (r"/v1/models", models.ModelsHandler),
+    (r"/v1/completions", CompletionsHandler),
+    (r"/v1/moderations", ModerationsHandler),
     (r"/_fake/(behaviour|requests|reset)", control.ControlHandler),
 ]
 

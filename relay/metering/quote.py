@@ -9,7 +9,7 @@ from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
 from relay.metering.pricing import cost, exact, highest_output
-from relay.metering.prompt import PromptEstimate, count_chat_request
+from relay.metering.prompt import PromptEstimate, count_chat_request, count_moderation_input
 from relay.metering.tokens import content_text, count_embedding_input, count_long_text
 from relay.metering.usage import Usage
 
@@ -61,6 +61,12 @@ def quote_chat(config: Config, model: str, body: dict[str, Any]) -> Quote:
 
 def quote_embedding(config: Config, model: str, body: dict[str, Any]) -> Quote:
     prompt = Usage(prompt_tokens=count_embedding_input(body["input"]))
+    return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
+
+
+def quote_moderation(config: Config, model: str, body: dict[str, Any]) -> Quote:
+    """The input at the model's price (OpenAI's moderation models are free: priced 0); no output."""
+    prompt = prompt_usage(count_moderation_input(body["input"], model, config.quota.encodings))
     return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
 
 
