@@ -458,3 +458,51 @@ async def test_a_mixed_workload_is_charged_exactly_and_shows_in_billing_metrics_
     assert 'relay_media_metered_total{kind="characters",model="tts-1-hd"}' in metrics
     assert 'relay_media_metered_total{kind="seconds",model="whisper-1"}' in metrics
     await client.close()
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+async def test_a_20_mb_upload_is_held_once_not_twice(embedded, tmp_path, fake):
+    """relay's peak resident memory grows by about the file, not twice it: the body is kept as the
+    chunks it arrived in and sent upstream from them (the fake, in this process, parses its own copy)."""
+    import uuid
+
+    from relay.store.connect import close_client, open_store
+    from tests.helpers import add_key
+    from tests.processes import RelayProcess, db_uri
+    uri = db_uri(embedded, "upload" + uuid.uuid4().hex[:6])
+    own = await open_store(uri)
+    await add_key(own, quota=10**9)
+    relay = await RelayProcess(MEDIA_CONFIG % (fake.base_url, UPSTREAM_KEY, "{}"), tmp_path, "--mongodb-uri",
+                               uri).start()
+    url = relay.url + "/v1/audio/transcriptions"
+    body, headers = form({"model": "whisper-1"}, {"file": ("warm.wav", make_wav(1.0))})
+    assert (await post(url, body, headers)).code == 200  # warm: imports, connections, the slice
+    audio = make_wav(655.36)  # 20 MiB of 16 kHz 16-bit mono
+    body, headers = form({"model": "whisper-1"}, {"file": ("big.wav", audio)})
+    pid = relay.proc.pid
+    before = _status_kb(pid, "VmRSS")
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
+        fh.write("5")  # resets the peak (VmHWM) to the current resident size
+    resp = await AsyncHTTPClient().fetch(url, method="POST", body=body, headers=headers, raise_error=False,
+                                         request_timeout=60)
+    assert resp.code == 200, resp.body
+    assert fake.requests[-1]["files"] == {"file": [len(audio)]}
+    growth = (_status_kb(pid, "VmHWM") - before) / 1024
+    size = len(audio) / (1 << 20)
+    print(f"relay's peak RSS grew {growth:.1f} MiB for a {size:.1f} MiB upload")
+    assert growth < 1.5 * size, f"relay's peak RSS grew {growth:.1f} MiB for a {size:.1f} MiB upload"
+    await relay.stop()
+    await settled(own)
+    await assert_conserved(own)
+    entries = await ledger(own)
+    assert [e["seconds"] for e in entries] == [1, 656]
+    await close_client(own.client)
