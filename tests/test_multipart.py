@@ -205,3 +205,22 @@ def test_random_binary_files_never_break_the_parser():
         blob = bytes(rng.randrange(256) for _ in range(rng.randrange(2000)))
         p, parts = parse(body(("file", blob, "x.bin")), cuts=(rng.randrange(1, 100),))
         assert parts[0].size == len(blob)
+
+
+VALID = body(("model", b"whisper-1", None), ("file", b"RIFF\x00\x01", "a.wav"), ("n", b"2", None))
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 8), st.binary(max_size=8)),
+                      max_size=6),
+       cuts=st.lists(st.integers(1, len(VALID)), max_size=5))
+def test_a_mangled_form_is_parsed_or_refused_never_anything_else(edits, cuts):
+    data = VALID
+    for at, cut, insert in edits:
+        data = data[:at] + insert + data[at + cut:]
+    try:
+        _, parts = parse(data, [c for c in cuts if c < len(data)])
+    except MultipartError:
+        return
+    for part in parts:
+        assert 0 <= part.start <= part.end <= len(data)
