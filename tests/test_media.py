@@ -506,3 +506,26 @@ async def test_a_20_mb_upload_is_held_once_not_twice(embedded, tmp_path, fake):
     entries = await ledger(own)
     assert [e["seconds"] for e in entries] == [1, 656]
     await close_client(own.client)
+
+
+async def test_an_upload_failing_over_is_sent_again_whole_to_the_next_upstream(store):
+    from tests.helpers import serve, start_fake
+    bad, good = start_fake(), start_fake()
+    bad.state.behaviour.status = 502
+    url, server, services = await serve(_with_backup(bad.base_url, good.base_url), store)
+    body, headers = form({"model": "whisper-1"}, {"file": ("a.wav", make_wav(2.0))})
+    resp = await post(url + "/v1/audio/transcriptions", body, headers)
+    assert resp.code == 200, resp.body
+    assert len(bad.requests) == 1 and bad.requests[0]["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert good.requests[-1]["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert [e["cost"] for e in await charged(store, services)] == [134]
+    server.stop()
+    await services.close()
+    bad.stop()
+    good.stop()
+
+
+def _with_backup(primary: str, backup: str) -> str:
+    text = MEDIA_CONFIG % (primary, UPSTREAM_KEY, "{}")
+    return text.replace("model_map:\n  whisper:", f"  - {{name: backup, base_url: '{backup}', keys: [sk-backup], "
+                                                  f"priority: 1}}\nmodel_map:\n  whisper:")

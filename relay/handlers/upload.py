@@ -14,6 +14,7 @@ MB = 1024 * 1024
 
 class UploadHandler(ProxyHandler):
     keep_fields: frozenset[str] = frozenset()
+    keep_limit = 128 * 1024  # a kept field's bytes: a 32,000-character prompt, in UTF-8
     max_body = 25 * MB
 
     def body_limit(self) -> int:
@@ -28,7 +29,7 @@ class UploadHandler(ProxyHandler):
             return
         try:
             self._boundary = boundary_of(self.request.headers.get("Content-Type"))
-            self._parser = MultipartParser(self._boundary, self.keep_fields)
+            self._parser = MultipartParser(self._boundary, self.keep_fields, self.keep_limit)
         except MultipartError as exc:
             self._parse_error = exc
 
