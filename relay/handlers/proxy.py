@@ -268,7 +268,6 @@ class ProxyHandler(AuthenticatedHandler):
         except StreamClosedError:
             self.flag = Flag.CLIENT_DISCONNECTED
 
-
     async def _relay_bytes(self, resp: UpstreamResponse) -> None:
         """A binary reply (speech) passed on as it arrives, each chunk flushed before the next is
         read: a slow client slows the upstream read, and relay holds about one chunk. Delivered
