@@ -8,7 +8,7 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
-from relay.handlers import admin, billing, chat, embeddings, models, usage_page
+from relay.handlers import admin, audio, billing, chat, embeddings, images, models, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
 from relay.handlers.completions import CompletionsHandler
 from relay.handlers.moderations import ModerationsHandler
@@ -40,6 +40,12 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
         (_api("/models/(.+)"), models.ModelHandler, kw),
         (_api("/completions"), CompletionsHandler, kw),
         (_api("/moderations"), ModerationsHandler, kw),
+        (_api("/images/generations"), images.ImageGenerationsHandler, kw),
+        (_api("/images/edits"), images.ImageEditsHandler, kw),
+        (_api("/images/variations"), images.ImageVariationsHandler, kw),
+        (_api("/audio/transcriptions"), audio.TranscriptionsHandler, kw),
+        (_api("/audio/translations"), audio.TranslationsHandler, kw),
+        (_api("/audio/speech"), audio.SpeechHandler, kw),
         (_billing("/subscription"), billing.SubscriptionHandler, kw),
         (_billing("/usage"), billing.UsageHandler, kw),
         (r"/admin/keys", admin.KeysHandler, kw),

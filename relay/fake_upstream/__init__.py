@@ -11,7 +11,7 @@ from typing import Any
 
 import tornado.web
 
-from relay.fake_upstream import chat, control, embeddings, models
+from relay.fake_upstream import audio, chat, control, embeddings, images, models
 from relay.fake_upstream.completions import CompletionsHandler
 from relay.fake_upstream.moderations import ModerationsHandler
 from relay.fake_upstream.state import MODELS, PIECES, Behaviour, FakeState, chat_usage, reply_pieces
@@ -25,6 +25,11 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/completions", CompletionsHandler),
     (r"/v1/moderations", ModerationsHandler),
     (r"/_fake/(behaviour|requests|reset)", control.ControlHandler),
+    (r"/v1/images/generations", images.GenerationsHandler),
+    (r"/v1/images/(?:edits|variations)", images.UploadsHandler),
+    (r"/v1/audio/(?:transcriptions|translations)", audio.TranscriptionsHandler),
+    (r"/v1/audio/speech", audio.SpeechHandler),
+    (r"/_fake/files/([a-z0-9.-]+)", images.FileHandler),
 ]
 
 
