@@ -8,7 +8,7 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
-from relay.handlers import admin, audio, billing, chat, embeddings, images, models, usage_page
+from relay.handlers import admin, audio, billing, chat, codes, embeddings, images, models, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
 from relay.handlers.completions import CompletionsHandler
 from relay.handlers.moderations import ModerationsHandler
@@ -46,11 +46,16 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
         (_api("/audio/transcriptions"), audio.TranscriptionsHandler, kw),
         (_api("/audio/translations"), audio.TranslationsHandler, kw),
         (_api("/audio/speech"), audio.SpeechHandler, kw),
+        (_api("/redeem"), codes.RedeemHandler, kw),
+        (r"/redeem", codes.RedeemHandler, kw),
         (_billing("/subscription"), billing.SubscriptionHandler, kw),
         (_billing("/usage"), billing.UsageHandler, kw),
         (r"/admin/keys", admin.KeysHandler, kw),
         (r"/admin/keys/([^/]+)", admin.KeyHandler, kw),
         (r"/admin/keys/([^/]+)/(topup|disable|enable)", admin.KeyActionHandler, kw),
+        (r"/admin/codes", codes.AdminCodesHandler, kw),
+        (r"/admin/codes/([^/]+)", codes.AdminCodeHandler, kw),
+        (r"/admin/codes/([^/]+)/(disable)", codes.AdminCodeHandler, kw),
         (r"/admin/upstreams", admin.UpstreamsHandler, kw),
         (r"/admin/reload", admin.ReloadHandler, kw),
         (r"/usage", usage_page.UsagePageHandler, kw),

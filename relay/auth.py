@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 
 from relay.config import ConfigError
-from relay.errors import InvalidApiKey, KeyDisabled, StoreUnavailable
+from relay.errors import InvalidApiKey, KeyDisabled, KeyExpired, StoreUnavailable
 from relay.keys import bearer_token, hash_key, is_well_formed
+from relay.metering.ledger import utc_now
 from relay.store.base import KeyRecord, KeyStore
 
 STALE_IF_ERROR_S = 60.0
@@ -54,6 +55,8 @@ class Authenticator:
             raise InvalidApiKey("Incorrect API key provided: this key is not known to relay.")
         if not record.active:
             raise KeyDisabled("This relay key has been disabled.")
+        if record.policy is not None and record.policy.expired(utc_now()):
+            raise KeyExpired("This relay key has expired.")
         return record
 
     async def lookup(self, key_hash: str) -> KeyRecord | None:

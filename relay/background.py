@@ -25,6 +25,7 @@ async def maintain_store(store: MongoStore) -> None:
             if since_sweep >= SWEEP_EVERY_S:
                 since_sweep = 0.0
                 await store.sweep()
+                await store.finish_redemptions()
         except Exception as exc:
             _failed("store maintenance", exc)
         await asyncio.sleep(HEARTBEAT_EVERY_S)

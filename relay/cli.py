@@ -8,7 +8,9 @@ import os
 import sys
 
 from relay import serve
+from relay.codes_cli import add_codes_parser
 from relay.config import ConfigError, load_config
+from relay.policy import add_policy_options
 from relay.store.connect import CLIENTS, DEFAULT_CLIENT, locate_store
 from relay.store.embedded import StoreUnreachable
 from relay.supervise import exit_without_store
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     create = key_cmds.add_parser("create", help="create a key (printed once)")
     create.add_argument("--quota", type=int, required=True)
     create.add_argument("--note", default="")
+    add_policy_options(create)
+    update = key_cmds.add_parser("update", help="change a key's policy (models, expiry, limits, addresses)")
+    update.add_argument("key")
+    add_policy_options(update)
     key_cmds.add_parser("list", help="all keys")
     for name in ("show", "disable", "enable"):
         p = key_cmds.add_parser(name, help=f"{name} a key by the key or its prefix")
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     topup.add_argument("quota", type=int)
     for p in key_cmds.choices.values():
         _store_options(p)
+
+    add_codes_parser(sub, _store_options)
 
     check = sub.add_parser("check-config", help="validate an upstreams.yaml")
     check.add_argument("file")
@@ -112,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(serve.fake_upstream(args))
         if args.command == "serve":
             return serve.serve_command(args)
+        from relay.codes_cli import run_codes_command
         from relay.keys_cli import run_keys_command
-        runner = {"demo": serve.demo, "keys": run_keys_command}[args.command]
+        runner = {"demo": serve.demo, "keys": run_keys_command, "codes": run_codes_command}[args.command]
         # The embedded store starts here, on the main thread: it is tied to this thread's life.
         location = locate_store(args.mongodb_uri, args.data_dir,
                                 on_give_up=exit_without_store if args.command == "demo" else None)

@@ -110,3 +110,33 @@ class NoEndpoint(RelayError):
 
 class StoreUnavailable(RelayError):
     status, type, code = 503, "service_unavailable", "store_unavailable"
+
+
+class KeyExpired(RelayError):
+    status, type, code = 401, "invalid_request_error", "key_expired"
+
+
+class ModelNotAllowed(RelayError):
+    status, type, code = 403, "invalid_request_error", "model_not_allowed"
+
+
+class IpNotAllowed(RelayError):
+    status, type, code = 403, "invalid_request_error", "ip_not_allowed"
+
+
+class CodeInvalid(RelayError):
+    """A top-up code that is malformed, unknown or disabled."""
+
+    status, type, code = 400, "invalid_request_error", "code_invalid"
+
+
+class CodeUsed(RelayError):
+    status, type, code = 400, "invalid_request_error", "code_used"
+
+
+class RateLimited(TooManyRequests):
+    """The key's own rate limit (rpm, tpm, max_concurrency), with OpenAI's headers."""
+
+    def __init__(self, message: str, limit: str, headers: dict[str, str]):
+        super().__init__(message, headers=headers)
+        self.limit = limit  # rpm, tpm or concurrency

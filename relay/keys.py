@@ -12,6 +12,8 @@ import re
 import secrets
 from typing import Any
 
+from relay.policy import policy_view
+
 PREFIX = "ak-"
 KEY_RE = re.compile(r"ak-[A-Za-z0-9_-]{32,128}")
 DISPLAY_PREFIX_LEN = 10  # "ak-" + 7 characters
@@ -46,7 +48,8 @@ def key_view(doc: dict[str, Any]) -> dict[str, Any]:
     """What an operator sees of a key: never its hash or the key itself."""
     return {"prefix": doc["prefix"], "note": doc.get("note", ""), "status": doc["status"],
             "granted": doc["granted"], "used": doc["used"], "reserved": doc["reserved"],
-            "balance": doc["balance"], "created_at": _iso(doc.get("created_at"))}
+            "balance": doc["balance"], "created_at": _iso(doc.get("created_at")),
+            "policy": policy_view(doc.get("policy"))}
 
 
 def _iso(at: dt.datetime | None) -> str | None:

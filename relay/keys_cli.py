@@ -7,6 +7,7 @@ import sys
 
 from relay.errors import RelayError
 from relay.keys import key_view
+from relay.policy import cli_policy, policy_changes
 from relay.store.connect import close_client, open_store
 from relay.store.mongo import MongoStore
 
@@ -28,7 +29,7 @@ async def run_keys_command(args: argparse.Namespace, store_uri: str) -> int:
 async def _run(args: argparse.Namespace, store: MongoStore) -> int:
     cmd = args.keys_command
     if cmd == "create":
-        key, doc = await store.create_key(args.quota, args.note)
+        key, doc = await store.create_key(args.quota, args.note, policy=policy_changes(cli_policy(args))[0])
         print(key)
         print(f"# shown once: store it now. prefix {doc['prefix']}, quota {doc['granted']}", file=sys.stderr)
         return 0
@@ -42,6 +43,8 @@ async def _run(args: argparse.Namespace, store: MongoStore) -> int:
     doc = await store.resolve(args.key)
     if cmd == "topup":
         doc = await store.topup(doc["_id"], args.quota)
+    elif cmd == "update":
+        doc = await store.set_policy(doc["_id"], *policy_changes(cli_policy(args)))
     elif cmd in ("disable", "enable"):
         doc = await store.set_status(doc["_id"], "disabled" if cmd == "disable" else "active")
     print(json.dumps(key_view(doc), indent=2))

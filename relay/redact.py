@@ -21,20 +21,21 @@ def mask_key(key: str) -> str:
     return f"{key[:3]}...{key[-4:]}" if len(key) > 12 else "***"
 
 
-_KEY_IN_PATH = re.compile(r"((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_-]+")
+_KEY_IN_PATH = re.compile(r"((?:ak|sk|rc)-[A-Za-z0-9_-]{7})[A-Za-z0-9_-]+")
 
 
 def redact_path(path: str) -> str:
-    """A URL path for a log line: a key in it (admin routes take one) keeps only its prefix."""
-    return _KEY_IN_PATH.sub(r"\1...", path) if "k-" in path else path
+    """A URL path for a log line: a key or top-up code in it (admin routes take one) keeps only
+    its prefix."""
+    return _KEY_IN_PATH.sub(r"\1...", path) if "k-" in path or "rc-" in path else path
 
 
-_KEY_IN_TEXT = re.compile(r"\b((?:ak|sk)-[A-Za-z0-9_-]{7})[A-Za-z0-9_*.\-]+")
+_KEY_IN_TEXT = re.compile(r"\b((?:ak|sk|rc)-[A-Za-z0-9_-]{7})[A-Za-z0-9_*.\-]+")
 
 
 def redact_keys(text: str) -> str:
-    """Free text for a log line (a client's model name): a key in it keeps only its prefix."""
-    return _KEY_IN_TEXT.sub(r"\1...", text) if "k-" in text else text
+    """Free text for a log line (a client's model name): a key or code in it keeps only its prefix."""
+    return _KEY_IN_TEXT.sub(r"\1...", text) if "k-" in text or "rc-" in text else text
 
 
 def mask_userinfo(url: str) -> str:

@@ -14,6 +14,7 @@ from relay import background
 from relay.auth import Authenticator, FailedAuthThrottle, checked_admin_token
 from relay.balancer.pool import Pool
 from relay.config import Config
+from relay.limits import LimitBook
 from relay.metering.ledger import LedgerEntry
 from relay.observability import recorder
 from relay.proxy.health_checker import HealthChecker
@@ -38,10 +39,12 @@ class Services:
     quota: Quota
     reloader: Reloader
     checker: HealthChecker
+    limits: LimitBook
     trusted_proxies: TrustedProxies = ()
     admin_token: str | None = None
     throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)
     admin_throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)  # wrong admin tokens
+    code_throttle: FailedAuthThrottle = field(default_factory=FailedAuthThrottle)  # wrong top-up codes
     active: int = 0  # requests being handled, for a graceful drain
     # The usage page's response speed per model, every key's requests: (computed at, rows), monotonic.
     speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
@@ -56,7 +59,7 @@ class Services:
         or journal retries), active health checks, the config file watcher, the gauges."""
         self._tasks += background.start([
             background.maintain_store(self.store), background.flush_ledger(self.store), self.quota.run(),
-            self.checker.run(), self.reloader.watch(),
+            self.checker.run(), self.reloader.watch(), self.limits.run(),
             background.every(background.GAUGES_EVERY_S, self._refresh_gauges, "metrics refresh")])
 
     def _refresh_gauges(self) -> None:
@@ -84,6 +87,7 @@ class Services:
         await self.store.close()
 
     async def _final_writes(self) -> None:
+        await self.limits.close()
         await self.quota.close()
         self.store.dirty.clear()
         await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done
@@ -109,6 +113,9 @@ def build_services(config: Config, store: MongoStore, trusted_proxies: TrustedPr
     quota.on_store_wait = recorder.on_quota_store_wait
     if isinstance(quota, LeasedQuota):
         quota.book.on_unbillable = recorder.on_unbillable
+    limits = LimitBook(store)
+    limits.on_limited = recorder.on_rate_limited
     return Services(router=router, auth=Authenticator(store), transport=transport, store=store, quota=quota,
                     reloader=Reloader(config_path, router, on_result=recorder.on_reload),
-                    checker=HealthChecker(router), trusted_proxies=trusted_proxies, admin_token=admin_token)
+                    checker=HealthChecker(router), limits=limits, trusted_proxies=trusted_proxies,
+                    admin_token=admin_token)

@@ -1,4 +1,5 @@
-"""The admin API under /admin/: keys created, shown, topped up, disabled, enabled.
+"""The admin API under /admin/: keys created, shown, topped up, disabled, enabled, their policy
+changed (top-up codes: handlers/codes.py).
 
 Authorized by ``Authorization: Bearer $RELAY_ADMIN_TOKEN`` (compared in constant time, wrong
 ones throttled per address like bad relay keys); with no token configured the admin API is off.
@@ -11,6 +12,7 @@ from typing import Any
 from relay.errors import AdminUnauthorized, InvalidRequest, RelayError
 from relay.handlers.base import RelayHandler
 from relay.keys import bearer_token, key_view
+from relay.policy import FIELDS, policy_changes
 from relay.redact import mask_key, mask_userinfo
 
 
@@ -47,14 +49,20 @@ class AdminHandler(RelayHandler):
         return value
 
 
+def note_of(body: dict[str, Any]) -> str:
+    note = body.get("note", "")
+    if not isinstance(note, str) or len(note) > 500:
+        raise InvalidRequest("'note' must be a string of at most 500 characters.", param="note")
+    return note
+
+
 class KeysHandler(AdminHandler):
     async def post(self) -> None:
         body = self.json_body()
         quota = self.whole_number(body, "quota", 0)
-        note = body.get("note", "")
-        if not isinstance(note, str) or len(note) > 500:
-            raise InvalidRequest("'note' must be a string of at most 500 characters.", param="note")
-        key, doc = await self.services.store.create_key(quota, note)
+        note = note_of(body)
+        policy, _ = policy_changes(body)  # the policy fields given (null ones are simply unset)
+        key, doc = await self.services.store.create_key(quota, note, policy=policy)
         self.write_json({"key": key, **key_view(doc)}, status=201)
 
     async def get(self) -> None:
@@ -64,6 +72,18 @@ class KeysHandler(AdminHandler):
 class KeyHandler(AdminHandler):
     async def get(self, key_or_prefix: str) -> None:
         self.write_json(key_view(await self.lookup(key_or_prefix)))
+
+    async def patch(self, key_or_prefix: str) -> None:
+        """The key's policy: each field given is set, or cleared when null (relay/policy.py)."""
+        body = self.json_body()
+        unknown = sorted(set(body) - set(FIELDS))
+        if unknown:
+            raise InvalidRequest(f"Unknown field '{unknown[0]}': a key's policy has {', '.join(FIELDS)}.",
+                                 param=unknown[0])
+        doc = await self.lookup(key_or_prefix)
+        doc = await self.services.store.set_policy(doc["_id"], *policy_changes(body))
+        self.services.auth.forget(doc["_id"])  # this process applies it at once; the others within 2 s
+        self.write_json(key_view(doc))
 
 
 class KeyActionHandler(AdminHandler):

@@ -17,6 +17,7 @@ from relay.auth import FailedAuthThrottle
 from relay.errors import (
     InvalidApiKey,
     InvalidRequest,
+    IpNotAllowed,
     MethodNotAllowed,
     NotFound,
     RelayError,
@@ -61,6 +62,8 @@ class RelayHandler(tornado.web.RequestHandler):
         # header; no cookies are involved, so "*" is safe for the origin.
         self.set_header("Access-Control-Allow-Origin", "*")
         self.set_header("Access-Control-Expose-Headers", "X-Request-Id")
+        for name, value in getattr(self, "limit_headers", {}).items():  # a limited key's, on every answer
+            self.set_header(name, value)
 
     def on_finish(self) -> None:
         self._uncount()
@@ -178,6 +181,9 @@ class AuthenticatedHandler(RelayHandler):
                                                             "address; slow down and check your key.")
             raise
         self.key_prefix = self.key.prefix
+        policy = self.key.policy
+        if policy is not None and policy.allow_cidrs and not policy.allows_address(self.client_ip):
+            raise IpNotAllowed("This relay key may not be used from your address.")
 
 
 class NotFoundHandler(RelayHandler):

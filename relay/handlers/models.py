@@ -10,6 +10,9 @@ class ModelsHandler(AuthenticatedHandler):
 
     def get(self) -> None:
         names = self.services.config.client_model_names()
+        policy = self.key.policy
+        if policy is not None and policy.models:  # the models this key may use
+            names = [n for n in names if policy.allows_model(n)]
         self.write_json({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "relay"} for n in names]})
 

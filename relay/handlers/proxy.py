@@ -13,7 +13,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.balancer.pool import Endpoint
-from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
+from relay.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.quote import Quote, price_served
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
@@ -96,6 +96,9 @@ class ProxyHandler(AuthenticatedHandler):
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' must be a non-empty string.", param="model")
         self.model = model
+        policy = self.key.policy
+        if policy is not None and not policy.allows_model(model):
+            raise ModelNotAllowed(f"This relay key may not use the model '{model}'.", param="model")
         config = self.services.config
         served = config.map_model(model)
         if not self.services.router.pool.serves(served):
@@ -108,7 +111,23 @@ class ProxyHandler(AuthenticatedHandler):
         return UpstreamRequest("POST", self.upstream_path, served, body, self.request.body, extra)
 
     async def forward(self, request: UpstreamRequest, quote: Quote, stream: bool, body: dict[str, Any]) -> None:
-        """Reserve, send, relay the reply, then settle what was delivered or refund."""
+        """Within the key's rate limits (relay/limits.py): reserve, send, relay the reply, then
+        settle what was delivered or refund."""
+        policy, limits = self.key.policy, self.services.limits
+        if policy is None or not policy.limited:
+            await self._forward(request, quote, stream, body)
+            return
+        ticket = await limits.admit(self.key, quote.prompt_tokens + quote.allowance)
+        self.limit_headers = limits.headers(self.key.key_hash)
+        for name, value in self.limit_headers.items():
+            self.set_header(name, value)
+        self._used_tokens = 0
+        try:
+            await self._forward(request, quote, stream, body)
+        finally:
+            limits.finish(ticket, self._used_tokens)
+
+    async def _forward(self, request: UpstreamRequest, quote: Quote, stream: bool, body: dict[str, Any]) -> None:
         services = self.services
         self.charge = await services.quota.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
@@ -147,6 +166,7 @@ class ProxyHandler(AuthenticatedHandler):
         if usage is None:  # no usage from the upstream: the prompt as estimated, the reply as counted
             counted = await _count_rest(self._tally) if self._tally else 0
             usage = replace(quote.prompt, completion_tokens=self._meter.completion_tokens(counted))
+        self._used_tokens = usage.prompt_tokens + usage.completion_tokens  # for the key's tpm
         model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
         await self.services.quota.settle(self.charge, Delivery(
             usage=usage, status=self.get_status(), upstream=self.upstream_name,

@@ -28,7 +28,8 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-STATIC = {"usage.js": "application/javascript; charset=utf-8", "usage.css": "text/css; charset=utf-8"}
+STATIC = {"usage.js": "application/javascript; charset=utf-8", "usage.css": "text/css; charset=utf-8",
+          "topup.js": "application/javascript; charset=utf-8"}
 TYPICAL_MESSAGE = Usage(prompt_tokens=500, completion_tokens=500)  # "one message", for the estimate
 RECENT_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "image_tokens",
                  "audio_tokens", "images", "seconds", "characters")

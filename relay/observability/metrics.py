@@ -77,14 +77,17 @@ STORE_UP = Gauge("relay_store_up", "1 while the store answers this process, 0 wh
                  multiprocess_mode="livemin")
 QUOTA_STORE_WAITS = Counter("relay_quota_store_waits", "Requests whose reservation waited for a store round trip "
                             "(without leases: every request; with leases: a slice that could not cover one).")
+RATE_LIMITED = Counter("relay_rate_limited", "Requests refused by their key's own rate limit, by limit (rpm, tpm, "
+                       "concurrency).", ["limit"])
+CODES_REDEEMED = Counter("relay_codes_redeemed", "Top-up codes redeemed onto keys.")
 CONFIG_RELOADS = Counter("relay_config_reloads", "Config reloads by result (ok, unchanged, invalid).",
                          ["result"])
 CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config reload succeeded, 0 when the "
                          "file on disk was rejected.", multiprocess_mode="livemin")
 
 ENDPOINT_STATES = tuple(EndpointState)
-ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other", "images",
-          "audio")
+ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "redeem", "health", "metrics", "other",
+          "images", "audio")
 
 
 def exposition() -> tuple[bytes, str]:

@@ -107,6 +107,14 @@ def on_quota_store_wait() -> None:
     m.QUOTA_STORE_WAITS.inc()
 
 
+def on_rate_limited(limit: str) -> None:
+    _child(m.RATE_LIMITED, limit).inc()
+
+
+def on_code_redeemed() -> None:
+    m.CODES_REDEEMED.inc()
+
+
 def on_start() -> None:
     m.CONFIG_RELOAD_OK.set(1)  # the file relay started with was valid
     m.STORE_UP.set(1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.policy import Policy
+
 
 @dataclass(frozen=True)
 class KeyRecord:
@@ -11,6 +13,7 @@ class KeyRecord:
     prefix: str
     status: str  # "active" or "disabled"
     note: str = ""
+    policy: Policy | None = None  # models, expiry, rate limits, addresses (relay/policy.py)
 
     @property
     def active(self) -> bool:

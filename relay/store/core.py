@@ -86,6 +86,8 @@ class StoreCore:
         self.ledger: Collection = self.db["ledger"]
         self.grants: Collection = self.db["grants"]
         self.processes: Collection = self.db["processes"]
+        self.codes: Collection = self.db["codes"]    # top-up codes, by hash (store/codes.py)
+        self.limits: Collection = self.db["limits"]  # per-key rate limit buckets (store/limits.py)
         self.round_trips = 0  # store operations issued, for the benchmark's per-request count
         self.dirty: set[str] = set()  # keys whose outbox this process filled since its last flush
         self.observe: Callable[[str, float, bool], None] | None = None
@@ -130,6 +132,8 @@ class StoreCore:
         await self.ledger.create_index([("key_hash", 1), ("at", -1)])
         await self.ledger.create_index([("at", -1)])
         await self.grants.create_index([("key_hash", 1), ("at", 1)])
+        await self.codes.create_index("prefix")
+        await self.codes.create_index("applied")
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

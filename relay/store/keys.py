@@ -10,6 +10,7 @@ from pymongo import ReturnDocument
 from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUnavailable
 from relay.keys import display_prefix, generate_key, hash_key
 from relay.metering.bounds import MAX_UNITS
+from relay.policy import policy_of
 from relay.store.base import KeyRecord
 from relay.store.core import Document, StoreCore, _op
 
@@ -18,8 +19,10 @@ RESERVE_ATTEMPTS = 50
 
 class KeysMixin(StoreCore):
     @_op("create_key")
-    async def create_key(self, quota: int, note: str = "", key: str | None = None) -> tuple[str, Document]:
-        """A new key holding ``quota`` units; ``key`` lets tests choose it, otherwise it is random."""
+    async def create_key(self, quota: int, note: str = "", key: str | None = None,
+                         policy: Document | None = None) -> tuple[str, Document]:
+        """A new key holding ``quota`` units; ``key`` lets tests choose it, otherwise it is random.
+        ``policy``: checked fields (relay.policy.policy_changes), stored with the key."""
         if not 0 <= quota <= MAX_UNITS:
             raise InvalidRequest(f"quota must be between 0 and {MAX_UNITS}", param="quota")
         key = key or generate_key()
@@ -27,6 +30,8 @@ class KeysMixin(StoreCore):
         doc: Document = {"_id": hash_key(key), "prefix": display_prefix(key), "note": note, "status": "active",
                "granted": quota, "balance": quota, "reserved": 0, "used": 0, "holds": [], "pending": [],
                "days": {}, "created_at": now}
+        if policy:
+            doc["policy"] = policy
         await self.keys.insert_one(doc)
         await self.grants.insert_one({"key_hash": doc["_id"], "amount": quota, "kind": "create", "at": now})
         return key, doc
@@ -34,10 +39,10 @@ class KeysMixin(StoreCore):
     @_op("find_key")
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         self.round_trips += 1
-        doc = await self.keys.find_one({"_id": key_hash}, {"prefix": 1, "status": 1, "note": 1})
+        doc = await self.keys.find_one({"_id": key_hash}, {"prefix": 1, "status": 1, "note": 1, "policy": 1})
         if doc is None:
             return None
-        return KeyRecord(doc["_id"], doc["prefix"], doc["status"], doc.get("note", ""))
+        return KeyRecord(doc["_id"], doc["prefix"], doc["status"], doc.get("note", ""), policy_of(doc.get("policy")))
 
     @_op("key_doc")
     async def key_doc(self, key_hash: str) -> Document | None:
@@ -79,10 +84,24 @@ class KeysMixin(StoreCore):
             raise LookupError("no such key")
         return doc
 
+    @_op("set_policy")
+    async def set_policy(self, key_hash: str, to_set: Document, to_clear: list[str]) -> Document:
+        """Set and clear policy fields (checked by relay.policy.policy_changes) in one update."""
+        update: Document = {}
+        if to_set:
+            update["$set"] = {f"policy.{name}": value for name, value in to_set.items()}
+        if to_clear:
+            update["$unset"] = {f"policy.{name}": "" for name in to_clear}
+        doc = await (self._find_and_update({"_id": key_hash}, update) if update else self.keys.find_one(
+            {"_id": key_hash}))
+        if doc is None:
+            raise LookupError("no such key")
+        return doc
+
     @_op("list_keys")
     async def list_keys(self, limit: int = 1000) -> list[Document]:
-        return await self.keys.find({}, {"holds": 0, "pending": 0, "days": 0}).sort("created_at", 1).to_list(
-            length=limit)
+        return await self.keys.find({}, {"holds": 0, "pending": 0, "days": 0, "redeemed": 0}).sort(
+            "created_at", 1).to_list(length=limit)
 
     async def _find_and_update(self, flt: Document, update: Document) -> Document | None:
         return await self.keys.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)

@@ -8,10 +8,13 @@ key never conflict. Each concern lives in its own module, combined here.
 """
 from __future__ import annotations
 
+from relay.store.codes import CodesMixin
+from relay.store.limits import LimitsMixin
 from relay.store.recovery import RecoveryMixin
 from relay.store.usage import UsageMixin
 
 
-class MongoStore(RecoveryMixin, UsageMixin):
+class MongoStore(RecoveryMixin, UsageMixin, CodesMixin, LimitsMixin):
     """Keys (store.keys), holds and the outbox (store.holds), leases (store.leases), usage
-    queries (store.usage) and crash recovery (store.recovery), on one connection (store.core)."""
+    queries (store.usage), crash recovery (store.recovery), top-up codes (store.codes) and rate
+    limit state (store.limits), on one connection (store.core)."""
