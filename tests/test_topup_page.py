@@ -1,7 +1,9 @@
 """The usage page's top-up box in a real headless Chromium: a code bought from the shop is
 redeemed onto the key, and the page and the billing endpoints show it at once."""
 import json
+import re
 
+from playwright.async_api import expect
 from tornado.httpclient import AsyncHTTPClient
 
 from tests import test_usage_page
@@ -53,17 +55,17 @@ async def test_a_code_redeemed_on_the_page_raises_the_balance_at_once(page_env):
         # The same code again: refused, and said so; the balance does not move.
         await page.fill("input[name=code]", code)
         await page.click("#topup-form button[type=submit]")
-        await page.wait_for_function("document.getElementById('topup-message').textContent.includes('已被使用')")
+        await expect(page.locator("#topup-message")).to_contain_text("已被使用")
         assert number(await page.inner_text("#granted")) == before_granted + 123_456
         await page.fill("input[name=code]", "rc-" + "Z" * 32)
         await page.click("#topup-form button[type=submit]")
-        await page.wait_for_function("document.getElementById('topup-message').textContent.includes('无效')")
+        await expect(page.locator("#topup-message")).to_contain_text("无效")
         # In English.
         await page.click("#lang")
         assert await page.inner_text("#topup-form label") == "Top up"
         await page.fill("input[name=code]", spare)
         await page.click("#topup-form button[type=submit]")
-        await page.wait_for_function("document.getElementById('topup-message').textContent.startsWith('Done')")
+        await expect(page.locator("#topup-message")).to_have_text(re.compile(r"^Done"))
         assert number(await page.inner_text("#granted")) == before_granted + 2 * 123_456
     finally:
         await b.close()
