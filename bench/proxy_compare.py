@@ -192,7 +192,10 @@ async def main(args) -> int:
             ports.append(base_port)
         for port in ports:
             wait_port(port, 60)
-        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
+        # --key-policy: every policy field set, no limit ever reached: what the checks cost.
+        policy = ["--models", "bench-*", "--allow-cidrs", "127.0.0.0/8,::1", "--expires-at", "2999-01-01",
+                  "--rpm", str(10**9), "--tpm", str(10**12), "--max-concurrency", str(10**6)] if args.key_policy else []
+        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *policy, "--mongodb-uri", uri),
                              capture_output=True, text=True, check=True).stdout.strip()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         targets = [Target("direct", fake_port, lambda: [fake.pid]),
@@ -222,7 +225,8 @@ async def main(args) -> int:
                 for t in targets:
                     rows.append((mode, conc, t.name, merge(parts[t.name]), direct))
         store_cpu = proc_cpu_seconds(store.proc.pid)
-        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}")
+        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}; "
+              f"key policy: {'every field, no limit reached' if args.key_policy else 'none'}")
         print_table(rows)
         total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] in ("relay", "base"))
         print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
@@ -356,6 +360,9 @@ if __name__ == "__main__":
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure relay from this source tree (a checkout of an earlier commit), "
                              "interleaved with this one: the row 'base'")
+    parser.add_argument("--key-policy", action="store_true",
+                        help="the bench key with every policy field set (models, addresses, expiry, rpm, tpm, "
+                             "max_concurrency) at values never reached: the cost of the checks and limits")
     parser.add_argument("--no-leases", action="store_true",
                         help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))
