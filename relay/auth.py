@@ -12,7 +12,6 @@ from collections.abc import Callable
 from relay.config import ConfigError
 from relay.errors import InvalidApiKey, KeyDisabled, KeyExpired, StoreUnavailable
 from relay.keys import bearer_token, hash_key, is_well_formed
-from relay.metering.ledger import utc_now
 from relay.store.base import KeyRecord, KeyStore
 
 STALE_IF_ERROR_S = 60.0
@@ -55,7 +54,7 @@ class Authenticator:
             raise InvalidApiKey("Incorrect API key provided: this key is not known to relay.")
         if not record.active:
             raise KeyDisabled("This relay key has been disabled.")
-        if record.policy is not None and record.policy.expired(utc_now()):
+        if record.policy is not None and record.policy.expired(time.time()):
             raise KeyExpired("This relay key has expired.")
         return record
 

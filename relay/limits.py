@@ -70,7 +70,8 @@ RELEASE_IDLE_S = 0.5   # slots this process has not needed for this long go back
 SLOT_RETRY_S = 1.0     # Retry-After for a request refused for concurrency
 ASK_EVERY_S = 0.1      # a process short of a key's units asks the store again at most this often,
 ASK_AGAIN_S = 1.0      # and at least this often (other processes give units back meanwhile)
-TICK_S = 0.1           # returns, releases and renewals are sent this often
+TICK_S = 0.1           # returns, releases and renewals are sent this often (a debt at once),
+GIVE_EVERY_S = 0.5     # units owed back at most this often, unless they make a chunk
 FORGET_S = 60.0        # a key idle this long (nothing held, nothing owed) leaves memory
 CAS_ATTEMPTS = 10
 EPOCH = dt.datetime(1970, 1, 1)
@@ -88,8 +89,10 @@ class Bucket:
     """This process's side of one of a key's buckets."""
 
     chunks: deque[Chunk] = field(default_factory=deque)
+    held: float = 0.0            # Σ chunks' left, kept as they change (the hot path reads it)
     owed: float = 0.0            # to give back to the store's bucket (expired chunks, unused tokens);
                                  # negative: to take from it (tokens used beyond what was counted)
+    gave_at: float = -math.inf   # when units were last given back
     blocked_until: float = -math.inf  # the store's bucket lacked ``blocked_lack`` more than this process
     blocked_lack: float = 0.0         # held: requests lacking as much are refused until then
     retry_at: float = -math.inf       # when the store's bucket should have it, by its refill alone
@@ -103,19 +106,35 @@ class Bucket:
     alone_at: float = 0.0
 
     def available(self, now: float) -> float:
-        while self.chunks and self.chunks[0].expires <= now:
-            self.owed += max(self.chunks.popleft().left, 0.0)
-        return sum(c.left for c in self.chunks)
+        chunks = self.chunks
+        while chunks and chunks[0].expires <= now:
+            left = chunks.popleft().left
+            self.owed += left
+            self.held -= left
+        if not chunks:
+            self.held = 0.0  # no rounding left over
+        return self.held
+
+    def add(self, amount: float, now: float) -> None:
+        self.chunks.append(Chunk(amount, now + HOLD_S))
+        self.held += amount
+
+    def take_all(self) -> float:
+        held, self.held = self.held, 0.0
+        self.chunks.clear()
+        return held
 
     def spend(self, amount: float, now: float) -> None:
         self._count(amount, now)
-        while amount > 0 and self.chunks:
-            chunk = self.chunks[0]
+        self.held -= amount
+        chunks = self.chunks
+        while amount > 0 and chunks:
+            chunk = chunks[0]
             used = min(chunk.left, amount)
             chunk.left -= used
             amount -= used
             if chunk.left <= 0:
-                self.chunks.popleft()
+                chunks.popleft()
 
     def target(self, need: float, capacity: int) -> float:
         return max(need, min(max(need * CHUNK_REQUESTS, self.rate * CHUNK_S), capacity * CHUNK_SHARE))
@@ -228,20 +247,25 @@ class LimitBook:
             return {}
         now = self.clock()
         out: dict[str, str] = {}
-        for name, unit in (("rpm", "requests"), ("tpm", "tokens")):
-            capacity = getattr(st.policy, name)
-            if capacity is None:
-                continue
-            left = st.bucket(name).estimate(capacity, now)
-            out[f"x-ratelimit-limit-{unit}"] = str(capacity)
-            out[f"x-ratelimit-remaining-{unit}"] = str(int(left))
-            out[f"x-ratelimit-reset-{unit}"] = duration((capacity - left) * 60.0 / capacity)
+        policy = st.policy
+        if policy.rpm is not None:
+            left = st.rpm.estimate(policy.rpm, now)
+            out["x-ratelimit-limit-requests"] = str(policy.rpm)
+            out["x-ratelimit-remaining-requests"] = str(int(left))
+            out["x-ratelimit-reset-requests"] = duration((policy.rpm - left) * 60.0 / policy.rpm)
+        if policy.tpm is not None:
+            left = st.tpm.estimate(policy.tpm, now)
+            out["x-ratelimit-limit-tokens"] = str(policy.tpm)
+            out["x-ratelimit-remaining-tokens"] = str(int(left))
+            out["x-ratelimit-reset-tokens"] = duration((policy.tpm - left) * 60.0 / policy.tpm)
         return out
 
     def _covered(self, st: KeyLimits, need: dict[str, float], now: float) -> bool:
         if "concurrency" in need and st.in_flight + 1 > st.slots:
             return False
-        return all(st.bucket(name).available(now) >= need[name] for name in BUCKETS if name in need)
+        policy = st.policy
+        return (policy.rpm is None or st.rpm.available(now) >= need["rpm"]) and \
+            (policy.tpm is None or st.tpm.available(now) >= need["tpm"])
 
     def _refuse_if_known(self, st: KeyLimits, need: dict[str, float], now: float) -> None:
         """Refuse at once, without asking the store, a request that cannot be served before the
@@ -254,19 +278,20 @@ class LimitBook:
             raise self._refusal(st, "concurrency", st.slots_blocked_until - now, need)
 
     def _spend(self, key_hash: str, st: KeyLimits, need: dict[str, float], now: float) -> Ticket:
-        for name in BUCKETS:
-            if name in need:
-                b = st.bucket(name)
-                b.spend(need[name], now)
-                b.last_need = max(need[name], 1.0)
-        if "concurrency" in need:
+        low = False  # a chunk half spent: the next is taken ahead, in the background
+        for name, b, capacity in ((("rpm", st.rpm, st.policy.rpm), ("tpm", st.tpm, st.policy.tpm))):
+            if capacity is not None:
+                amount = need[name]
+                b.spend(amount, now)
+                b.last_need = amount if amount > 1.0 else 1.0
+                low = low or (b.held < b.target(b.last_need, capacity) / 2 and b.blocked_until <= now)
+        slot = "concurrency" in need
+        if slot:
             st.in_flight += 1
         st.last_admit = now
-        if st.refilling is None and any(
-                st.bucket(n).available(now) < st.bucket(n).target(st.bucket(n).last_need, getattr(st.policy, n)) / 2
-                and st.bucket(n).blocked_until <= now for n in BUCKETS if n in need):
+        if low and st.refilling is None:
             st.refilling = asyncio.ensure_future(self._refill(key_hash, st))
-        return Ticket(key_hash, need.get("tpm", 0.0), "concurrency" in need)
+        return Ticket(key_hash, need.get("tpm", 0.0), slot)
 
     def _alone(self, key_hash: str, st: KeyLimits, need: dict[str, float], now: float) -> Ticket:
         """The store is unreachable: this process limits the key on its own."""
@@ -379,7 +404,7 @@ class LimitBook:
             now = self.clock()
             for name, (take, left) in takes.items():
                 b = st.bucket(name)
-                b.chunks.append(Chunk(take, now + HOLD_S))
+                b.add(take, now)
                 b.seen_level, b.seen_at = left, now
             if slots is not None:
                 st.slots, st.slots_until = slots, at_s + SLOT_TTL_S
@@ -415,11 +440,15 @@ class LimitBook:
     async def tick(self, release_all: bool = False) -> None:
         now = self.clock()
         for key_hash, st in list(self.keys.items()):
+            give = release_all
             for name in BUCKETS:
-                st.bucket(name).available(now)  # lapsed chunks become owed
+                b = st.bucket(name)
+                b.available(now)  # lapsed chunks become owed
+                give = give or b.owed < 0 or b.owed > 0 and (
+                    now - b.gave_at >= GIVE_EVERY_S or b.owed >= b.target(b.last_need, getattr(st.policy, name) or 1))
             release = st.slots > st.in_flight and (release_all or now - st.last_admit >= RELEASE_IDLE_S)
             renew = st.slots > 0 and self._seconds() > st.slots_until - SLOT_TTL_S / 2
-            if st.rpm.owed or st.tpm.owed or release or renew:
+            if give or release or renew:
                 async with st.lock:
                     await self._give_back(key_hash, st, release, renew)
             elif st.idle() and now - st.last_admit > FORGET_S and not st.lock.locked():
@@ -457,8 +486,10 @@ class LimitBook:
                 if written is not None:
                     st.doc = written
                     for name in BUCKETS:
+                        b = st.bucket(name)
+                        b.gave_at = self.clock()
                         if owed[name] > 0:  # the store's bucket has more now: ask it again
-                            st.bucket(name).blocked_until = st.bucket(name).retry_at = -math.inf
+                            b.blocked_until = b.retry_at = -math.inf
                     if keep > 0:
                         st.slots_until = at_s + SLOT_TTL_S
                     return
@@ -476,8 +507,7 @@ class LimitBook:
                              return_exceptions=True)
         for st in self.keys.values():
             for b in (st.rpm, st.tpm):
-                b.owed += max(sum(c.left for c in b.chunks), 0.0)
-                b.chunks.clear()
+                b.owed += max(b.take_all(), 0.0)
         await self.tick(release_all=True)
 
 
@@ -509,5 +539,7 @@ def duration(seconds: float) -> str:
     """A wait as OpenAI writes one in x-ratelimit-reset-*: ``20ms``, ``1.5s``, ``6m0s``."""
     if seconds < 1:
         return f"{max(int(seconds * 1000), 0)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
     minutes, rest = divmod(round(seconds, 3), 60)
-    return f"{int(minutes)}m{rest:g}s" if minutes else f"{rest:g}s"
+    return f"{int(minutes)}m{rest:g}s"

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import ipaddress
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from dataclasses import dataclass, field
+from fnmatch import translate
 from typing import Any, TypeAlias
 
 from relay.errors import InvalidRequest
@@ -33,6 +35,14 @@ class Policy:
     tpm: int | None = None                    # tokens per minute (prompt + completion)
     max_concurrency: int | None = None        # requests in flight at once
     allow_cidrs: tuple[Network, ...] = ()     # client addresses; empty: any
+    expires_ts: float | None = field(default=None, compare=False)  # expires_at, as a Unix time
+    models_re: re.Pattern[str] | None = field(default=None, compare=False)  # the patterns, as one regex
+
+    def __post_init__(self) -> None:
+        if self.expires_at is not None:
+            object.__setattr__(self, "expires_ts", self.expires_at.replace(tzinfo=dt.UTC).timestamp())
+        if self.models:  # fnmatch's patterns (case-sensitive), matched in one go
+            object.__setattr__(self, "models_re", re.compile("|".join(translate(p) for p in self.models)))
 
     @property
     def limited(self) -> bool:
@@ -40,21 +50,30 @@ class Policy:
         return self.rpm is not None or self.tpm is not None or self.max_concurrency is not None
 
     def allows_model(self, model: str) -> bool:
-        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
+        return self.models_re is None or self.models_re.match(model) is not None
 
-    def expired(self, now: dt.datetime) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
+    def expired(self, now: float) -> bool:
+        """Whether the key has expired at ``now`` (a Unix time, ``time.time()``)."""
+        return self.expires_ts is not None and now >= self.expires_ts
 
     def allows_address(self, address: str) -> bool:
         if not self.allow_cidrs:
             return True
-        try:
-            ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
-        return any(ip in net for net in self.allow_cidrs)
+        ip = _address(address)
+        return ip is not None and any(ip in net for net in self.allow_cidrs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address, parsed once (the same clients come back); an IPv4-mapped IPv6
+    address (a dual-stack socket's view of an IPv4 client) as the IPv4 one."""
+    try:
+        ip = ipaddress.ip_address(text.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def policy_of(doc: Mapping[str, Any] | None) -> Policy | None:

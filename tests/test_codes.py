@@ -17,7 +17,7 @@ from relay.metering.bounds import MAX_UNITS
 from relay.store.connect import close_client, open_store
 from tests.conftest import ADMIN_TOKEN
 from tests.conservation import assert_conserved
-from tests.helpers import TEST_KEY, add_key, one_upstream_config
+from tests.helpers import TEST_KEY, add_key, eventually, one_upstream_config, serve
 from tests.processes import RelayProcess, db_uri, relay_cli
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -242,3 +242,21 @@ async def test_codes_from_the_command_line_redeemed_through_a_running_relay(embe
         await relay.stop()
         c.close()
         await close_client(store.client)
+
+
+async def test_a_starting_relay_finishes_a_redemption_a_crash_left_half_done(store, fake, io_loop):
+    [code] = await store.create_codes(450, 1)
+    key_hash = hash_key(TEST_KEY)
+    await store.codes.update_one({"_id": hash_code(code)}, {"$set": {  # claimed a minute ago, never credited
+        "redeemed_by": key_hash, "key_prefix": TEST_KEY[:10], "applied": False,
+        "redeemed_at": store.now() - dt.timedelta(minutes=1)}})
+    url, server, services = await serve(one_upstream_config(fake.base_url), store)
+    try:
+        async def credited():
+            return (await store.key_doc(key_hash))["granted"] == 1_000_450
+        await eventually(credited, timeout=10, message="the sweep finishes the redemption")
+        assert (await store.codes.find_one({"_id": hash_code(code)}))["applied"] is True
+        await assert_conserved(store)
+    finally:
+        server.stop()
+        await services.close()
