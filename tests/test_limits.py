@@ -162,3 +162,29 @@ async def test_two_processes_racing_for_the_last_units_never_exceed_them(io_loop
     assert all(isinstance(r, RateLimited) for r in results if isinstance(r, BaseException))
     for b in procs:
         await b.close()
+
+
+async def test_units_a_process_kept_lapse_before_the_refill_could_double_them(io_loop):
+    """A process that took a big chunk during a burst, then went quiet while the store's bucket
+    refilled: its chunk must not add to the next burst (that is what HOLD_S bounds)."""
+    clock = Clock()
+    a, b = books(clock, 2)
+    key = KeyRecord("h1", "ak-1234567", "active", policy=Policy(rpm=600))
+    for _ in range(300):  # a burst through a: its chunks grow to a tenth of the limit
+        await a.admit(key, 1)
+        clock.t += 1.0 / 300
+        await asyncio.sleep(0)  # its chunk taken ahead, in the background
+    await asyncio.sleep(0.05)
+    assert a.keys["h1"].rpm.held > 600 * HOLD_S / 60, "a holds more than the tolerance"
+    clock.t += 120  # quiet: the store's bucket is full again
+    admitted = 0
+    for _ in range(2000):  # then a burst through both, in one instant
+        for book in (a, b):
+            try:
+                await book.admit(key, 1)
+                admitted += 1
+            except RateLimited:
+                pass
+    assert admitted <= 600 + 600 * HOLD_S / 60
+    for book in (a, b):
+        await book.close()
