@@ -90,11 +90,12 @@ quota:
 
 
 class Target:
-    def __init__(self, name: str, port: int, pids_fn, path_prefix: str = ""):
+    def __init__(self, name: str, port: int, pids_fn, path_prefix: str = "", headers: dict | None = None):
         self.name, self.port, self.pids_fn, self.path_prefix = name, port, pids_fn, path_prefix
+        self.headers = headers  # its own key's (the row "policy"), else the bench key's
 
     def url(self, mode: str) -> str:
-        if self.name in ("relay", "base"):
+        if self.name in ("relay", "base", "policy"):
             return f"http://127.0.0.1:{self.port}/v1/chat/completions"
         return f"http://127.0.0.1:{self.port}/{mode}/v1/chat/completions"
 
@@ -103,6 +104,7 @@ GENERATOR = {"name": "python"}
 
 
 async def measure(target: Target, mode: str, conc: int, seconds: float, headers: dict) -> tuple[Result, float, float]:
+    headers = target.headers or headers
     body = json.dumps({"model": f"bench-{mode}", "stream": mode == "stream", "max_tokens": 64,
                        "messages": [{"role": "user", "content": "Say hi"}]}).encode()
     pids = target.pids_fn()
@@ -192,10 +194,7 @@ async def main(args) -> int:
             ports.append(base_port)
         for port in ports:
             wait_port(port, 60)
-        # --key-policy: every policy field set, no limit ever reached: what the checks cost.
-        policy = ["--models", "bench-*", "--allow-cidrs", "127.0.0.0/8,::1", "--expires-at", "2999-01-01",
-                  "--rpm", str(10**9), "--tpm", str(10**12), "--max-concurrency", str(10**6)] if args.key_policy else []
-        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *policy, "--mongodb-uri", uri),
+        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
                              capture_output=True, text=True, check=True).stdout.strip()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         targets = [Target("direct", fake_port, lambda: [fake.pid]),
@@ -203,6 +202,13 @@ async def main(args) -> int:
                    Target("relay", relay_port, lambda: [relay.pid])]
         if args.baseline:
             targets.append(Target("base", base_port, lambda: [base.pid]))
+        if args.key_policy:  # the same relay, a key with every policy field set and no limit ever reached
+            policy = ["--models", "bench-*", "--allow-cidrs", "127.0.0.0/8,::1", "--expires-at", "2999-01-01",
+                      "--rpm", str(10**9), "--tpm", str(10**12), "--max-concurrency", str(10**6)]
+            limited = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *policy, "--mongodb-uri",
+                                               uri), capture_output=True, text=True, check=True).stdout.strip()
+            targets.append(Target("policy", relay_port, lambda: [relay.pid],
+                                  headers={**headers, "Authorization": f"Bearer {limited}"}))
         if args.soak:
             return await soak(targets[2], headers, args.soak, relay.pid)
         if args.scaling:
@@ -225,10 +231,9 @@ async def main(args) -> int:
                 for t in targets:
                     rows.append((mode, conc, t.name, merge(parts[t.name]), direct))
         store_cpu = proc_cpu_seconds(store.proc.pid)
-        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}; "
-              f"key policy: {'every field, no limit reached' if args.key_policy else 'none'}")
+        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}")
         print_table(rows)
-        total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] in ("relay", "base"))
+        total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] in ("relay", "base", "policy"))
         print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
               f"{store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; RSS {rss_mb(store.proc.pid):.0f} MB")
         with open(os.path.join(workdir, "relay.log"), "rb") as fh:
@@ -361,8 +366,8 @@ if __name__ == "__main__":
                         help="also measure relay from this source tree (a checkout of an earlier commit), "
                              "interleaved with this one: the row 'base'")
     parser.add_argument("--key-policy", action="store_true",
-                        help="the bench key with every policy field set (models, addresses, expiry, rpm, tpm, "
-                             "max_concurrency) at values never reached: the cost of the checks and limits")
+                        help="also the row 'policy': the same relay, with a key whose every policy field is set "
+                             "(models, addresses, expiry, rpm, tpm, max_concurrency) at values never reached")
     parser.add_argument("--no-leases", action="store_true",
                         help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))
