@@ -65,6 +65,9 @@ async def test_models_expiry_and_addresses_each_give_their_error(http_server_cli
     assert (await chat(c, auth, "gpt-4")).code == 200
     listed = json.loads((await c.fetch("/v1/models", headers=auth)).body)["data"]
     assert [m["id"] for m in listed] == ["gpt-4"], "the models list shows what the key may use"
+    assert (await c.fetch("/v1/models/gpt-4", headers=auth)).code == 200
+    hidden = await c.fetch("/v1/models/gpt-3.5-turbo", headers=auth, raise_error=False)
+    assert hidden.code == 404 and error(hidden)["code"] == "model_not_found"
 
     await patch(c, {"models": None, "expires_at": "2001-02-03T04:05:06+08:00"})
     expired = await chat(c, auth, "gpt-3.5-turbo")

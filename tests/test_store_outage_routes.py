@@ -27,6 +27,7 @@ ROUTES = [
     ("POST", f"/admin/keys/{TEST_KEY}/topup", ADMIN, {"quota": 5}),
     ("POST", "/v1/chat/completions", {"Authorization": f"Bearer {OTHER_KEY}"},
      {"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}),
+    ("POST", "/v1/redeem", KEY, {"code": None}),  # a top-up code, made below
 ]
 
 
@@ -37,6 +38,8 @@ async def test_routes_that_need_the_store_fail_fast_while_it_is_gone(embedded, i
     direct = await open_store(db_uri(embedded, db))
     await add_key(direct, quota=1_000_000)
     await add_key(direct, OTHER_KEY, quota=1_000_000)
+    [code] = await direct.create_codes(100, 1)
+    ROUTES[-1][3]["code"] = code
     fake = start_fake()
     services = build_services(parse_config(one_upstream_config(fake.base_url), {}), store, admin_token=ADMIN_TOKEN)
     services.start_maintenance()

@@ -24,7 +24,9 @@ class ModelHandler(AuthenticatedHandler):
     route = "models"
 
     def get(self, name: str) -> None:
-        if name not in self.services.config.client_model_names():
+        policy = self.key.policy  # a model the key may not use is not listed for it either
+        if name not in self.services.config.client_model_names() or (policy is not None and
+                                                                     not policy.allows_model(name)):
             raise ModelNotFound(f"The model '{name[:256]}' does not exist or is not served by this relay.",
                                 param="model")
         self.model = name
