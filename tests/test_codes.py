@@ -57,10 +57,12 @@ async def test_a_code_is_redeemed_once_and_shows_in_billing_at_once(http_server_
     assert (await subscription(c, auth))["hard_limit_usd"] == 1_005_000, "visible to the billing endpoints at once"
     again = await post(c, "/v1/redeem", {"code": codes[0]}, auth)
     assert again.code == 400 and error(again)["code"] == "code_used" and error(again)["param"] == "code"
+    assert "on this key" in error(again)["message"], "a retry after a lost answer learns the money is there"
     # The same code from another key: used all the same.
     await add_key(store, OTHER_KEY, quota=0)
     other = {"Authorization": f"Bearer {OTHER_KEY}"}
-    assert error(await post(c, "/redeem", {"code": codes[0]}, other))["code"] == "code_used"
+    used = error(await post(c, "/redeem", {"code": codes[0]}, other))
+    assert used["code"] == "code_used" and "on this key" not in used["message"]
     # Every route: /redeem, /v1/redeem, /openai/v1/redeem.
     assert (await post(c, "/redeem", {"code": codes[1]}, other)).code == 200
     assert (await post(c, "/openai/v1/redeem", {"code": codes[2]}, auth)).code == 200
@@ -260,3 +262,13 @@ async def test_a_starting_relay_finishes_a_redemption_a_crash_left_half_done(sto
     finally:
         server.stop()
         await services.close()
+
+
+async def test_a_key_gone_from_the_store_within_its_cache_time_is_a_401_not_a_500(http_server_client, auth, store):
+    c = http_server_client
+    [code] = await make_codes(c, 100)
+    assert (await c.fetch("/v1/models", headers=auth)).code == 200  # the key is cached now
+    await store.keys.delete_one({"_id": hash_key(TEST_KEY)})
+    gone = await post(c, "/v1/redeem", {"code": code}, auth)
+    assert gone.code == 401 and error(gone)["code"] == "invalid_api_key"
+    assert json.loads((await c.fetch(f"/admin/codes/{code}", headers=ADMIN)).body)["status"] == "active"

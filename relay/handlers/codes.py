@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.codes import MAX_COUNT, code_view, is_well_formed
-from relay.errors import CodeInvalid, CodeUsed, InvalidRequest, RelayError
+from relay.errors import CodeInvalid, CodeUsed, InvalidApiKey, InvalidRequest, RelayError
 from relay.handlers.admin import AdminHandler, note_of
 from relay.handlers.base import AuthenticatedHandler
 from relay.keys import key_view
@@ -32,6 +32,8 @@ class RedeemHandler(AuthenticatedHandler):
                 raise CodeInvalid("This is not a top-up code: they look like 'rc-' followed by 32 characters.",
                                   param="code")
             doc, amount = await services.store.redeem(self.key.key_hash, self.key.prefix, code)
+        except LookupError:  # gone from the store since it was authenticated (cached up to its TTL)
+            raise InvalidApiKey("Incorrect API key provided: this key is not known to relay.") from None
         except (CodeInvalid, CodeUsed):
             await self.refuse_guess(services.code_throttle, "Too many wrong top-up codes from your address; "
                                                             "slow down and check the code.")

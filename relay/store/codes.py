@@ -107,7 +107,9 @@ class CodesMixin(KeysMixin):
             doc = await self.codes.find_one({"_id": code_id})
             state = code_state(doc) if doc is not None else "unknown"
             if state == "redeemed":
-                raise CodeUsed("This top-up code has already been used.", param="code")
+                raise CodeUsed("This top-up code has already been used" + (
+                    " on this key: its balance includes it." if doc and doc["redeemed_by"] == key_hash else "."),
+                    param="code")
             if doc is not None and state == "active":  # unclaimed, so its quota is what did not fit
                 raise InvalidRequest(f"This key cannot take {doc['quota']} more units: a key may be granted at "
                                      f"most {MAX_UNITS} in all.", param="code")
