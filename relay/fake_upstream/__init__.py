@@ -10,17 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 import tornado.web
+from tornado.routing import Matcher
 
-from relay.fake_upstream import chat, control, embeddings, models
+from relay.fake_upstream import chat, control, embeddings, models, responses, responses_ws
 from relay.fake_upstream.state import MODELS, PIECES, Behaviour, FakeState, chat_usage, reply_pieces
+from relay.handlers.upgrade import WebSocketUpgrade
 
 __all__ = ["MODELS", "PIECES", "Behaviour", "FakeState", "chat_usage", "make_fake_app", "reply_pieces"]
 
-ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
+ROUTES: list[tuple[str | Matcher, type[tornado.web.RequestHandler]]] = [
     (r"/v1/chat/completions", chat.ChatHandler),
     (r"/v1/embeddings", embeddings.EmbeddingsHandler),
     (r"/v1/models", models.ModelsHandler),
     (r"/_fake/(behaviour|requests|reset)", control.ControlHandler),
+    (WebSocketUpgrade(r"/v1/responses"), responses_ws.ResponsesSocketHandler),
+    (r"/v1/responses", responses.ResponsesHandler),
+    (r"/v1/responses/input_tokens", responses.InputTokensHandler),
+    (r"/v1/responses/compact", responses.CompactHandler),
+    (r"/v1/responses/([^/]+)(?:/(cancel|input_items))?", responses.StoredResponseHandler),
 ]
 
 

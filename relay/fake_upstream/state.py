@@ -46,10 +46,13 @@ class FakeState:
         self.behaviour = Behaviour()
         self.requests: deque[dict[str, Any]] = deque(maxlen=max_records)
         self.counter = 0
+        # Stored responses by id, as an OpenAI account keeps them: each with the key that made it.
+        self.responses: dict[str, dict[str, Any]] = {}
 
     def reset(self) -> None:
         self.behaviour = Behaviour()
         self.requests.clear()
+        self.responses.clear()
 
 
 def chat_usage(prompt: int, text: int, b: Behaviour) -> dict[str, Any]:
