@@ -8,7 +8,7 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
-from relay.handlers import admin, billing, chat, embeddings, models, usage_page
+from relay.handlers import admin, billing, chat, embeddings, models, responses, stored_responses, usage_page
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
 from relay.observability import recorder
 from relay.services import Services, build_services
@@ -35,6 +35,10 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
         (_api("/chat/completions"), chat.ChatCompletionsHandler, kw),
         (_api("/embeddings"), embeddings.EmbeddingsHandler, kw),
         (_api("/models"), models.ModelsHandler, kw),
+        (_api("/responses"), responses.ResponsesHandler, kw),
+        (_api("/responses/input_tokens"), responses.InputTokensHandler, kw),
+        (_api("/responses/compact"), responses.CompactHandler, kw),
+        (_api("/responses/([^/]+)(?:/(cancel|input_items))?"), stored_responses.StoredResponseHandler, kw),
         (_billing("/subscription"), billing.SubscriptionHandler, kw),
         (_billing("/usage"), billing.UsageHandler, kw),
         (r"/admin/keys", admin.KeysHandler, kw),

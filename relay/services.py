@@ -16,6 +16,7 @@ from relay.balancer.pool import Pool
 from relay.config import Config
 from relay.metering.ledger import LedgerEntry
 from relay.observability import recorder
+from relay.owners import ResponseOwners
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
 from relay.proxy.transport import AiohttpTransport, Transport
@@ -46,6 +47,10 @@ class Services:
     # The usage page's response speed per model, every key's requests: (computed at, rows), monotonic.
     speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    owners: ResponseOwners = field(init=False)  # who made each stored response, and where
+
+    def __post_init__(self) -> None:
+        self.owners = ResponseOwners(self.store)
 
     @property
     def config(self) -> Config:

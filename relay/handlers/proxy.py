@@ -177,13 +177,15 @@ class ProxyHandler(AuthenticatedHandler):
         self._add_upstream_wait(waited)
         name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
         if len(data) > OFF_LOOP_REPLY_BYTES:
-            self._usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
+            reply, usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
         else:
-            self._usage = await _usage_of_small_reply(data, prompt, name)
+            reply, usage = await _usage_of_small_reply(data, prompt, name)
+        self._usage = usage
         self.set_status(resp.status)
         self._copy_headers(resp)
         self.set_header("Content-Type", "application/json")
         self._mark_first_byte()
+        await self.reply_ready(resp, reply, usage)
         self._delivered = True
         try:
             await self.finish(data)
@@ -193,6 +195,12 @@ class ProxyHandler(AuthenticatedHandler):
     def stream_meter(self, body: dict[str, Any]) -> StreamMeter:
         """What reads this route's stream: its usage, its delivered text, its end."""
         return StreamMeter(forward_usage_chunk=False)
+
+    async def reply_ready(self, resp: UpstreamResponse, reply: Any, usage: Usage) -> None:
+        """A JSON reply is known whole, and not yet sent: the route's last word before the client's."""
+
+    async def stream_ending(self, resp: UpstreamResponse, meter: StreamMeter) -> None:
+        """A stream's last event is written but not yet flushed to the client."""
 
     def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
         """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
@@ -227,6 +235,8 @@ class ProxyHandler(AuthenticatedHandler):
                     self._add_upstream_wait(waited)
                 wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit)
                 if wrote:
+                    if meter.done:
+                        await self.stream_ending(resp, meter)
                     self._mark_first_byte()
                     await self.flush()
                     self._delivered = True
@@ -257,22 +267,22 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = Flag.CLIENT_DISCONNECTED
 
 
-def _usage_of_reply(data: bytes, prompt: Usage, upstream: str) -> Usage:
-    """A JSON reply's usage, or its text counted when the upstream reported none."""
+def _usage_of_reply(data: bytes, prompt: Usage, upstream: str) -> tuple[Any, Usage]:
+    """A JSON reply, and its usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
-    return parse_usage(reply) or replace(prompt, completion_tokens=completion_tokens_of_reply(reply))
+    return reply, parse_usage(reply) or replace(prompt, completion_tokens=completion_tokens_of_reply(reply))
 
 
-async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str) -> Usage:
+async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str) -> tuple[Any, Usage]:
     """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
     reply = _parse_reply(data, upstream)
     usage = parse_usage(reply)
     if usage is not None:
-        return usage
+        return reply, usage
     texts = reply_texts(reply)
     if sum(map(len, texts)) <= MAX_SLICE_CHARS:
-        return replace(prompt, completion_tokens=sum(map(count_long_text, texts)))
-    return replace(prompt, completion_tokens=await asyncio.to_thread(completion_tokens_of_reply, reply))
+        return reply, replace(prompt, completion_tokens=sum(map(count_long_text, texts)))
+    return reply, replace(prompt, completion_tokens=await asyncio.to_thread(completion_tokens_of_reply, reply))
 
 
 def _parse_reply(data: bytes, upstream: str) -> Any:

@@ -81,7 +81,7 @@ CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config 
                          "file on disk was rejected.", multiprocess_mode="livemin")
 
 ENDPOINT_STATES = tuple(EndpointState)
-ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other")
+ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other", "responses")
 
 
 def exposition() -> tuple[bytes, str]:

@@ -16,6 +16,9 @@ class UpstreamRequest:
     raw: bytes | None = None                   # its bytes, sent as they are when nothing differs
     extra: Mapping[str, Any] | None = None     # fields relay adds (stream_options.include_usage)
     content_type: str = "application/json"
+    # (upstream name, key fingerprint): only that endpoint may serve it (a stored response lives
+    # in the account that made it), tried once, with no failover.
+    pinned: tuple[str, str] | None = None
 
     def render(self, upstream_model: str) -> bytes | None:
         """The body for an endpoint that calls the model ``upstream_model`` (its own model_map)."""
