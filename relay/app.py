@@ -8,8 +8,19 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
-from relay.handlers import admin, billing, chat, embeddings, models, responses, stored_responses, usage_page
+from relay.handlers import (
+    admin,
+    billing,
+    chat,
+    embeddings,
+    models,
+    responses,
+    responses_ws,
+    stored_responses,
+    usage_page,
+)
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
+from relay.handlers.upgrade import WebSocketUpgrade
 from relay.observability import recorder
 from relay.services import Services, build_services
 
@@ -29,12 +40,13 @@ def _billing(path: str) -> str:
 def make_app(services: Services, metrics: bool = True, **settings: Any) -> tornado.web.Application:
     """The application; ``metrics=False`` when /metrics is served on its own port instead."""
     kw = {"services": services}
-    routes: list[tuple[str, type[RelayHandler], dict[str, Services]]] = \
+    routes: list[tuple[str | WebSocketUpgrade, type[RelayHandler], dict[str, Services]]] = \
         [(r"/metrics", MetricsHandler, kw)] if metrics else []
     routes += [
         (_api("/chat/completions"), chat.ChatCompletionsHandler, kw),
         (_api("/embeddings"), embeddings.EmbeddingsHandler, kw),
         (_api("/models"), models.ModelsHandler, kw),
+        (WebSocketUpgrade(_api("/responses")), responses_ws.ResponsesSocketHandler, kw),
         (_api("/responses"), responses.ResponsesHandler, kw),
         (_api("/responses/input_tokens"), responses.InputTokensHandler, kw),
         (_api("/responses/compact"), responses.CompactHandler, kw),

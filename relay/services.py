@@ -19,6 +19,7 @@ from relay.observability import recorder
 from relay.owners import ResponseOwners
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
+from relay.proxy.sockets import UpstreamSockets
 from relay.proxy.transport import AiohttpTransport, Transport
 from relay.quota import LeasedQuota, Quota, build_quota
 from relay.reload import Reloader
@@ -48,9 +49,11 @@ class Services:
     speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     owners: ResponseOwners = field(init=False)  # who made each stored response, and where
+    sockets: UpstreamSockets = field(init=False)  # WebSockets to upstreams (the Responses API's)
 
     def __post_init__(self) -> None:
         self.owners = ResponseOwners(self.store)
+        self.sockets = UpstreamSockets(self.config.limits)
 
     @property
     def config(self) -> Config:
@@ -86,6 +89,7 @@ class Services:
         except Exception:
             log.exception("final store writes failed; the journal and the sweeper cover them")
         await self.transport.close()
+        await self.sockets.close()
         await self.store.close()
 
     async def _final_writes(self) -> None:

@@ -12,7 +12,7 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from relay.balancer.pool import Endpoint
+from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.quote import (
@@ -89,17 +89,7 @@ class ProxyHandler(AuthenticatedHandler):
         return self.json_body()
 
     def resolve_model(self, body: dict[str, Any]) -> str:
-        model = body.get("model")
-        if model is None:
-            raise InvalidRequest("You must provide a model parameter.", param="model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' must be a non-empty string.", param="model")
-        self.model = model
-        config = self.services.config
-        served = config.map_model(model)
-        if not self.services.router.pool.serves(served):
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.",
-                                param="model")
+        self.model, served = resolve_model(self.services.router.pool, body)
         return served
 
     def upstream_request(self, body: dict[str, Any], served: str,
@@ -141,7 +131,7 @@ class ProxyHandler(AuthenticatedHandler):
             return
         usage = self._usage
         if usage is None:  # no usage from the upstream: the prompt as estimated, the reply as counted
-            usage = replace(quote.prompt, completion_tokens=await _count_rest(self._tally) if self._tally else 0)
+            usage = replace(quote.prompt, completion_tokens=await count_rest(self._tally) if self._tally else 0)
         model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
         await self.services.quota.settle(self.charge, Delivery(
             usage=usage, status=self.get_status(), upstream=self.upstream_name,
@@ -241,7 +231,7 @@ class ProxyHandler(AuthenticatedHandler):
                     await self.flush()
                     self._delivered = True
                 if meter.text.ready:
-                    await _count_ready(meter.text)
+                    await count_ready(meter.text)
                 oversized = oversized or decoder.pending > limit
             if oversized:
                 # Headers are out: the stream just ends, and the upstream's connection with it.
@@ -265,6 +255,19 @@ class ProxyHandler(AuthenticatedHandler):
             await self.finish()
         except StreamClosedError:
             self.flag = Flag.CLIENT_DISCONNECTED
+
+
+def resolve_model(pool: Pool, body: dict[str, Any]) -> tuple[str, str]:
+    """The model the client asked for, and the one served (after the global model_map)."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    served = pool.config.map_model(model)
+    if not pool.serves(served):
+        raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.", param="model")
+    return model, served
 
 
 def _usage_of_reply(data: bytes, prompt: Usage, upstream: str) -> tuple[Any, Usage]:
@@ -292,7 +295,7 @@ def _parse_reply(data: bytes, upstream: str) -> Any:
         raise UpstreamError(f"upstream {upstream} sent a reply that is not JSON") from None
 
 
-async def _count_ready(tally: TokenTally) -> None:
+async def count_ready(tally: TokenTally) -> None:
     """Count a stream's pending text a slice at a time, letting the loop run between slices."""
     tally.count_slice()
     while tally.ready:
@@ -300,8 +303,9 @@ async def _count_ready(tally: TokenTally) -> None:
         tally.count_slice()
 
 
-async def _count_rest(tally: TokenTally) -> int:
+async def count_rest(tally: TokenTally) -> int:
+    """Every token of what a tally was given, the rest counted a slice at a time."""
     if tally.ready:
-        await _count_ready(tally)
+        await count_ready(tally)
     return tally.close()
 

@@ -29,6 +29,7 @@ class ResponsesStreamMeter(StreamMeter):
         self.response_id: str | None = None
         self.on_response_id: Callable[[str], None] | None = None  # told once, when the upstream names it
         self.failed = False  # the upstream ended the response with an error
+        self.started = False  # an event other than an error came: the response began
 
     def accept(self, event: bytes) -> bool:
         data = event_data(event)
@@ -52,6 +53,8 @@ class ResponsesStreamMeter(StreamMeter):
             return False
         self.events += 1
         kind = obj.get("type")
+        if kind != "error":
+            self.started = True
         if kind in TEXT_DELTAS:
             delta = obj.get("delta")
             if isinstance(delta, str):

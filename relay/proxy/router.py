@@ -205,6 +205,12 @@ class Router:
         self._release(resp)
         return outcome, _failure(resp, outcome, retry_after)
 
+    def report(self, endpoint: Endpoint, outcome: Outcome, attempt: int, ttfb: float | None) -> None:
+        """An attempt made elsewhere (a WebSocket handshake), fed to health and the metrics like ours."""
+        if ttfb is not None:
+            endpoint.health.record_latency(ttfb * 1000)
+        self._record(endpoint, outcome, attempt, ttfb)
+
     def _record(self, endpoint: Endpoint, outcome: Outcome, attempt: int, ttfb: float | None,
                 retry_after: float | None = None) -> None:
         h.record_attempt(outcome, endpoint.health, endpoint.upstream_health, self.pool.config.health,
