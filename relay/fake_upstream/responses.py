@@ -50,6 +50,7 @@ class ResponsesHandler(FakeHandler):
         self.record(body)
         if body is None or not await self.check():
             return
+        self.rec["previous_response_id"] = body.get("previous_response_id")
         checked = check_create(self, body)
         if isinstance(checked, dict):
             return self.write_json(checked, 404 if checked["error"]["code"] == "model_not_found" else 400)
