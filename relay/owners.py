@@ -4,10 +4,12 @@ A record never changes once written, so a cached one stays right; only ids not f
 asked of the store again (another process may have recorded them since)."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from relay.metering.ledger import utc_now
 from relay.store.mongo import MongoStore
@@ -36,6 +38,8 @@ class ResponseOwners:
         self.store = store
         self.size = size
         self._cache: OrderedDict[str, Owner] = OrderedDict()
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def find(self, response_id: str, key_hash: str) -> Owner | None:
         """The owner of ``response_id`` if it is the key ``key_hash``; None for anyone else, as
@@ -54,14 +58,29 @@ class ResponseOwners:
         return owner
 
     async def record(self, response_id: str, key_hash: str, upstream: str, fingerprint: str, history: int) -> None:
-        """Remembered here at once; written to the store before the caller goes on. A store that
-        fails leaves it known to this process only (logged): the response was served anyway."""
+        """Remembered here at once; written to the store before the caller goes on. Records that
+        come while a write is on its way go together in the next one (a group write: one round
+        trip for many responses under load). A store that fails leaves the record known to this
+        process only (logged): the response was served anyway."""
         self._remember(response_id, Owner(key_hash, upstream, fingerprint, history, utc_now()))
-        try:
-            await self.store.record_response(response_id, key_hash, upstream, fingerprint, history)
-        except Exception as exc:
-            log.warning("could not record the owner of a stored response (%s); only this process knows it",
-                        type(exc).__name__)
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(({"_id": response_id, "key_hash": key_hash, "upstream": upstream,
+                               "key_fp": fingerprint, "history": history}, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+        await asyncio.shield(done)
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self.store.record_responses([record for record, _ in batch])
+            except Exception as exc:
+                log.warning("could not record the owners of %d stored responses (%s); only this process knows them",
+                            len(batch), type(exc).__name__)
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def forget(self, response_id: str) -> None:
         self._cache.pop(response_id, None)
