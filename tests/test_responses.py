@@ -239,3 +239,73 @@ async def test_upstream_failure_before_output_is_refunded(fake, store, services,
     await settled(store, services)
     assert await ledger(store) == []
     await assert_conserved(store)
+
+
+@pytest.mark.parametrize("state", ["ejected", "disabled_by_checker"])
+async def test_a_pinned_endpoint_that_is_unavailable_is_a_503_never_another_account(
+        fake, store, services, sdk, state):
+    first = await sdk.responses.create(model="gpt-4", input="Hi")
+    [endpoint] = services.router.pool.endpoints
+    now = services.router.clock()
+    if state == "ejected":
+        endpoint.upstream_health.ejected_until = now + 30
+    else:
+        endpoint.health.disabled_reason = "auth"
+    sent = len(fake.requests)
+    for call in (lambda: sdk.responses.retrieve(first.id),
+                 lambda: sdk.responses.create(model="gpt-4", input="x", previous_response_id=first.id)):
+        with pytest.raises(InternalServerError) as refused:
+            await call()
+        assert refused.value.status_code == 503 and refused.value.code == "pinned_endpoint_unavailable"
+        assert state in refused.value.message and UPSTREAM_KEY not in refused.value.message
+    if state == "ejected":
+        assert 1 <= int(refused.value.response.headers["Retry-After"]) <= 30
+    assert len(fake.requests) == sent, "nothing was sent anywhere"
+    # A new conversation is not pinned: panic mode still tries the ejected upstream.
+    if state == "ejected":
+        await sdk.responses.create(model="gpt-4", input="Hi")
+    await settled(store, services)
+    await assert_conserved(store)
+
+
+async def test_conservation_after_a_mixed_workload_with_failures_and_hang_ups(
+        http_server_client, base_url, fake, store, services, sdk):
+    fake.state.behaviour.chunk_delay = 0.01
+    port = int(http_server_client.get_url("/").split(":")[2].split("/")[0])
+    loop = asyncio.get_running_loop()
+    first = await sdk.responses.create(model="gpt-4", input="Hi")
+
+    async def streamed():
+        return [e async for e in await sdk.responses.create(model="gpt-4", input="Hi", stream=True)]
+
+    async def continued():
+        return await sdk.responses.create(model="gpt-4", input="More", previous_response_id=first.id,
+                                          max_output_tokens=5)
+
+    async def over_a_socket():
+        async with sdk.responses.connect() as conn:
+            await conn.response.create(model="gpt-4", input="Hi", previous_response_id=first.id)
+            async for event in conn:
+                if event.type == "response.completed":
+                    break
+            await conn.response.create(model="gpt-4", input="Hi")
+            async for event in conn:
+                if event.type == "response.output_text.delta":
+                    break  # and the socket closes mid-turn
+
+    work = [sdk.responses.create(model="gpt-4", input="Hi") for _ in range(6)]
+    work += [streamed() for _ in range(6)] + [continued() for _ in range(4)] + [over_a_socket() for _ in range(3)]
+    work += [loop.run_in_executor(None, _read_some_then_hang_up, port, 2) for _ in range(3)]
+    work += [sdk.responses.input_tokens.count(model="gpt-4", input="Hi") for _ in range(2)]
+    results = await asyncio.gather(*work, return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    fake.state.behaviour.status = 503
+    failed = await asyncio.gather(*(sdk.responses.create(model="gpt-4", input="Hi") for _ in range(3)),
+                                  return_exceptions=True)
+    assert all(isinstance(r, InternalServerError) for r in failed)
+    await settled(store, services)
+    entries = await ledger(store)
+    assert len(entries) == 1 + 6 + 6 + 4 + 3 * 2 + 3, "every create, stream and turn once; nothing free or failed"
+    assert len({e["_id"] for e in entries}) == len(entries)
+    assert sum(e["cost"] for e in entries) == (await store.key_doc(hash_key(TEST_KEY)))["used"]
+    await assert_conserved(store)
