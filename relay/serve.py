@@ -170,6 +170,9 @@ Ctrl-C stops them all.
 r = c.chat.completions.create(model='gpt-3.5-turbo', messages=[{{'role': 'user', 'content': 'Hi'}}]); \\
 print(r.choices[0].message.content)"
 
+  curl {base}/responses -H 'Authorization: Bearer {key}' \
+       -H 'Content-Type: application/json' -d '{{"model": "gpt-4o-mini", "input": "Hi", "stream": true}}'
+
   curl {base}/dashboard/billing/subscription -H 'Authorization: Bearer {key}'
 """, flush=True)
     await until_signalled()
