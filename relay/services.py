@@ -53,7 +53,7 @@ class Services:
 
     def __post_init__(self) -> None:
         self.owners = ResponseOwners(self.store)
-        self.sockets = UpstreamSockets(self.config.limits)
+        self.sockets = UpstreamSockets()
 
     @property
     def config(self) -> Config:

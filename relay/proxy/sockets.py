@@ -9,7 +9,7 @@ import aiohttp
 
 from relay.balancer.outcome import RETRYABLE_OUTCOMES, Outcome, classify_status
 from relay.balancer.pool import Endpoint
-from relay.config import Limits, Timeouts
+from relay.config import Timeouts
 from relay.errors import (
     NoEndpoint,
     RelayError,
@@ -30,8 +30,7 @@ def ws_url(base_url: str, path: str) -> str:
 
 
 class UpstreamSockets:
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -73,7 +72,7 @@ class UpstreamSockets:
         try:
             ws = await asyncio.wait_for(self._client().ws_connect(
                 ws_url(endpoint.upstream.base_url, "/responses"), headers={"Authorization": f"Bearer {endpoint.key}"},
-                max_msg_size=self.limits.max_event_bytes, decode_text=False), timeouts.connect_s)
+                max_msg_size=router.pool.config.limits.max_event_bytes, decode_text=False), timeouts.connect_s)
         except aiohttp.WSServerHandshakeError as exc:
             outcome = classify_status(exc.status, None) if exc.status >= 400 else Outcome.SERVER_ERROR
             router.report(endpoint, outcome, attempt, router.clock() - started)
