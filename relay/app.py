@@ -20,6 +20,8 @@ from relay.handlers import (
     usage_page,
 )
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
+from relay.handlers.completions import CompletionsHandler
+from relay.handlers.moderations import ModerationsHandler
 from relay.handlers.upgrade import WebSocketUpgrade
 from relay.observability import recorder
 from relay.services import Services, build_services
@@ -46,6 +48,9 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
         (_api("/chat/completions"), chat.ChatCompletionsHandler, kw),
         (_api("/embeddings"), embeddings.EmbeddingsHandler, kw),
         (_api("/models"), models.ModelsHandler, kw),
+        (_api("/models/(.+)"), models.ModelHandler, kw),
+        (_api("/completions"), CompletionsHandler, kw),
+        (_api("/moderations"), ModerationsHandler, kw),
         (WebSocketUpgrade(_api("/responses")), responses_ws.ResponsesSocketHandler, kw),
         (_api("/responses"), responses.ResponsesHandler, kw),
         (_api("/responses/input_tokens"), responses.InputTokensHandler, kw),

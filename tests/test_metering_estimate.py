@@ -123,8 +123,10 @@ def test_cl100k_matches_published_token_ids(text, ids):
 
 @pytest.fixture(scope="module")
 def canonical_cl100k():
-    enc = get_encoding(CL100K)
-    return tiktoken.Encoding("cl100k_canonical", pat_str=CL100K_PAT_CANONICAL, mergeable_ranks=enc._mergeable_ranks,
+    from relay.metering.encodings import SPECS, locate, read_ranks
+    spec = SPECS[CL100K]
+    ranks = read_ranks(locate(spec.sources), spec.sha256)
+    return tiktoken.Encoding("cl100k_canonical", pat_str=CL100K_PAT_CANONICAL, mergeable_ranks=ranks,
                              special_tokens={})
 
 

@@ -13,6 +13,8 @@ import tornado.web
 from tornado.routing import Matcher
 
 from relay.fake_upstream import chat, control, embeddings, models, responses, responses_ws
+from relay.fake_upstream.completions import CompletionsHandler
+from relay.fake_upstream.moderations import ModerationsHandler
 from relay.fake_upstream.state import MODELS, PIECES, Behaviour, FakeState, chat_usage, reply_pieces
 from relay.handlers.upgrade import WebSocketUpgrade
 
@@ -22,6 +24,8 @@ ROUTES: list[tuple[str | Matcher, type[tornado.web.RequestHandler]]] = [
     (r"/v1/chat/completions", chat.ChatHandler),
     (r"/v1/embeddings", embeddings.EmbeddingsHandler),
     (r"/v1/models", models.ModelsHandler),
+    (r"/v1/completions", CompletionsHandler),
+    (r"/v1/moderations", ModerationsHandler),
     (r"/_fake/(behaviour|requests|reset)", control.ControlHandler),
     (WebSocketUpgrade(r"/v1/responses"), responses_ws.ResponsesSocketHandler),
     (r"/v1/responses", responses.ResponsesHandler),

@@ -10,7 +10,7 @@ PIECES = ["Hello", " from", " the", " fake", " upstream", ",", " relay", " says"
 MODELS = ["gpt-3.5-turbo-1106", "gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-4", "gpt-4-32k",
           "gpt-4-1106-preview", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini",
           "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-ada-002", "text-embedding-3-small",
-          "text-embedding-3-large"]
+          "text-embedding-3-large", "gpt-3.5-turbo-instruct", "omni-moderation-latest", "text-moderation-latest"]
 
 
 def reply_pieces(n: int) -> list[str]:

@@ -15,12 +15,7 @@ from tornado.iostream import StreamClosedError
 from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
-from relay.metering.quote import (
-    Quote,
-    completion_tokens_of_reply,
-    price_served,
-    reply_texts,
-)
+from relay.metering.quote import Quote, price_served
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.metering.usage import Usage, parse_usage
 from relay.observability.access_log import Flag
@@ -101,6 +96,7 @@ class ProxyHandler(AuthenticatedHandler):
         services = self.services
         self.charge = await services.quota.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
+        self._meter = self.stream_meter(body)  # reads the reply: the stream's events, a JSON reply's texts
         self._tally: TokenTally | None = None  # a stream's delivered text, when no usage comes
         self._delivered = False
         self._ttfb_ms = 0.0
@@ -115,7 +111,7 @@ class ProxyHandler(AuthenticatedHandler):
                 if resp.status >= 400:
                     await self._pass_error(resp)
                 elif stream and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    await self._relay_stream(resp, body)
+                    await self._relay_stream(resp)
                 else:
                     await self._relay_json(resp)
         finally:
@@ -131,7 +127,8 @@ class ProxyHandler(AuthenticatedHandler):
             return
         usage = self._usage
         if usage is None:  # no usage from the upstream: the prompt as estimated, the reply as counted
-            usage = replace(quote.prompt, completion_tokens=await count_rest(self._tally) if self._tally else 0)
+            counted = await count_rest(self._tally) if self._tally else 0
+            usage = replace(quote.prompt, completion_tokens=self._meter.completion_tokens(counted))
         model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
         await self.services.quota.settle(self.charge, Delivery(
             usage=usage, status=self.get_status(), upstream=self.upstream_name,
@@ -167,9 +164,9 @@ class ProxyHandler(AuthenticatedHandler):
         self._add_upstream_wait(waited)
         name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
         if len(data) > OFF_LOOP_REPLY_BYTES:
-            reply, usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
+            reply, usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name, self._meter)
         else:
-            reply, usage = await _usage_of_small_reply(data, prompt, name)
+            reply, usage = await _usage_of_small_reply(data, prompt, name, self._meter)
         self._usage = usage
         self.set_status(resp.status)
         self._copy_headers(resp)
@@ -203,14 +200,14 @@ class ProxyHandler(AuthenticatedHandler):
                 wrote = True
         return wrote, False
 
-    async def _relay_stream(self, resp: UpstreamResponse, body: dict[str, Any]) -> None:
+    async def _relay_stream(self, resp: UpstreamResponse) -> None:
         self.set_status(resp.status)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         limit = self.services.config.limits.max_event_bytes
         decoder = SSEDecoder()
-        meter = self.stream_meter(body)
+        meter = self._meter
         self._tally = meter.text
         chunks = resp.chunks().__aiter__()
         oversized = False
@@ -270,22 +267,26 @@ def resolve_model(pool: Pool, body: dict[str, Any]) -> tuple[str, str]:
     return model, served
 
 
-def _usage_of_reply(data: bytes, prompt: Usage, upstream: str) -> tuple[Any, Usage]:
+def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> tuple[Any, Usage]:
     """A JSON reply, and its usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
-    return reply, parse_usage(reply) or replace(prompt, completion_tokens=completion_tokens_of_reply(reply))
+    return reply, parse_usage(reply) or replace(prompt, completion_tokens=meter.completion_tokens(
+        sum(map(count_long_text, meter.reply_texts(reply)))))
 
 
-async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str) -> tuple[Any, Usage]:
+async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str,
+                                meter: StreamMeter) -> tuple[Any, Usage]:
     """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
     reply = _parse_reply(data, upstream)
     usage = parse_usage(reply)
     if usage is not None:
         return reply, usage
-    texts = reply_texts(reply)
+    texts = meter.reply_texts(reply)
     if sum(map(len, texts)) <= MAX_SLICE_CHARS:
-        return reply, replace(prompt, completion_tokens=sum(map(count_long_text, texts)))
-    return reply, replace(prompt, completion_tokens=await asyncio.to_thread(completion_tokens_of_reply, reply))
+        counted = sum(map(count_long_text, texts))
+    else:
+        counted = await asyncio.to_thread(lambda: sum(map(count_long_text, texts)))
+    return reply, replace(prompt, completion_tokens=meter.completion_tokens(counted))
 
 
 def _parse_reply(data: bytes, upstream: str) -> Any:

@@ -9,7 +9,12 @@ from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
 from relay.metering.pricing import cost, exact, highest_output
-from relay.metering.prompt import PromptEstimate, count_chat_request, count_responses_request
+from relay.metering.prompt import (
+    PromptEstimate,
+    count_chat_request,
+    count_moderation_input,
+    count_responses_request,
+)
 from relay.metering.tokens import content_text, count_embedding_input, count_long_text
 from relay.metering.usage import Usage
 
@@ -76,6 +81,12 @@ def quote_embedding(config: Config, model: str, body: dict[str, Any]) -> Quote:
     return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
 
 
+def quote_moderation(config: Config, model: str, body: dict[str, Any]) -> Quote:
+    """The input at the model's price (OpenAI's moderation models are free: priced 0); no output."""
+    prompt = prompt_usage(count_moderation_input(body["input"], model, config.quota.encodings))
+    return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
+
+
 def prompt_usage(estimate: PromptEstimate) -> Usage:
     return Usage(prompt_tokens=estimate.total, image_tokens=estimate.image, audio_input_tokens=estimate.audio)
 
@@ -97,10 +108,7 @@ def completion_tokens_of_reply(reply: Any) -> int:
 
 
 def reply_texts(reply: Any) -> list[str]:
-    """The texts of a JSON chat reply (or a Responses API response) that are billed as completion:
-    contents, tool names and arguments."""
-    if isinstance(reply, dict) and isinstance(reply.get("output"), list):
-        return response_output_texts(reply["output"])
+    """The texts of a JSON chat reply that are billed as completion: contents, tool names and arguments."""
     choices = reply.get("choices") if isinstance(reply, dict) else None
     texts: list[str] = []
     for choice in choices if isinstance(choices, list) else ():

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
+from relay.metering.quote import response_output_texts
 from relay.metering.usage import parse_usage
 from relay.proxy.sse import DONE, StreamMeter, event_data
 
@@ -40,6 +42,10 @@ class ResponsesStreamMeter(StreamMeter):
             self.done = True
             return True
         return self.observe(data)
+
+    def reply_texts(self, reply: Any) -> list[str]:
+        output = reply.get("output") if isinstance(reply, dict) else None
+        return response_output_texts(output) if isinstance(output, list) else []
 
     def observe(self, data: bytes | str) -> bool:
         """Record one event's JSON; False when it is not a JSON object (garbage, dropped)."""
