@@ -4,7 +4,7 @@ One run, rounds interleaved: relay alone on core 0; the load generator, a lean u
 replies from a bare asyncio protocol: bench/lean_upstream.py's chat stream, and a Responses
 stream of 20 typed events as OpenAI sends them) and the embedded store (idle priority) on
 core 1. Printed per kind: requests/s, p50, relay's CPU per request, and the ratio to chat.
-A Responses request with ``store`` on also records who owns the response (one store write).
+A Responses request with ``store`` on also records who owns the response (written in groups).
 
     python bench/responses_stream.py [--seconds 4] [--rounds 3] [--concurrency 8]
 """

@@ -93,6 +93,7 @@ class Services:
         await self.store.close()
 
     async def _final_writes(self) -> None:
+        await self.owners.close()
         await self.quota.close()
         self.store.dirty.clear()
         await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done

@@ -67,7 +67,8 @@ async def test_a_session_of_several_turns_is_billed_turn_by_turn(http_server_cli
         [(u.input_tokens, u.output_tokens) for u in usages]
     assert entries[0]["cost"] == HI_COST
     # The stored turns are reachable over HTTP, from the same upstream account; store: false is not.
-    assert (await store.responses.find_one({"_id": first_id}))["key_hash"] == hash_key(TEST_KEY)
+    record = await eventually(lambda: store.responses.find_one({"_id": first_id}), message="the owner is written")
+    assert record["key_hash"] == hash_key(TEST_KEY)
     assert await store.responses.find_one({"_id": second[-1].response.id}) is None
     await assert_conserved(store)
 

@@ -186,9 +186,6 @@ class ProxyHandler(AuthenticatedHandler):
     async def reply_ready(self, resp: UpstreamResponse, reply: Any, usage: Usage) -> None:
         """A JSON reply is known whole, and not yet sent: the route's last word before the client's."""
 
-    async def stream_ending(self, resp: UpstreamResponse, meter: StreamMeter) -> None:
-        """A stream's last event is written but not yet flushed to the client."""
-
     def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
         """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
         wrote = False
@@ -222,8 +219,6 @@ class ProxyHandler(AuthenticatedHandler):
                     self._add_upstream_wait(waited)
                 wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit)
                 if wrote:
-                    if meter.done:
-                        await self.stream_ending(resp, meter)
                     self._mark_first_byte()
                     await self.flush()
                     self._delivered = True

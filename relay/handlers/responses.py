@@ -81,9 +81,10 @@ class ResponsesHandler(ProxyHandler):
         try:
             await self.forward(request, quote, body.get("stream") is True, body)
         finally:
-            if self._named is not None:  # a stream the client left: the response exists all the same
-                usage = Usage(prompt_tokens=quote.prompt_tokens, completion_tokens=quote.allowance)
-                await self._record(self._named[1], self._named[0], usage)
+            if self._named is not None:  # a stream, finished or left by its client: the response exists
+                usage = self._meter.usage or Usage(prompt_tokens=quote.prompt_tokens,
+                                                   completion_tokens=quote.allowance)
+                self._record(self._named[1], self._named[0], usage)
 
     def stream_meter(self, body: dict[str, Any]) -> StreamMeter:
         meter = ResponsesStreamMeter()
@@ -96,20 +97,15 @@ class ResponsesHandler(ProxyHandler):
 
     async def reply_ready(self, resp: UpstreamResponse, reply: Any, usage: Usage) -> None:
         if isinstance(reply, dict) and reply.get("object") == "response" and isinstance(reply.get("id"), str):
-            await self._record(resp.endpoint, reply["id"], usage)
+            self._record(resp.endpoint, reply["id"], usage)
 
-    async def stream_ending(self, resp: UpstreamResponse, meter: StreamMeter) -> None:
-        # Before the final event reaches the client: once it has it, it may continue from any process.
-        if isinstance(meter, ResponsesStreamMeter) and meter.response_id:
-            await self._record(resp.endpoint, meter.response_id, meter.usage)
-
-    async def _record(self, endpoint: Endpoint, response_id: str, usage: Usage | None) -> None:
+    def _record(self, endpoint: Endpoint, response_id: str, usage: Usage | None) -> None:
         if self._recorded or not self._stored or len(response_id) > MAX_ID_CHARS:
             return
         self._recorded = True
         history = usage.prompt_tokens + usage.completion_tokens if usage else self.charge.quote.prompt_tokens
-        await self.services.owners.record(response_id, self.key.key_hash, endpoint.upstream.name,
-                                          endpoint.fingerprint, history)
+        self.services.owners.record(response_id, self.key.key_hash, endpoint.upstream.name, endpoint.fingerprint,
+                                    history)
 
 
 class CompactHandler(ProxyHandler):

@@ -212,8 +212,7 @@ class ResponsesSocketHandler(AuthenticatedHandler, tornado.websocket.WebSocketHa
             if not meter.observe(data):
                 continue  # garbage would break the client's JSON parser
             if meter.response_id and meter.done:
-                # Before the client has the end: from then on it may continue the response anywhere.
-                await self._remember(meter, endpoint, key_hash, store, quote)
+                self._remember(meter, endpoint, key_hash, store, quote)
             if meter.text.ready:
                 await count_ready(meter.text)
             try:
@@ -232,15 +231,15 @@ class ResponsesSocketHandler(AuthenticatedHandler, tornado.websocket.WebSocketHa
         turn.flag = Flag.UPSTREAM_STREAM_TRUNCATED if meter.started else Flag.UPSTREAM_STREAM_BROKEN
         self.close(1011, "the upstream closed the connection")
 
-    async def _remember(self, meter: ResponsesStreamMeter, endpoint: Endpoint, key_hash: str, store: bool,
+    def _remember(self, meter: ResponsesStreamMeter, endpoint: Endpoint, key_hash: str, store: bool,
                         quote: Quote) -> None:
         assert meter.response_id is not None
         usage = meter.usage
         history = usage.prompt_tokens + usage.completion_tokens if usage else quote.prompt_tokens + quote.allowance
         self._local[meter.response_id] = history
         if store:
-            await self.services.owners.record(meter.response_id, key_hash, endpoint.upstream.name,
-                                              endpoint.fingerprint, history)
+            self.services.owners.record(meter.response_id, key_hash, endpoint.upstream.name, endpoint.fingerprint,
+                                        history)
 
     async def _end(self, turn: SocketTurn, charge: Charge, meter: ResponsesStreamMeter, quote: Quote,
                    endpoint: Endpoint | None) -> None:
