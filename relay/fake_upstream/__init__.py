@@ -12,7 +12,7 @@ from typing import Any
 import tornado.web
 from tornado.routing import Matcher
 
-from relay.fake_upstream import chat, control, embeddings, models, responses, responses_ws
+from relay.fake_upstream import audio, chat, control, embeddings, images, models, responses, responses_ws
 from relay.fake_upstream.completions import CompletionsHandler
 from relay.fake_upstream.moderations import ModerationsHandler
 from relay.fake_upstream.state import MODELS, PIECES, Behaviour, FakeState, chat_usage, reply_pieces
@@ -27,6 +27,11 @@ ROUTES: list[tuple[str | Matcher, type[tornado.web.RequestHandler]]] = [
     (r"/v1/completions", CompletionsHandler),
     (r"/v1/moderations", ModerationsHandler),
     (r"/_fake/(behaviour|requests|reset)", control.ControlHandler),
+    (r"/v1/images/generations", images.GenerationsHandler),
+    (r"/v1/images/(?:edits|variations)", images.UploadsHandler),
+    (r"/v1/audio/(?:transcriptions|translations)", audio.TranscriptionsHandler),
+    (r"/v1/audio/speech", audio.SpeechHandler),
+    (r"/_fake/files/([a-z0-9.-]+)", images.FileHandler),
     (WebSocketUpgrade(r"/v1/responses"), responses_ws.ResponsesSocketHandler),
     (r"/v1/responses", responses.ResponsesHandler),
     (r"/v1/responses/input_tokens", responses.InputTokensHandler),

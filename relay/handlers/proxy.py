@@ -37,6 +37,8 @@ class ProxyHandler(AuthenticatedHandler):
     """Reads the body under the size limit while it arrives, then forwards it."""
 
     upstream_path = ""
+    json_reply = True       # a whole reply is JSON (False: the upstream's Content-Type is passed on)
+    streams_bytes = False   # the reply is relayed as bytes arrive (audio), not read whole
 
     async def prepare(self) -> None:
         self._chunks: list[bytes] = []
@@ -47,7 +49,7 @@ class ProxyHandler(AuthenticatedHandler):
         await super().prepare()
         if self.request.method == "OPTIONS":
             return
-        limit = self.services.config.limits.max_body_bytes
+        limit = self.body_limit()
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             self._reject_too_large(limit)
@@ -56,11 +58,15 @@ class ProxyHandler(AuthenticatedHandler):
         if self._rejected:
             return
         self._size += len(chunk)
-        limit = self.services.config.limits.max_body_bytes
+        limit = self.body_limit()
         if self._size > limit:
             self._reject_too_large(limit)
             return
         self._chunks.append(chunk)
+
+    def body_limit(self) -> int:
+        """The largest body this route reads (413 beyond it, while it arrives)."""
+        return self.services.config.limits.max_body_bytes
 
     def _reject_too_large(self, limit: int) -> None:
         # Answer now and drop the connection: the rest of the body is never read.
@@ -112,6 +118,8 @@ class ProxyHandler(AuthenticatedHandler):
                     await self._pass_error(resp)
                 elif stream and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                     await self._relay_stream(resp)
+                elif self.streams_bytes:
+                    await self._relay_bytes(resp)
                 else:
                     await self._relay_json(resp)
         finally:
@@ -158,21 +166,23 @@ class ProxyHandler(AuthenticatedHandler):
         self.flag = Flag.UPSTREAM_4XX
         self.finish(data)
 
+    async def reply_usage(self, data: bytes, resp: UpstreamResponse) -> Usage:
+        """What a whole (non-streamed) reply delivered: its ``usage``, or its text counted."""
+        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
+        if len(data) > OFF_LOOP_REPLY_BYTES:
+            return await asyncio.to_thread(_usage_of_reply, data, prompt, name, self._meter)
+        return await _usage_of_small_reply(data, prompt, name, self._meter)
+
     async def _relay_json(self, resp: UpstreamResponse) -> None:
         waited = time.perf_counter()
         data = await resp.read(self.services.config.limits.max_response_bytes)
         self._add_upstream_wait(waited)
-        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
-        if len(data) > OFF_LOOP_REPLY_BYTES:
-            reply, usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name, self._meter)
-        else:
-            reply, usage = await _usage_of_small_reply(data, prompt, name, self._meter)
-        self._usage = usage
+        self._usage = await self.reply_usage(data, resp)
         self.set_status(resp.status)
         self._copy_headers(resp)
-        self.set_header("Content-Type", "application/json")
+        if self.json_reply or "Content-Type" not in resp.headers:
+            self.set_header("Content-Type", "application/json")
         self._mark_first_byte()
-        await self.reply_ready(resp, reply, usage)
         self._delivered = True
         try:
             await self.finish(data)
@@ -182,9 +192,6 @@ class ProxyHandler(AuthenticatedHandler):
     def stream_meter(self, body: dict[str, Any]) -> StreamMeter:
         """What reads this route's stream: its usage, its delivered text, its end."""
         return StreamMeter(forward_usage_chunk=False)
-
-    async def reply_ready(self, resp: UpstreamResponse, reply: Any, usage: Usage) -> None:
-        """A JSON reply is known whole, and not yet sent: the route's last word before the client's."""
 
     def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
         """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
@@ -248,6 +255,42 @@ class ProxyHandler(AuthenticatedHandler):
         except StreamClosedError:
             self.flag = Flag.CLIENT_DISCONNECTED
 
+    async def _relay_bytes(self, resp: UpstreamResponse) -> None:
+        """A binary reply (speech) passed on as it arrives, each chunk flushed before the next is
+        read: a slow client slows the upstream read, and relay holds about one chunk. Delivered
+        once any byte reached the client; the usage is the quote's (the route's price unit)."""
+        self.set_status(resp.status)
+        self._copy_headers(resp)
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self._usage = self.charge.quote.prompt
+        chunks = resp.chunks().__aiter__()
+        try:
+            while True:
+                waited = time.perf_counter()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self._add_upstream_wait(waited)
+                self.write(chunk)
+                self._mark_first_byte()
+                await self.flush()
+                self._delivered = True
+        except UpstreamError:
+            self.flag = Flag.UPSTREAM_STREAM_BROKEN  # headers are out: the body just ends
+        except StreamClosedError:
+            self.flag = Flag.CLIENT_DISCONNECTED
+        if self._client_gone:
+            self.flag = Flag.CLIENT_DISCONNECTED
+        if self.flag == Flag.CLIENT_DISCONNECTED:
+            return
+        try:
+            await self.finish()
+        except StreamClosedError:
+            self.flag = Flag.CLIENT_DISCONNECTED
+
 
 def resolve_model(pool: Pool, body: dict[str, Any]) -> tuple[str, str]:
     """The model the client asked for, and the one served (after the global model_map)."""
@@ -262,26 +305,25 @@ def resolve_model(pool: Pool, body: dict[str, Any]) -> tuple[str, str]:
     return model, served
 
 
-def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> tuple[Any, Usage]:
-    """A JSON reply, and its usage, or its text counted when the upstream reported none."""
+def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
+    """A JSON reply's usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
-    return reply, parse_usage(reply) or replace(prompt, completion_tokens=meter.completion_tokens(
+    return parse_usage(reply) or replace(prompt, completion_tokens=meter.completion_tokens(
         sum(map(count_long_text, meter.reply_texts(reply)))))
 
 
-async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str,
-                                meter: StreamMeter) -> tuple[Any, Usage]:
+async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
     """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
     reply = _parse_reply(data, upstream)
     usage = parse_usage(reply)
     if usage is not None:
-        return reply, usage
+        return usage
     texts = meter.reply_texts(reply)
     if sum(map(len, texts)) <= MAX_SLICE_CHARS:
         counted = sum(map(count_long_text, texts))
     else:
         counted = await asyncio.to_thread(lambda: sum(map(count_long_text, texts)))
-    return reply, replace(prompt, completion_tokens=meter.completion_tokens(counted))
+    return replace(prompt, completion_tokens=meter.completion_tokens(counted))
 
 
 def _parse_reply(data: bytes, upstream: str) -> Any:

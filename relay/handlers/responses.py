@@ -3,12 +3,15 @@ POST /responses/input_tokens, free. A previous_response_id sends the request to 
 account that holds that response, and only there."""
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from relay.balancer.pool import Endpoint
 from relay.errors import InvalidRequest, PreviousResponseNotFound
-from relay.handlers.proxy import ProxyHandler
+from relay.handlers.proxy import OFF_LOOP_REPLY_BYTES, ProxyHandler
 from relay.handlers.stored_responses import MAX_ID_CHARS, UnbilledHandler
 from relay.metering.bounds import MAX_TOKENS
 from relay.metering.quote import quote_responses
@@ -21,6 +24,9 @@ from relay.proxy.transport import UpstreamResponse
 
 if TYPE_CHECKING:
     from relay.services import Services
+
+# {"id": "resp_...", "object": "response", ...: OpenAI's reply begins so; anything else is parsed.
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_-]{1,256})"\s*,\s*"object"\s*:\s*"response"\s*[,}]')
 
 
 async def previous_owner(services: Services, body: dict[str, Any], key_hash: str) -> Owner | None:
@@ -95,9 +101,16 @@ class ResponsesHandler(ProxyHandler):
         if self._upstream is not None:
             self._named = (response_id, self._upstream.endpoint)
 
-    async def reply_ready(self, resp: UpstreamResponse, reply: Any, usage: Usage) -> None:
+    async def reply_usage(self, data: bytes, resp: UpstreamResponse) -> Usage:
+        usage = await super().reply_usage(data, resp)
+        # It is JSON (super() parsed it); only its id is needed: read from the first bytes when it
+        # leads, as in OpenAI's replies, else from the reply parsed again (off the loop when large).
+        match = _LEADING_ID.match(data)
+        reply = {"id": match.group(1).decode(), "object": "response"} if match else \
+            await asyncio.to_thread(json.loads, data) if len(data) > OFF_LOOP_REPLY_BYTES else json.loads(data)
         if isinstance(reply, dict) and reply.get("object") == "response" and isinstance(reply.get("id"), str):
             self._record(resp.endpoint, reply["id"], usage)
+        return usage
 
     def _record(self, endpoint: Endpoint, response_id: str, usage: Usage | None) -> None:
         if self._recorded or not self._stored or len(response_id) > MAX_ID_CHARS:

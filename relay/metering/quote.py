@@ -15,7 +15,7 @@ from relay.metering.prompt import (
     count_moderation_input,
     count_responses_request,
 )
-from relay.metering.tokens import content_text, count_embedding_input, count_long_text
+from relay.metering.tokens import content_text, count_embedding_input
 from relay.metering.usage import Usage
 
 
@@ -100,11 +100,6 @@ def quote_tokens(model: str, price: Price, prompt: Usage, allowance: int, limite
     full = ceil(exact(price, prompt) + allowance * highest_output(tier))
     return Quote(model, price, prompt, allowance, minimum=min(cost(price, prompt), MAX_UNITS),
                  full=min(full, MAX_UNITS), limited=limited)
-
-
-def completion_tokens_of_reply(reply: Any) -> int:
-    """Count a JSON chat reply's text when the upstream reported no usage."""
-    return sum(count_long_text(text) for text in reply_texts(reply))
 
 
 def reply_texts(reply: Any) -> list[str]:

@@ -93,7 +93,7 @@ class RouterEvents:
 
 
 def on_settled(config: Config, entry: LedgerEntry) -> None:
-    """Tokens by kind (the parts are also counted in prompt or completion), and the charge."""
+    """Tokens by kind (the parts are also counted in prompt or completion), the charge, and media."""
     label = m.model_label(config, entry.model)
     for kind, count in (("prompt", entry.prompt_tokens), ("completion", entry.completion_tokens),
                         ("cached", entry.cached_tokens), ("reasoning", entry.reasoning_tokens),
@@ -101,6 +101,9 @@ def on_settled(config: Config, entry: LedgerEntry) -> None:
         if count or kind in ("prompt", "completion"):
             _child(m.TOKENS, label, kind).inc(count)
     _child(m.QUOTA_CHARGED, label).inc(entry.cost)
+    for kind, count in (("images", entry.images), ("seconds", entry.seconds), ("characters", entry.characters)):
+        if count:
+            _child(m.MEDIA, label, kind).inc(count)
 
 
 def on_store_op(op: str, seconds: float, ok: bool) -> None:
