@@ -2,6 +2,7 @@
 typed-event streams charged exactly, stored responses for their owner only, on the upstream
 account that made them, and the calls that cost nothing."""
 import asyncio
+import datetime as dt
 import json
 import socket
 import time
@@ -309,3 +310,20 @@ async def test_conservation_after_a_mixed_workload_with_failures_and_hang_ups(
     assert len({e["_id"] for e in entries}) == len(entries)
     assert sum(e["cost"] for e in entries) == (await store.key_doc(hash_key(TEST_KEY)))["used"]
     await assert_conserved(store)
+
+
+async def test_responses_show_in_billing_the_usage_page_and_the_metrics_like_chat(
+        http_server_client, auth, store, services, sdk):
+    await sdk.responses.create(model="gpt-4", input="Hi")
+    [e async for e in await sdk.responses.create(model="gpt-4", input="Hi", stream=True)]
+    await settled(store, services)
+    summary = json.loads((await http_server_client.fetch("/usage/api/summary", headers=auth)).body)
+    assert [(r["model"], r["cost"]) for r in summary["recent"]] == [("gpt-4", HI_COST)] * 2
+    assert summary["used"] == 2 * HI_COST
+    day = dt.datetime.now(dt.UTC).date()
+    billing = json.loads((await http_server_client.fetch(
+        f"/dashboard/billing/usage?start_date={day}&end_date={day + dt.timedelta(days=1)}", headers=auth)).body)
+    assert billing["total_usage"] == 2 * HI_COST * 100
+    metrics = (await http_server_client.fetch("/metrics")).body.decode()
+    assert 'relay_requests_total{model="gpt-4",route="responses",status_class="2xx"} 2.0' in metrics
+    assert f'relay_quota_units_charged_total{{model="gpt-4"}} {float(2 * HI_COST)}' in metrics
