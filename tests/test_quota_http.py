@@ -208,6 +208,20 @@ async def test_bad_usage_queries_are_400(http_server_client, auth, query):
     assert resp.code == 400 and json.loads(resp.body)["error"]["type"] == "invalid_request_error"
 
 
+async def test_the_usage_range_may_span_100_days_and_no_more(http_server_client, auth):
+    """As docs/api.md and docs/quota.md say: end_date (exclusive) at most 100 days after start_date."""
+    start = dt.date(2026, 1, 1)
+    ok = await http_server_client.fetch(f"/v1/dashboard/billing/usage?start_date={start}"
+                                        f"&end_date={start + dt.timedelta(days=100)}", headers=auth)
+    assert ok.code == 200
+    over = await http_server_client.fetch(f"/v1/dashboard/billing/usage?start_date={start}"
+                                          f"&end_date={start + dt.timedelta(days=101)}", headers=auth,
+                                          raise_error=False)
+    error = json.loads(over.body)["error"]
+    assert over.code == 400 and error["param"] == "end_date"
+    assert error["message"] == "The date range may span at most 100 days."
+
+
 async def test_topup_shows_in_billing_at_once(http_server_client, auth, store):
     await store.topup(hash_key(TEST_KEY), 500)
     sub = json.loads((await http_server_client.fetch("/dashboard/billing/subscription", headers=auth)).body)
