@@ -9,7 +9,8 @@ import sys
 
 from relay import serve
 from relay.config import ConfigError, load_config
-from relay.store.connect import CLIENTS, DEFAULT_CLIENT, StoreLocation, database_name, locate_store
+from relay.redact import mask_userinfo
+from relay.store.connect import CLIENTS, DEFAULT_CLIENT, StoreLocation, locate_store
 from relay.store.embedded import StoreUnreachable, holds_store
 
 log = logging.getLogger("relay")
@@ -183,10 +184,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _store_line(location: StoreLocation, data_dir: str, new: bool) -> str:
-    if location.data_dir is None:
-        from pymongo.uri_parser import parse_uri
-        hosts = ",".join(f"{host}:{port}" for host, port in parse_uri(location.uri)["nodelist"])
-        return f"store: MongoDB at {hosts}, database {database_name(location.uri)}"
+    if location.data_dir is None:  # the URI without its credentials or options
+        return f"store: MongoDB at {mask_userinfo(location.uri).split('?', 1)[0]}"
     if new:
         return f"store: a new embedded store in {data_dir}"
     if location.embedded is None:

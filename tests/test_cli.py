@@ -183,6 +183,9 @@ async def test_a_key_is_found_by_any_unique_prefix_of_six_characters_or_more(key
     assert whole.returncode == 1 and unknown not in whole.stderr and "ak-9999999..." in whole.stderr
     topped = await keys("topup", other[:6], "500")
     assert topped.returncode == 0 and json.loads(topped.stdout)["granted"] == 1500
+    assert topped.stderr.splitlines()[0] == f"relay keys: store: MongoDB at {uri.split('?')[0]}"
+    secret = await cli("keys", "show", other[:6], "--mongodb-uri", uri.replace("mongodb://", "mongodb://me:pw@"))
+    assert "pw" not in secret.stderr and "MongoDB at mongodb://***@127.0.0.1" in secret.stderr
     for key in (one, two, other):
         assert (await store.key_doc(hash_key(key)))["status"] == "active", "nothing was disabled"
     await close_client(store.client)

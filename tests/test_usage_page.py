@@ -174,6 +174,27 @@ async def check_chart_axes_and_values(page, billed: dict[str, int], unit: str) -
     assert quiet in await page.inner_text("#chart-value")
 
 
+async def test_an_overdrawn_key_shows_0_available_not_a_negative_balance(page_env):
+    url, store, services = page_env
+    key = "ak-overdrawn" + "0" * 32
+    await add_key(store, key=key, quota=1000)
+    # A request charged 50 more than was left, as the quota rules allow (docs/quota.md).
+    await store.keys.update_one({"_id": hash_key(key)}, {"$inc": {"used": 1050, "balance": -1050}})
+    pw, b = await browser()
+    try:
+        page = await b.new_page(locale="en-US")
+        await page.goto(url + "/usage")
+        await page.fill("input[name=key]", key)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("#result", state="visible")
+        assert [await page.inner_text(f"#{n}") for n in ("granted", "used", "balance")] == ["1,000", "1,050", "0"]
+        assert await page.inner_text("#message") == "This key has no quota left."
+        assert "-" not in await page.inner_text(".cards")
+    finally:
+        await b.close()
+        await pw.stop()
+
+
 async def test_wrong_key_shows_a_clear_message(page_env):
     url, store, services = page_env
     pw, b = await browser()

@@ -182,9 +182,12 @@ def _answers(uri: str, timeout_ms: int = 300) -> bool:
 
 
 def holds_store(data_dir: str) -> bool:
-    """Whether ``data_dir`` holds an embedded store: a server runs on it, or it has the files of one."""
+    """Whether an embedded store ever ran on ``data_dir``: it has a server's files, or the
+    ``store.lock`` / ``store.json`` a relay leaves there (a server may be running on it)."""
+    if any(os.path.exists(os.path.join(data_dir, name)) for name in (LOCK_FILE, INFO_FILE)):
+        return True
     try:
-        return _lock_held(data_dir) or bool(os.listdir(os.path.join(data_dir, STORAGE_DIR)))
+        return bool(os.listdir(os.path.join(data_dir, STORAGE_DIR)))
     except OSError:
         return False
 
