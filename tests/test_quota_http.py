@@ -309,6 +309,21 @@ async def test_admin_unknown_key_is_404(http_server_client):
     assert resp.code == 404 and json.loads(resp.body)["error"]["code"] == "key_not_found"
 
 
+async def test_admin_names_a_key_by_a_unique_prefix_of_6_or_more(http_server_client, store):
+    """TEST_KEY is ak-test000...1; two more keys start ak-test0 too."""
+    await add_key(store, key="ak-test1" + "1" * 36)
+    await add_key(store, key="ak-test0x" + "2" * 35)
+    c = http_server_client
+    shown = json.loads((await c.fetch("/admin/keys/ak-test1", headers=ADMIN)).body)
+    assert shown["prefix"] == "ak-test111" and shown["available"] == shown["granted"] - shown["used"]
+    for given, count in (("ak-test0", 2), ("ak-tes", 3)):
+        resp = await c.fetch(f"/admin/keys/{given}", headers=ADMIN, raise_error=False)
+        error = json.loads(resp.body)["error"]
+        assert resp.code == 400 and error["message"].startswith(f"ambiguous: {count} keys start with '{given}'")
+    short = await c.fetch("/admin/keys/ak-zz", headers=ADMIN, raise_error=False)  # too short to say "none"
+    assert short.code == 400 and "at least 6 characters" in json.loads(short.body)["error"]["message"]
+
+
 async def test_concurrent_requests_on_half_a_budget_conserve_quota(fake, io_loop):
     """Condition (a) on mongomock; the wire suite repeats it on the embedded server."""
     store = mock_store()
