@@ -16,6 +16,7 @@ from relay.store.mongo import MongoStore
 def add_codes_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                      store_options: Callable[[argparse.ArgumentParser], None]) -> None:
     codes = sub.add_parser("codes", help="top-up codes: create, list, disable")
+    store_options(codes)
     cmds = codes.add_subparsers(dest="codes_command", required=True)
     create = cmds.add_parser("create", help="make single-use top-up codes (printed once)")
     create.add_argument("--quota", type=int, required=True, help="units each code grants")

@@ -17,8 +17,10 @@ from relay.config import Config
 from relay.limits import LimitBook
 from relay.metering.ledger import LedgerEntry
 from relay.observability import recorder
+from relay.owners import ResponseOwners
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
+from relay.proxy.sockets import UpstreamSockets
 from relay.proxy.transport import AiohttpTransport, Transport
 from relay.quota import LeasedQuota, Quota, build_quota
 from relay.reload import Reloader
@@ -49,6 +51,12 @@ class Services:
     # The usage page's response speed per model, every key's requests: (computed at, rows), monotonic.
     speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    owners: ResponseOwners = field(init=False)  # who made each stored response, and where
+    sockets: UpstreamSockets = field(init=False)  # WebSockets to upstreams (the Responses API's)
+
+    def __post_init__(self) -> None:
+        self.owners = ResponseOwners(self.store)
+        self.sockets = UpstreamSockets()
 
     @property
     def config(self) -> Config:
@@ -84,10 +92,12 @@ class Services:
         except Exception:
             log.exception("final store writes failed; the journal and the sweeper cover them")
         await self.transport.close()
+        await self.sockets.close()
         await self.store.close()
 
     async def _final_writes(self) -> None:
         await self.limits.close()
+        await self.owners.close()
         await self.quota.close()
         self.store.dirty.clear()
         await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done

@@ -327,3 +327,24 @@ async def test_keys_without_a_policy_are_untouched(http_server_client, auth, sto
     resp = await chat(c, auth, "gpt-3.5-turbo")
     assert resp.code == 200 and not any(h.lower().startswith("x-ratelimit") for h in resp.headers)
     assert services.limits.keys == {}
+
+
+async def test_the_responses_websocket_applies_the_policy_turn_by_turn(http_server_client, store, services):
+    """Each response.create frame is a request: the key's models and rpm apply to it."""
+    import websockets
+    await patch(http_server_client, {"models": ["gpt-4"], "rpm": 2})
+    url = http_server_client.get_url("/v1/responses").replace("http", "ws")
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TEST_KEY}"}) as ws:
+        await ws.send(json.dumps({"type": "response.create", "model": "gpt-3.5-turbo", "input": "Hi"}))
+        event = json.loads(await ws.recv())
+        assert (event["type"], event["status"], event["error"]["code"]) == ("error", 403, "model_not_allowed")
+        for _ in range(2):
+            await ws.send(json.dumps({"type": "response.create", "model": "gpt-4", "input": "Hi"}))
+            while (event := json.loads(await ws.recv()))["type"] not in ("response.completed", "error"):
+                pass
+            assert event["type"] == "response.completed", event
+        await ws.send(json.dumps({"type": "response.create", "model": "gpt-4", "input": "Hi"}))
+        event = json.loads(await ws.recv())
+        assert (event["type"], event["status"], event["error"]["code"]) == ("error", 429, "rate_limit_exceeded")
+    await settled(store, services)
+    await assert_conserved(store)

@@ -12,13 +12,14 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from relay.balancer.pool import Endpoint
+from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
 from relay.metering.quote import Quote, price_served
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.metering.usage import Usage, parse_usage
 from relay.observability.access_log import Flag
+from relay.policy import Policy
 from relay.proxy.request import UpstreamRequest
 from relay.proxy.sse import SSEDecoder, StreamMeter
 from relay.proxy.transport import ERROR_BODY_BYTES, UpstreamResponse
@@ -90,20 +91,7 @@ class ProxyHandler(AuthenticatedHandler):
         return self.json_body()
 
     def resolve_model(self, body: dict[str, Any]) -> str:
-        model = body.get("model")
-        if model is None:
-            raise InvalidRequest("You must provide a model parameter.", param="model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' must be a non-empty string.", param="model")
-        self.model = model
-        policy = self.key.policy
-        if policy is not None and not policy.allows_model(model):
-            raise ModelNotAllowed(f"This relay key may not use the model '{model}'.", param="model")
-        config = self.services.config
-        served = config.map_model(model)
-        if not self.services.router.pool.serves(served):
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.",
-                                param="model")
+        self.model, served = resolve_model(self.services.router.pool, body, self.key.policy)
         return served
 
     def upstream_request(self, body: dict[str, Any], served: str,
@@ -164,7 +152,7 @@ class ProxyHandler(AuthenticatedHandler):
             return
         usage = self._usage
         if usage is None:  # no usage from the upstream: the prompt as estimated, the reply as counted
-            counted = await _count_rest(self._tally) if self._tally else 0
+            counted = await count_rest(self._tally) if self._tally else 0
             usage = replace(quote.prompt, completion_tokens=self._meter.completion_tokens(counted))
         self._used_tokens = usage.prompt_tokens + usage.completion_tokens  # for the key's tpm
         model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
@@ -260,7 +248,7 @@ class ProxyHandler(AuthenticatedHandler):
                     await self.flush()
                     self._delivered = True
                 if meter.text.ready:
-                    await _count_ready(meter.text)
+                    await count_ready(meter.text)
                 oversized = oversized or decoder.pending > limit
             if oversized:
                 # Headers are out: the stream just ends, and the upstream's connection with it.
@@ -322,6 +310,22 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = Flag.CLIENT_DISCONNECTED
 
 
+def resolve_model(pool: Pool, body: dict[str, Any], policy: Policy | None = None) -> tuple[str, str]:
+    """The model the client asked for, and the one served (after the global model_map); one the
+    key's ``policy`` does not allow (by the name the client sent) is refused first."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    if policy is not None and not policy.allows_model(model):
+        raise ModelNotAllowed(f"This relay key may not use the model '{model}'.", param="model")
+    served = pool.config.map_model(model)
+    if not pool.serves(served):
+        raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.", param="model")
+    return model, served
+
+
 def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
     """A JSON reply's usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
@@ -350,7 +354,7 @@ def _parse_reply(data: bytes, upstream: str) -> Any:
         raise UpstreamError(f"upstream {upstream} sent a reply that is not JSON") from None
 
 
-async def _count_ready(tally: TokenTally) -> None:
+async def count_ready(tally: TokenTally) -> None:
     """Count a stream's pending text a slice at a time, letting the loop run between slices."""
     tally.count_slice()
     while tally.ready:
@@ -358,8 +362,9 @@ async def _count_ready(tally: TokenTally) -> None:
         tally.count_slice()
 
 
-async def _count_rest(tally: TokenTally) -> int:
+async def count_rest(tally: TokenTally) -> int:
+    """Every token of what a tally was given, the rest counted a slice at a time."""
     if tally.ready:
-        await _count_ready(tally)
+        await count_ready(tally)
     return tally.close()
 

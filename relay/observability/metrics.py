@@ -87,7 +87,7 @@ CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config 
 
 ENDPOINT_STATES = tuple(EndpointState)
 ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "redeem", "health", "metrics", "other",
-          "images", "audio")
+          "images", "audio", "responses")
 
 
 def exposition() -> tuple[bytes, str]:

@@ -13,14 +13,30 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from relay.balancer.health import EndpointState
 from relay.observability import metrics as m
-from relay.observability.access_log import Flag, log_request
+from relay.observability.access_log import Flag, Logged, log_request
 
 if TYPE_CHECKING:
     from relay.balancer.pool import Endpoint, Pool
     from relay.config import Config
-    from relay.handlers.base import RelayHandler
     from relay.metering.ledger import LedgerEntry
     from relay.reload import ReloadResult
+    from relay.services import Services
+
+
+class Served(Logged, Protocol):
+    """A request handler, or one turn of a WebSocket: what the request metrics read."""
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def flag(self) -> str: ...
+
+    @property
+    def started(self) -> float: ...
 
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
@@ -42,8 +58,9 @@ def _labels(metric: MetricWrapperBase, *values: str) -> MetricWrapperBase:
 _child = cast(_Labels, functools.lru_cache(maxsize=8192)(_labels))
 
 
-def on_request_end(handler: RelayHandler) -> None:
-    """Called by Tornado once per request (the Application's log_function)."""
+def on_request_end(handler: Served) -> None:
+    """Called by Tornado once per request (the Application's log_function), and once per turn of
+    a WebSocket."""
     log_request(handler)
     status = handler.get_status()
     config = handler.services.config

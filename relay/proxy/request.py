@@ -36,6 +36,9 @@ class UpstreamRequest:
     content_type: str = "application/json"
     upload: Chunks | None = None               # a multipart upload, kept as it arrived
     model_field: ModelField | None = None      # where the upload names its model
+    # (upstream name, key fingerprint): only that endpoint may serve it (a stored response lives
+    # in the account that made it), tried once, with no failover.
+    pinned: tuple[str, str] | None = None
 
     def render(self, upstream_model: str) -> Body | None:
         """The body for an endpoint that calls the model ``upstream_model`` (its own model_map)."""

@@ -28,11 +28,11 @@ import logging
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from relay.codes import MAX_COUNT, code_state, display_prefix, generate_code, hash_code
+from relay.codes import DISPLAY_PREFIX_LEN, MAX_COUNT, code_state, display_prefix, generate_code, hash_code
 from relay.errors import CodeInvalid, CodeUsed, InvalidRequest
 from relay.metering.bounds import MAX_UNITS
 from relay.store.core import Document, _op
-from relay.store.keys import KeysMixin
+from relay.store.keys import MIN_PREFIX_LEN, KeysMixin
 
 log = logging.getLogger("relay.store")
 
@@ -62,17 +62,22 @@ class CodesMixin(KeysMixin):
 
     @_op("resolve_code")
     async def resolve_code(self, code_or_prefix: str) -> Document:
-        """A code's document by the code itself or its display prefix (unique)."""
-        if len(code_or_prefix) > 20:
-            doc = await self.codes.find_one({"_id": hash_code(code_or_prefix)})
+        """A code's document by the code itself or a unique prefix of it (6 to 10 characters,
+        as keys are named)."""
+        given = code_or_prefix
+        if len(given) > DISPLAY_PREFIX_LEN:
+            doc = await self.codes.find_one({"_id": hash_code(given)})
             if doc:
                 return doc
-        else:
-            docs = await self.codes.find({"prefix": code_or_prefix}).to_list(length=2)
-            if len(docs) > 1:
-                raise InvalidRequest("That prefix matches more than one code; give the whole code.")
-            if docs:
-                return docs[0]
+            raise LookupError("no such code")
+        if len(given) < MIN_PREFIX_LEN:
+            raise InvalidRequest(f"give at least {MIN_PREFIX_LEN} characters of the code ({given!r} has "
+                                 f"{len(given)}).")
+        docs = await self.codes.find({"prefix": {"$gte": given, "$lt": given + "~"}}).to_list(length=2)
+        if len(docs) > 1:
+            raise InvalidRequest(f"ambiguous: more than one code starts with {given!r}; give more of it.")
+        if docs:
+            return docs[0]
         raise LookupError("no such code")
 
     @_op("disable_code")

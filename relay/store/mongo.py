@@ -11,10 +11,12 @@ from __future__ import annotations
 from relay.store.codes import CodesMixin
 from relay.store.limits import LimitsMixin
 from relay.store.recovery import RecoveryMixin
+from relay.store.responses import ResponsesMixin
 from relay.store.usage import UsageMixin
 
 
-class MongoStore(RecoveryMixin, UsageMixin, CodesMixin, LimitsMixin):
+class MongoStore(RecoveryMixin, UsageMixin, ResponsesMixin, CodesMixin, LimitsMixin):
     """Keys (store.keys), holds and the outbox (store.holds), leases (store.leases), usage
-    queries (store.usage), crash recovery (store.recovery), top-up codes (store.codes) and rate
-    limit state (store.limits), on one connection (store.core)."""
+    queries (store.usage), crash recovery (store.recovery), the owners of stored responses
+    (store.responses), top-up codes (store.codes) and rate limit state (store.limits), on one
+    connection (store.core)."""
