@@ -180,7 +180,11 @@ async def test_affinity_off_places_by_load():
 
 async def test_a_cooling_key_moves_its_prefix_to_one_other_key_and_it_comes_back():
     r, t, clock = router()
-    req = request(chat_body())
+    tier = r.pool.tiers_for("gpt-4o", "chat")[0]
+    # A conversation whose second-ranked endpoint is on the other upstream: it still moves to its
+    # own upstream's other key, where the failed request's retry went too.
+    req = next(req for i in range(100) if (req := request(chat_body(user=f"c{i}"))) and
+               len({ep.upstream.name for ep in a.rank(tier, req.affinity)[:2]}) == 2)
     home = await send(r, req)
     t.answers[home] = Reply(429, b"{}", {"Retry-After": "5"})
     moved = {await send(r, req) for _ in range(20)}

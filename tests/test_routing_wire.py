@@ -54,6 +54,15 @@ async def post(c, url, body, path=CHAT):
     return await c.fetch(url + path, method="POST", raise_error=False, headers=AUTH, body=json.dumps(body))
 
 
+async def affinity_counts(c, url) -> Counter:
+    text = (await c.fetch(url + "/metrics")).body.decode()
+    out: Counter = Counter()
+    for line in text.splitlines():
+        if line.startswith("relay_affinity_total{"):
+            out[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 @pytest.fixture
 def pair(io_loop):
     east, west = start_fake(), start_fake()
@@ -68,6 +77,7 @@ async def test_a_conversation_stays_on_one_key_and_traffic_without_affinity_spre
     await add_key(store)
     url, server, services = await serve(four_keys(east, west), store)
     c = client()
+    before = await affinity_counts(c, url)
     for turn in range(1, 6):  # 20 conversations at once, five turns each
         codes = [r.code for r in await asyncio.gather(*(post(c, url, conversation(i, turn)) for i in range(20)))]
         assert codes == [200] * 20
@@ -76,6 +86,9 @@ async def test_a_conversation_stays_on_one_key_and_traffic_without_affinity_spre
     assert on_home >= 0.95 * 100, tags
     homes = Counter(counts.most_common(1)[0][0] for counts in tags.values())
     assert len(homes) >= 3, f"conversations are spread over the keys: {homes}"
+    after = await affinity_counts(c, url)
+    first, fell_back = (after[k] - before[k] for k in ("first_choice", "fell_back"))
+    assert first + fell_back == 100 and first >= 95, (first, fell_back)
     # Embeddings have no prompt to cache: placed by load, following the weights (3:1).
     before = east.count(), west.count()
     for _ in range(200):
