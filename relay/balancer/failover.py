@@ -59,8 +59,8 @@ class Attempts:
 
         So a request that leaves an upstream which has just failed (or that was ejected while
         the request was on its way) reaches a healthy tier whatever other failures spent the
-        budget; while everything fails, an upstream takes at most one such retry before its
-        record is no longer clean, and every further retry is counted."""
+        budget; while everything fails, an upstream takes such retries only until its first
+        failure, and every further retry is counted."""
         if self.last is not None:
             outcome, failed = self.last
             if outcome in OUTLIER_OUTCOMES and target.upstream.base_url == failed.upstream.base_url:

@@ -86,14 +86,15 @@ class Pool:
         return cls(config, endpoints)
 
     def tiers_for(self, model: str, api: str | None = None) -> list[list[Endpoint]]:
-        """Endpoints that serve ``model`` (already mapped) on ``api`` (any when None), lowest tier first.
+        """Endpoints that serve ``model`` (already mapped) on ``api`` (any when None), lowest tier first;
+        those the operator disabled in the file are never tried, so they are left out.
 
         The same for the pool's whole life (health is judged apart), so computed once per model and API."""
         tiers = self._tiers.get((model, api))
         if tiers is None:
             by_tier: dict[int, list[Endpoint]] = {}
             for ep in self.endpoints:
-                if ep.upstream.serves(model, api):
+                if ep.upstream.serves(model, api) and not ep.operator_disabled:
                     by_tier.setdefault(ep.tier, []).append(ep)
             tiers = [by_tier[t] for t in sorted(by_tier)]
             if len(self._tiers) >= MAX_CACHED_TIERS:
