@@ -203,3 +203,33 @@ async def test_the_404_lists_a_bounded_number_of_models(pair, io_loop):
     server.stop()
     await services.close()
     c.close()
+
+
+async def test_uploads_and_every_route_go_only_to_upstreams_serving_their_api(pair, io_loop):
+    from openai import AsyncOpenAI
+
+    from tests.test_media import make_wav
+    east, west = pair
+    store = mock_store()
+    await add_key(store)
+    text = f"""
+upstreams:
+  - {{name: chatty, base_url: '{east.base_url}', keys: [sk-e0], apis: [chat, completions]}}
+  - {{name: media, base_url: '{west.base_url}', keys: [sk-w0], apis: [audio, images, embeddings]}}
+{PRICING}
+  whisper-1: {{per_second: "200/3"}}
+  tts-1: {{per_character: 10}}
+"""
+    url, server, services = await serve(text, store)
+    sdk = AsyncOpenAI(base_url=url + "/v1", api_key=TEST_KEY, max_retries=0)
+    for _ in range(6):  # with any endpoint allowed, all six uploads on one of two: 1 in 32
+        await sdk.audio.transcriptions.create(model="whisper-1", file=("hi.wav", make_wav(1.0), "audio/wav"))
+        await sdk.audio.speech.create(model="tts-1", voice="alloy", input="hello")
+        await sdk.embeddings.create(model="text-embedding-ada-002", input="x")
+        await sdk.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+    assert [r["path"] for r in east.requests] == ["/v1/chat/completions"] * 6
+    assert sorted({r["path"] for r in west.requests}) == ["/v1/audio/speech", "/v1/audio/transcriptions",
+                                                          "/v1/embeddings"]
+    await sdk.close()
+    server.stop()
+    await services.close()
