@@ -60,6 +60,13 @@ PANELS = [
     ("Store operation latency p99", "s", [
         ("{{op}}", f"histogram_quantile(0.99, sum by (le, op) (rate(relay_store_operation_seconds_bucket[{RATE}])))"),
     ], 12),
+    # Cached prompt tokens are billed at the model's cached_input price: the higher, the cheaper.
+    ("Prompt cache hit ratio by model (cached / prompt tokens), affinity first choice", "percentunit", [
+        ("{{model}}", f'sum by (model) (rate(relay_tokens_total{{kind="cached"}}[{RATE}])) '
+                      f'/ sum by (model) (rate(relay_tokens_total{{kind="prompt"}}[{RATE}]))'),
+        ("affinity first choice", f'sum(rate(relay_affinity_total{{outcome="first_choice"}}[{RATE}])) '
+                                  f"/ sum(rate(relay_affinity_total[{RATE}]))"),
+    ], 12),
 ]
 
 

@@ -32,6 +32,8 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
+    for warning in config.warnings():
+        print(f"warning: {args.file}: {warning}", file=sys.stderr)
     endpoints = sum(len(u.keys) for u in config.upstreams)
     print(f"ok: {args.file}: {len(config.upstreams)} upstream(s), {endpoints} endpoint(s), "
           f"{len(config.pricing)} priced model(s)")

@@ -182,3 +182,58 @@ def test_numbers_at_their_bounds_are_accepted():
     assert cfg.upstreams[0].weight == 1_000_000
     assert cfg.price_of("a") == type(cfg.price_of("a"))(Fraction(1_000_000), Fraction(1, 1_000_000))
     assert cfg.price_of("b").input == Fraction(1, 1_000_000)
+
+
+def test_models_take_patterns_and_a_star_and_apis_name_what_an_upstream_serves():
+    cfg = parse_config("upstreams:\n"
+                       "  - {name: a, base_url: 'http://a', keys: [k], models: ['gpt-4o*', 'o?-mini', gpt-4],"
+                       " apis: [chat, responses]}\n"
+                       "  - {name: b, base_url: 'http://b', keys: [k], models: ['*'], apis: [embeddings]}\n", {})
+    a, b = cfg.upstreams
+    assert [a.serves(m) for m in ("gpt-4o", "gpt-4o-mini", "o4-mini", "gpt-4", "gpt-4-32k", "o3")] == \
+        [True, True, True, True, False, False]
+    assert a.serves("gpt-4o", "responses") and not a.serves("gpt-4o", "embeddings")
+    assert b.models is None and b.serves("anything", "embeddings") and not b.serves("anything", "chat")
+    assert cfg.routing.affinity is True and cfg.routing.overload_factor == 2.0
+
+
+@pytest.mark.parametrize("extra,path,reason", [
+    ("apis: [chat, chatt]", "upstreams[0].apis[1]", "unknown API 'chatt' (known: chat, completions, embeddings"),
+    ("apis: []", "upstreams[0].apis", "non-empty list of APIs"),
+    ("apis: chat", "upstreams[0].apis", "non-empty list of APIs"),
+    ("models: []", "upstreams[0].models", "names or patterns"),
+])
+def test_upstream_apis_and_models_mistakes_name_their_key_path(extra, path, reason):
+    with pytest.raises(ConfigError) as info:
+        parse_config(ONE.replace("keys: [k]", f"keys: [k], {extra}"), {})
+    assert info.value.path == path and reason in info.value.reason
+
+
+@pytest.mark.parametrize("routing,path,reason", [
+    ("{affinity: yes please}", "routing.affinity", "true or false"),
+    ("{overload_factor: 0.5}", "routing.overload_factor", "at least 1"),
+    ("{overload_factor: .inf}", "routing.overload_factor", "finite"),
+    ("{overload_factor: 5000}", "routing.overload_factor", "at most 1000"),
+    ("{sticky: true}", "routing.sticky", "unknown key"),
+])
+def test_routing_section_is_validated(routing, path, reason):
+    with pytest.raises(ConfigError) as info:
+        parse_config(ONE + f"routing: {routing}\n", {})
+    assert info.value.path == path and reason in info.value.reason
+    cfg = parse_config(ONE + "routing: {affinity: false, overload_factor: 1.5}\n", {})
+    assert (cfg.routing.affinity, cfg.routing.overload_factor) == (False, 1.5)
+
+
+def test_check_config_warns_about_patterns_that_match_nothing_priced(tmp_path, capsys):
+    path = tmp_path / "globs.yaml"
+    path.write_text("upstreams:\n  - {name: a, base_url: 'http://a', keys: [k], models: ['gpt-4o*', 'gtp-5*', o3]}\n"
+                    "  - {name: b, base_url: 'http://b', keys: [k], models: ['*'], apis: [chat]}\n"
+                    "pricing:\n  gpt-4o-mini: {input: 1}\n  '*': {input: 1}\n")
+    assert main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"warning: {path}: upstreams[0].models[1]: pattern 'gtp-5*' matches no priced model " \
+                  f"(GET /models lists nothing for it)\n"
+    assert out.startswith("ok: ")
+    path.write_text(ONE.replace("keys: [k]", "keys: [k], apis: [chat, speech]"))
+    assert main(["check-config", str(path)]) == 1
+    assert "upstreams[0].apis[1]: unknown API 'speech'" in capsys.readouterr().err

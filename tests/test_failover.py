@@ -47,6 +47,11 @@ def two(io_loop):
     backup.stop()
 
 
+def user(i):
+    """A different conversation each time: cache affinity does not hold them on one key."""
+    return [{"role": "user", "content": f"Hi, I am user {i}"}]
+
+
 def client():
     return AsyncHTTPClient(force_instance=True, max_clients=64, defaults={"request_timeout": 30})
 
@@ -79,15 +84,15 @@ async def test_revoked_key_is_dropped_after_one_failure_and_comes_back(two):
     primary, backup, url, store, services = two
     c = client()
     primary.state.keys = {"sk-p2"}  # sk-p1 is revoked upstream
-    codes = [(await chat(c, url)).code for _ in range(20)]
+    codes = [(await chat(c, url, messages=user(i))).code for i in range(20)]
     assert codes == [200] * 20
     assert primary.count("sk-p1") <= 1, "a revoked key stops receiving requests after one failure"
     assert primary.count("sk-p2") >= 19 and backup.count() == 0
     primary.state.keys = {"sk-p1", "sk-p2"}
     await asyncio.sleep(1.0 + 2 * INTERVAL)  # the slower recheck of disabled keys
     seen = primary.count("sk-p1")
-    for _ in range(20):
-        await chat(c, url)
+    for i in range(20):
+        await chat(c, url, messages=user(i))
     assert primary.count("sk-p1") > seen, "the checker re-enabled the key"
     c.close()
 
@@ -100,14 +105,14 @@ async def test_429_rests_that_key_for_retry_after(two):
     started = time.monotonic()
     codes = []
     while time.monotonic() - started < 1.2:
-        codes.append((await chat(c, url)).code)
+        codes.append((await chat(c, url, messages=user(len(codes)))).code)
     assert set(codes) == {200}
     assert primary.count("sk-p1") <= 1, "at most one 429 (a probe may see it first), then the key rests"
     assert primary.count("sk-p2") == len(codes) and backup.count() == 0
     primary.state.behaviour.key_status = {}
     await asyncio.sleep(2.2)
-    for _ in range(20):
-        await chat(c, url)
+    for i in range(20):
+        await chat(c, url, messages=user(i))
     assert primary.count("sk-p1") > 1, "after Retry-After the key carries load again"
     c.close()
 
@@ -171,7 +176,9 @@ async def test_retries_stay_within_the_budget_in_a_total_outage(two):
     codes = [(await chat(c, url)).code for _ in range(n)]
     assert set(codes) == {502}
     attempts = primary.count() + backup.count()
-    assert n <= attempts <= n + max(3, int(0.2 * n)), attempts
+    # The budget's retries, and the free failover onto an upstream that has not failed yet: each
+    # upstream takes those only until its first failure (one each, with requests one at a time).
+    assert n <= attempts <= n + max(3, int(0.2 * n)) + 2, attempts
     await settled(store, services)
     await assert_conserved(store)
     c.close()
@@ -303,3 +310,36 @@ model_map: {{gpt-3.5-turbo: gpt-4}}
     a.stop()
     b.stop()
     c.close()
+
+
+async def test_an_outage_burst_right_after_other_failures_is_all_served_by_the_backup(io_loop):
+    """The primary starts failing under 50 requests at once, the retry budget already spent by
+    earlier failures: every request is served by the backup, none costs budget."""
+    primary, backup, flaky = start_fake(), start_fake(), start_fake()
+    store = mock_store()
+    await add_key(store)
+    text = f"""
+upstreams:
+  - {{name: primary, base_url: '{primary.base_url}', keys: [sk-p1, sk-p2], models: [gpt-4]}}
+  - {{name: backup, base_url: '{backup.base_url}', keys: [sk-b1], priority: 1, models: [gpt-4]}}
+  - {{name: flaky, base_url: '{flaky.base_url}', keys: [sk-f1, sk-f2], models: [gpt-3.5-turbo]}}
+retries: {{budget_ratio: 0.01, budget_floor: 1}}
+{PRICING}"""
+    url, server, services = await serve(text, store)
+    c = client()
+    flaky.state.behaviour.status = 500
+    resp = await c.fetch(url + CHAT, method="POST", raise_error=False, headers={"Authorization": f"Bearer {TEST_KEY}"},
+                         body=json.dumps({"model": "gpt-3.5-turbo", "messages": HI}))
+    assert resp.code == 502 and flaky.count() == 2, "the one retry the budget allows, spent"
+    primary.state.behaviour.status = 500
+    primary.state.behaviour.first_byte_delay = 0.2  # all 50 reach the primary before the first failure
+    codes = [r.code for r in await asyncio.gather(*(chat(c, url, stream=i % 2 == 0) for i in range(50)))]
+    assert codes == [200] * 50
+    assert backup.count() == 50 and primary.count() >= 3, "enough to eject it"
+    await settled(store, services)
+    await assert_conserved(store)
+    server.stop()
+    await services.close()
+    c.close()
+    for f in (primary, backup, flaky):
+        f.stop()

@@ -50,6 +50,8 @@ async def traffic(c, url, n, key=TEST_KEY, model="gpt-4"):
 async def test_prometheus_sees_every_dashboard_and_alert_expression(tmp_path, io_loop):
     assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
     primary, backup = start_fake(), start_fake()
+    for fake in (primary, backup):
+        fake.state.behaviour.cached_tokens = 4  # part of each prompt read from the upstream's cache
     store = mock_store()
     await add_key(store)
     poor = "ak-poor000000000000000000000000000000000000001"

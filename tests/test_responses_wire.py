@@ -63,7 +63,8 @@ async def test_a_stored_response_is_served_by_its_account_from_any_process_and_a
         for i in range(40):
             if i >= 4 and {id(f) for f in made.values()} == {id(alpha), id(beta)}:
                 break
-            created = await clients[i % 2].responses.create(model="gpt-4", input="Hi", stream=False)
+            # A different prompt each time: cache affinity keeps one prompt on one account.
+            created = await clients[i % 2].responses.create(model="gpt-4", input=f"Hi {i}", stream=False)
             made[created.id] = alpha if created.id in alpha.state.responses else beta
         assert {id(f) for f in made.values()} == {id(alpha), id(beta)}, "both accounts made responses"
 

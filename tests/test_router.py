@@ -7,7 +7,7 @@ import pytest
 
 from relay.balancer.pool import Pool
 from relay.config import parse_config
-from relay.errors import NoEndpoint, UpstreamConnectError, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from relay.errors import NoEndpoint, UpstreamConnectError, UpstreamRateLimited, UpstreamTimeout
 from relay.proxy.request import UpstreamRequest
 from relay.proxy.router import Router
 from tests.fake_transport import FakeTransport, Reply
@@ -51,8 +51,7 @@ async def test_the_endpoint_counts_the_exchange_in_flight_until_it_ends():
 
 
 async def test_each_endpoint_gets_the_body_with_its_own_model_name():
-    r, t, _ = router({"primary/k0": UpstreamError("down", outcome="5xx"),
-                      "primary/k1": UpstreamError("down", outcome="5xx")})
+    r, t, _ = router({"primary/k0": Reply(429, b"{}"), "primary/k1": Reply(429, b"{}")})
     async with r.exchange(CHAT):
         pass
     bodies = {name: json.loads(body)["model"] for name, body in t.sent}
@@ -60,13 +59,34 @@ async def test_each_endpoint_gets_the_body_with_its_own_model_name():
     assert t.sent[-1][1] == CHAT.raw, "nothing changed for the backup: the client's own bytes"
 
 
-async def test_a_failing_tier_fails_over_to_the_next_and_nothing_stays_in_flight():
-    r, t, _ = router({"primary/k0": UpstreamConnectError("refused", outcome="connect_error"),
-                      "primary/k1": Reply(503, b'{"error": {"code": null}}')})
+@pytest.mark.parametrize("failure", [UpstreamConnectError("refused", outcome="connect_error"),
+                                     UpstreamTimeout("slow", outcome="timeout"), Reply(503, b'{"error": {}}')])
+async def test_the_upstreams_fault_fails_over_to_another_base_url_not_its_other_key(failure):
+    r, t, _ = router({"primary/k0": failure, "primary/k1": failure})
     async with r.exchange(CHAT) as resp:
         assert resp.endpoint.upstream.name == "backup"
-    assert sorted(t.tried[:2]) == ["primary/k0", "primary/k1"] and t.tried[2] == "backup/k0"
+    assert len(t.tried) == 2 and t.tried[0].startswith("primary/") and t.tried[1] == "backup/k0", t.tried
     assert set(in_flight(r).values()) == {0}
+
+
+async def test_the_upstreams_fault_is_retried_on_its_other_key_when_no_other_base_url_is_left():
+    one = "upstreams:\n  - {name: only, base_url: 'http://o', keys: [sk-o0, sk-o1]}\npricing: {'*': {input: 1}}\n"
+    r, t, _ = router({"only/k0": Reply(500, b"{}")}, text=one)
+    for _ in range(4):
+        async with r.exchange(CHAT) as resp:
+            assert resp.status == 200 and resp.endpoint.name == "only/k1"
+
+
+@pytest.mark.parametrize("status,body", [(429, b"{}"), (401, b"{}"),
+                                         (429, b'{"error": {"code": "insufficient_quota"}}')])
+async def test_a_keys_fault_is_retried_on_another_key_of_the_same_upstream_first(status, body):
+    r, t, _ = router({"primary/k0": Reply(status, body), "primary/k1": Reply(status, body)})
+    async with r.exchange(CHAT) as resp:
+        assert resp.endpoint.upstream.name == "backup"
+    assert sorted(t.tried[:2]) == ["primary/k0", "primary/k1"] and t.tried[2] == "backup/k0", t.tried
+    r, t, _ = router({"primary/k0": Reply(status, body)})
+    async with r.exchange(CHAT) as resp:
+        assert resp.endpoint.name == "primary/k1", "the primary's other key, not the backup"
 
 
 async def test_a_client_error_is_handed_back_not_retried():
@@ -116,12 +136,15 @@ async def test_retries_stop_at_the_budget():
     down = UpstreamConnectError("refused", outcome="connect_error")
     text = POOL.replace("budget_floor: 3", "budget_floor: 1").replace("budget_ratio: 0.2", "budget_ratio: 0.01")
     r, t, _ = router({"primary/k0": down, "primary/k1": down, "backup/k0": down}, text=text)
-    for expected in (2, 1):  # the first request may retry once (the floor), the next may not
+    # The first request: its failover to the backup (which has not failed yet) costs nothing, the retry
+    # after that (the primary's other key: nothing else is left) the one the budget allows; the next
+    # request's failover goes to a backup that has failed: the budget is spent, no retry.
+    for expected in (["primary", "backup", "primary"], ["primary"]):
         before = len(t.sent)
         with pytest.raises(UpstreamConnectError):
             async with r.exchange(CHAT):
                 pass
-        assert len(t.sent) - before == expected
+        assert [name.split("/")[0] for name in t.tried[before:]] == expected
 
 
 async def test_with_everything_ejected_the_soonest_back_is_tried():

@@ -16,6 +16,13 @@ class Endpoint:
     key_id: str  # "k0", "k1"...: names the key in logs and metrics without revealing anything of it
     health: EndpointHealth
     upstream_health: UpstreamHealth
+    # Names the endpoint in rendezvous hashing (balancer/affinity.py): the same on every process and
+    # machine, and unchanged when other keys are added, removed or reordered. One-way: the key stays secret.
+    seed: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.seed:
+            self.seed = hashlib.blake2b(f"{self.upstream.name}\0{self.key}".encode(), digest_size=16).digest()
 
     @property
     def name(self) -> str:
@@ -49,10 +56,15 @@ class Endpoint:
         return endpoint_state(self.health, self.upstream_health, self.operator_disabled, config.health, now)
 
 
+# tiers_for's answers kept per pool; a pool serving "*" could otherwise keep one per junk model name.
+MAX_CACHED_TIERS = 1024
+
+
 @dataclass
 class Pool:
     config: Config
     endpoints: list[Endpoint] = field(default_factory=list)
+    _tiers: dict[tuple[str, str | None], list[list[Endpoint]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, previous: Pool | None = None) -> Pool:
@@ -73,16 +85,25 @@ class Pool:
                 endpoints.append(Endpoint(u, key, f"k{i}", health, up_health))
         return cls(config, endpoints)
 
-    def tiers_for(self, model: str) -> list[list[Endpoint]]:
-        """Endpoints that serve ``model`` (already mapped), lowest tier first."""
-        by_tier: dict[int, list[Endpoint]] = {}
-        for ep in self.endpoints:
-            if ep.upstream.serves(model):
-                by_tier.setdefault(ep.tier, []).append(ep)
-        return [by_tier[t] for t in sorted(by_tier)]
+    def tiers_for(self, model: str, api: str | None = None) -> list[list[Endpoint]]:
+        """Endpoints that serve ``model`` (already mapped) on ``api`` (any when None), lowest tier first;
+        those the operator disabled in the file are never tried, so they are left out.
 
-    def serves(self, model: str) -> bool:
-        return any(u.serves(model) for u in self.config.upstreams)
+        The same for the pool's whole life (health is judged apart), so computed once per model and API."""
+        tiers = self._tiers.get((model, api))
+        if tiers is None:
+            by_tier: dict[int, list[Endpoint]] = {}
+            for ep in self.endpoints:
+                if ep.upstream.serves(model, api) and not ep.operator_disabled:
+                    by_tier.setdefault(ep.tier, []).append(ep)
+            tiers = [by_tier[t] for t in sorted(by_tier)]
+            if len(self._tiers) >= MAX_CACHED_TIERS:
+                self._tiers.clear()
+            self._tiers[(model, api)] = tiers
+        return tiers
+
+    def serves(self, model: str, api: str | None = None) -> bool:
+        return any(u.serves(model, api) for u in self.config.upstreams)
 
     def pinned(self, upstream: str, fingerprint: str) -> Endpoint | None:
         """The endpoint of that upstream whose key has that fingerprint, if the file still has it."""

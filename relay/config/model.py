@@ -4,11 +4,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 
 from relay.config.fields import ANY_MODEL
 from relay.config.prices import Price
 
-__all__ = ["ANY_MODEL", "Config", "HealthPolicy", "Limits", "Quota", "Retries", "Site", "Timeouts", "Upstream"]
+__all__ = ["ANY_MODEL", "APIS", "Config", "HealthPolicy", "Limits", "Quota", "Retries", "Routing", "Site", "Timeouts",
+           "Upstream"]
+
+# The APIs an upstream may serve (its ``apis``); each proxy handler's ``route`` is one of them.
+APIS = ("chat", "completions", "embeddings", "responses", "images", "audio", "moderations")
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_pattern(name: str) -> bool:
+    """A model name with glob characters (``gpt-4o*``, ``o?-mini``) stands for every name it matches."""
+    return not _GLOB_CHARS.isdisjoint(name)
 
 
 @dataclass(frozen=True)
@@ -19,11 +31,27 @@ class Upstream:
     disabled_keys: frozenset[str] = frozenset()  # disabled by the operator in the file
     weight: int = 1
     priority: int = 0
-    models: tuple[str, ...] | None = None  # None means any model
+    models: tuple[str, ...] | None = None  # names or glob patterns (gpt-4o*); None means any model
     model_map: Mapping[str, str] = field(default_factory=dict)
+    apis: frozenset[str] | None = None     # the APIs it serves (chat, embeddings, ...); None means all
 
-    def serves(self, model: str) -> bool:
-        return self.models is None or model in self.models
+    def serves(self, model: str, api: str | None = None) -> bool:
+        """Whether requests for ``model`` (after the global map) on ``api`` may come here."""
+        if api is not None and self.apis is not None and api not in self.apis:
+            return False
+        if self.models is None:
+            return True
+        names, patterns = self._model_matchers
+        return model in names or any(fnmatchcase(model, p) for p in patterns)
+
+    def serves_api(self, api: str | None) -> bool:
+        return api is None or self.apis is None or api in self.apis
+
+    @cached_property
+    def _model_matchers(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        """Literal names for a set lookup, patterns apart (computed once: ``serves`` runs per request)."""
+        models = self.models or ()
+        return frozenset(m for m in models if not is_pattern(m)), tuple(m for m in models if is_pattern(m))
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,17 @@ class Retries:
     budget_ratio: float = 0.2   # retries at most this share of recent requests ...
     budget_floor: int = 3       # ... but always at least this many per window
     budget_window_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Routing:
+    # Cache affinity: requests that share a prompt prefix (or a prompt_cache_key) go to the same
+    # endpoint of their tier, chosen by weighted rendezvous hashing, so the upstream's prompt cache
+    # is warm. False: every request is placed by load alone (weighted power of two choices).
+    affinity: bool = True
+    # An endpoint with more than this multiple of its fair share (by weight) of the tier's requests
+    # in flight takes no affinity traffic: the next endpoint in the key's ranking does.
+    overload_factor: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +148,7 @@ class Config:
     health: HealthPolicy = HealthPolicy()
     retries: Retries = Retries()
     site: Site = Site()
+    routing: Routing = Routing()
 
     def map_model(self, model: str) -> str:
         return self.model_map.get(model, model)
@@ -116,14 +156,30 @@ class Config:
     def price_of(self, model: str) -> Price | None:
         return self.pricing.get(model, self.default_price)
 
-    def client_model_names(self) -> list[str]:
-        """Model names clients may ask for: served names and aliases that reach them."""
+    def client_model_names(self, api: str | None = None) -> list[str]:
+        """Model names clients may ask for (on ``api``, or any): served names, the priced names an
+        upstream's patterns (or "*") match, and aliases that reach them."""
+        ups = [u for u in self.upstreams if u.serves_api(api)]
         named: set[str] = set()
-        any_upstream = any(u.models is None for u in self.upstreams)
-        for u in self.upstreams:
-            named.update(u.models or ())
-        if any_upstream:
-            named.update(self.pricing)
-        named.update(a for a, target in self.model_map.items()
-                     if any(u.serves(target) for u in self.upstreams))
-        return sorted(n for n in named if any(u.serves(self.map_model(n)) for u in self.upstreams))
+        for u in ups:
+            if u.models is None:
+                named.update(self.pricing)
+                continue
+            for m in u.models:
+                if is_pattern(m):
+                    named.update(n for n in self.pricing if fnmatchcase(n, m))
+                else:
+                    named.add(m)
+        named.update(a for a, target in self.model_map.items() if any(u.serves(target) for u in ups))
+        return sorted(n for n in named if any(u.serves(self.map_model(n)) for u in ups))
+
+    def warnings(self) -> list[str]:
+        """What is valid but likely a mistake, as ``key.path: reason`` lines (``relay check-config``)."""
+        out = []
+        priced = set(self.pricing)
+        for i, u in enumerate(self.upstreams):
+            for j, m in enumerate(u.models or ()):
+                if is_pattern(m) and not any(fnmatchcase(n, m) for n in priced):
+                    out.append(f"upstreams[{i}].models[{j}]: pattern {m!r} matches no priced model "
+                               f"(GET /models lists nothing for it)")
+        return out

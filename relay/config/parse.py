@@ -14,7 +14,19 @@ from urllib.parse import urlsplit
 import yaml
 
 from relay.config.fields import ConfigError, is_int, join, kind, mapping
-from relay.config.model import ANY_MODEL, Config, HealthPolicy, Limits, Quota, Retries, Site, Timeouts, Upstream
+from relay.config.model import (
+    ANY_MODEL,
+    APIS,
+    Config,
+    HealthPolicy,
+    Limits,
+    Quota,
+    Retries,
+    Routing,
+    Site,
+    Timeouts,
+    Upstream,
+)
 from relay.config.prices import parse_pricing
 
 if TYPE_CHECKING:
@@ -28,6 +40,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 MAX_SECONDS = 86_400                # timeouts and intervals: longer than a day is a typo
 MAX_WHOLE = 2**31 - 1               # counts and sizes: times a bounded price, costs stay inside int64
 MAX_WEIGHT = 1_000_000              # weighted draws turn the sum of weights into a float
+MAX_FACTOR = 1_000                  # routing.overload_factor: beyond it, overload never moves a request
 ENCODINGS = ("cl100k_base", "o200k_base")  # the tokenizers relay ships (relay.metering.encodings)
 
 
@@ -57,7 +70,7 @@ def _config(data: Any, env: Mapping[str, str]) -> Config:
     if data is None:
         raise ConfigError("", "empty file: expected a mapping with 'upstreams'")
     top = mapping(data, "", {"upstreams", "model_map", "pricing", "timeouts", "limits", "quota", "health",
-                              "retries", "site"}, {"upstreams"})
+                              "retries", "site", "routing"}, {"upstreams"})
     raw_ups = top["upstreams"]
     if not isinstance(raw_ups, list) or not raw_ups:
         raise ConfigError("upstreams", "must be a non-empty list")
@@ -79,7 +92,15 @@ def _config(data: Any, env: Mapping[str, str]) -> Config:
         health=_numbers(top.get("health", {}), "health", HealthPolicy),
         retries=_numbers(top.get("retries", {}), "retries", Retries),
         site=_site(top.get("site", {}), "site"),
+        routing=_routing(top.get("routing", {}), "routing"),
     )
+
+
+def _routing(raw: Any, path: str) -> Routing:
+    routing = _numbers(raw, path, Routing)
+    if routing.overload_factor < 1:
+        raise ConfigError(f"{path}.overload_factor", "must be at least 1 (a multiple of an endpoint's fair share)")
+    return routing
 
 
 def _site(raw: Any, path: str) -> Site:
@@ -111,7 +132,7 @@ _HOST = re.compile(r"(?=.{1,253}(:|$))[A-Za-z0-9]([A-Za-z0-9-]{0,62})"
 
 
 def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
-    u = mapping(raw, path, {"name", "base_url", "keys", "weight", "priority", "models", "model_map"},
+    u = mapping(raw, path, {"name", "base_url", "keys", "weight", "priority", "models", "model_map", "apis"},
                  {"name", "base_url", "keys"})
     name = u["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
@@ -158,13 +179,24 @@ def _upstream(raw: Any, path: str, env: Mapping[str, str]) -> Upstream:
     if models == ANY_MODEL:
         model_tuple = None
     elif isinstance(models, list) and models and all(isinstance(m, str) and m for m in models):
-        model_tuple = tuple(models)
+        model_tuple = None if ANY_MODEL in models else tuple(models)  # ["*"]: every model, as "*"
     else:
-        raise ConfigError(f"{path}.models", "must be \"*\" or a non-empty list of model names")
+        raise ConfigError(f"{path}.models", "must be \"*\" or a non-empty list of model names or patterns "
+                                            "(gpt-4o*)")
     return Upstream(name=name, base_url=base_url.rstrip("/"), keys=tuple(expanded),
                     disabled_keys=frozenset(disabled), weight=weight,
                     priority=priority, models=model_tuple,
-                    model_map=_str_map(u.get("model_map", {}), f"{path}.model_map"))
+                    model_map=_str_map(u.get("model_map", {}), f"{path}.model_map"),
+                    apis=_apis(u.get("apis"), f"{path}.apis") if "apis" in u else None)
+
+
+def _apis(raw: Any, path: str) -> frozenset[str]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(path, f"must be a non-empty list of APIs ({', '.join(APIS)})")
+    for i, api in enumerate(raw):
+        if api not in APIS:
+            raise ConfigError(f"{path}[{i}]", f"unknown API {api!r} (known: {', '.join(APIS)})")
+    return frozenset(raw)
 
 
 def _expand(value: str, path: str, env: Mapping[str, str]) -> str:
@@ -262,4 +294,6 @@ def _upper_bound(path: str, kind: type) -> tuple[float, str]:
         return MAX_SECONDS, " seconds (a day)"
     if path.endswith("_ratio"):
         return 1, " (a share of requests)"
+    if path.endswith("_factor"):
+        return MAX_FACTOR, ""
     return math.inf, ""  # no other float setting exists; a new one names its bound here

@@ -123,6 +123,7 @@ class UpstreamsHandler(AdminHandler):
             upstreams.append({
                 "name": u.name, "base_url": mask_userinfo(u.base_url), "tier": u.priority, "weight": u.weight,
                 "models": list(u.models) if u.models else "*",
+                "apis": sorted(u.apis) if u.apis else "*",
                 "ejected_seconds_left": round(up_health.ejected_until - now, 1)
                 if up_health and up_health.ejected(now) else None,
                 "times_ejected": up_health.times_ejected if up_health else 0, "endpoints": endpoints})

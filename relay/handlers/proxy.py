@@ -12,6 +12,7 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
+from relay.balancer.affinity import affinity_key
 from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
@@ -91,12 +92,16 @@ class ProxyHandler(AuthenticatedHandler):
         return self.json_body()
 
     def resolve_model(self, body: dict[str, Any]) -> str:
-        self.model, served = resolve_model(self.services.router.pool, body, self.key.policy)
+        self.model, served = resolve_model(self.services.router.pool, body, self.route, self.key.policy)
         return served
 
     def upstream_request(self, body: dict[str, Any], served: str,
                          extra: dict[str, Any] | None = None) -> UpstreamRequest:
-        return UpstreamRequest("POST", self.upstream_path, served, body, self.request.body, extra)
+        """What goes upstream: for this route's API, with the request's cache affinity key."""
+        affinity = affinity_key(self.route, body, served, self.key.key_hash) \
+            if self.services.config.routing.affinity else None
+        return UpstreamRequest("POST", self.upstream_path, served, body, self.request.body, extra,
+                               api=self.route, affinity=affinity)
 
     async def forward(self, request: UpstreamRequest, quote: Quote, stream: bool, body: dict[str, Any]) -> None:
         """Within the key's rate limits (relay/limits.py): reserve, send, relay the reply, then
@@ -310,9 +315,10 @@ class ProxyHandler(AuthenticatedHandler):
             self.flag = Flag.CLIENT_DISCONNECTED
 
 
-def resolve_model(pool: Pool, body: dict[str, Any], policy: Policy | None = None) -> tuple[str, str]:
-    """The model the client asked for, and the one served (after the global model_map); one the
-    key's ``policy`` does not allow (by the name the client sent) is refused first."""
+def resolve_model(pool: Pool, body: dict[str, Any], api: str | None = None,
+                  policy: Policy | None = None) -> tuple[str, str]:
+    """The model the client asked for, and the one served (after the global model_map) on ``api``;
+    one the key's ``policy`` does not allow (by the name the client sent) is refused first."""
     model = body.get("model")
     if model is None:
         raise InvalidRequest("You must provide a model parameter.", param="model")
@@ -321,9 +327,30 @@ def resolve_model(pool: Pool, body: dict[str, Any], policy: Policy | None = None
     if policy is not None and not policy.allows_model(model):
         raise ModelNotAllowed(f"This relay key may not use the model '{model}'.", param="model")
     served = pool.config.map_model(model)
-    if not pool.serves(served):
-        raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.", param="model")
+    if not pool.serves(served, api):
+        raise ModelNotFound(model_not_found_message(model, pool.config.client_model_names(api)), param="model")
     return model, served
+
+
+MAX_NAMED_MODEL_CHARS = 100  # of the client's model name, echoed in a 404
+MAX_MODEL_LIST_CHARS = 600   # of the models a 404 names
+
+
+def model_not_found_message(model: str, available: list[str]) -> str:
+    """OpenAI's 404 for an unknown model, with the models clients may ask for here (bounded)."""
+    shown = model if len(model) <= MAX_NAMED_MODEL_CHARS else model[:MAX_NAMED_MODEL_CHARS] + "…"
+    message = f"The model '{shown}' does not exist or you do not have access to it."
+    if not available:
+        return message + " This relay serves no model for this API."
+    listed: list[str] = []
+    length = 0
+    for name in available:
+        if listed and length + len(name) + 2 > MAX_MODEL_LIST_CHARS:
+            break
+        listed.append(name)
+        length += len(name) + 2
+    more = len(available) - len(listed)
+    return f"{message} Models available: {', '.join(listed)}" + (f", … ({more} more)" if more else "") + "."
 
 
 def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:

@@ -151,5 +151,5 @@ class InputTokensHandler(UnbilledHandler):
         else:
             served = ""  # the upstream that holds the previous response counts with its own default
         request = UpstreamRequest("POST", self.upstream_path, served, body, self.request.body,
-                                  pinned=owner.pinned if owner else None)
+                                  pinned=owner.pinned if owner else None, api=self.route)
         await self.relay_unbilled(request)

@@ -137,7 +137,7 @@ class ResponsesSocketHandler(AuthenticatedHandler, tornado.websocket.WebSocketHa
         body = _create_body(frame)
         services = self.services
         key = await services.auth.authenticate(self._authorization)  # a key disabled since stops here
-        turn.model, served = resolve_model(services.router.pool, body, key.policy)
+        turn.model, served = resolve_model(services.router.pool, body, "responses", key.policy)
         validate_responses(body, socket=True)
         history, pinned = await self._previous(body, key.key_hash)
         quote = quote_responses(services.config, served, body, history)

@@ -69,7 +69,7 @@ class UploadHandler(ProxyHandler):
             field = ModelField(at, at, prefix=b'Content-Disposition: form-data; name="model"\r\n\r\n',
                                suffix=b"\r\n--" + self._boundary + b"\r\n")
         return UpstreamRequest("POST", self.upstream_path, served, upload=body, model_field=field,
-                               content_type=self.request.headers["Content-Type"])
+                               content_type=self.request.headers["Content-Type"], api=self.route)
 
 
 def fields(parts: list[Part]) -> dict[str, Part]:

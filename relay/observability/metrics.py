@@ -54,6 +54,9 @@ RETRIES = Counter("relay_retries", "Attempts retried on another endpoint, by the
                   ["reason"])
 FAILOVERS = Counter("relay_failovers", "Retries that moved to another upstream, by the failed attempt's outcome.",
                     ["reason"])
+AFFINITY = Counter("relay_affinity", "Requests with a cache affinity key, by where the first attempt went: "
+                   "first_choice (the key's first endpoint in its tier, where its prompt cache is warm) or "
+                   "fell_back (that one was unavailable or overloaded).", ["outcome"])
 ENDPOINT_STATE = Gauge("relay_endpoint_state", "1 for the state each endpoint (upstream × key) is in: healthy, "
                        "ejected, cooling, unhealthy, disabled_by_checker, disabled_by_operator.",
                        ["upstream", "key_id", "state"], multiprocess_mode="livemax")

@@ -91,6 +91,9 @@ class RouterEvents:
     def on_done(self, endpoint: Endpoint, seconds: float) -> None:
         _child(m.UPSTREAM_SECONDS, endpoint.upstream.name).observe(seconds)
 
+    def on_affinity(self, outcome: str) -> None:
+        _child(m.AFFINITY, outcome).inc()
+
 
 def on_settled(config: Config, entry: LedgerEntry) -> None:
     """Tokens by kind (the parts are also counted in prompt or completion), the charge, and media."""

@@ -39,6 +39,8 @@ class UpstreamRequest:
     # (upstream name, key fingerprint): only that endpoint may serve it (a stored response lives
     # in the account that made it), tried once, with no failover.
     pinned: tuple[str, str] | None = None
+    api: str | None = None                     # the API (chat, embeddings, ...): only upstreams serving it
+    affinity: bytes | None = None              # cache affinity key (balancer/affinity.py); None: by load
 
     def render(self, upstream_model: str) -> Body | None:
         """The body for an endpoint that calls the model ``upstream_model`` (its own model_map)."""

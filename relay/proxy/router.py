@@ -1,10 +1,12 @@
 """The router: the one place where upstream attempts are made, and the one retry loop.
 
-It picks the lowest tier with an available endpoint, sends, classifies the outcome, feeds
-it to health, and retries a failed attempt (connect error, timeout, 5xx, 429, a refused
-key) on another endpoint — same tier first, then the next — within ``retries.max_attempts``
-and the retry budget. It never retries the client's own errors, and it cannot retry after
-the first byte: it hands the response over before any of it reaches the client.
+It picks the lowest tier with an available endpoint (by cache affinity or by load), sends,
+classifies the outcome, feeds it to health, and retries a failed attempt (connect error,
+timeout, 5xx, 429, a refused key) on another endpoint — another base URL after the upstream's
+fault, another key of the same upstream after a key's — within ``retries.max_attempts`` and
+the retry budget (balancer/failover.py). It never retries the client's own errors, and it
+cannot retry after the first byte: it hands the response over before any of it reaches the
+client.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Protocol
 
 from relay.balancer import health as h
 from relay.balancer.budget import RetryBudget
+from relay.balancer.failover import Attempts
 from relay.balancer.outcome import (
     CLIENT_ERROR,
     OK,
@@ -30,7 +33,7 @@ from relay.balancer.outcome import (
     retry_after_seconds,
 )
 from relay.balancer.pool import Endpoint, Pool
-from relay.balancer.selection import pick
+from relay.balancer.selection import Choice, choose
 from relay.errors import (
     InvalidRequest,
     NoEndpoint,
@@ -52,6 +55,8 @@ class Events(Protocol):
 
     def on_done(self, endpoint: Endpoint, seconds: float) -> None: ...
 
+    def on_affinity(self, outcome: str) -> None: ...
+
 
 class NoEvents:
     """Reports to nobody: the router's events until the recorder is plugged in."""
@@ -63,6 +68,9 @@ class NoEvents:
         pass
 
     def on_done(self, endpoint: Endpoint, seconds: float) -> None:
+        pass
+
+    def on_affinity(self, outcome: str) -> None:
         pass
 
 
@@ -86,27 +94,23 @@ class Router:
             self.budget = RetryBudget(r.budget_ratio, r.budget_floor, r.budget_window_s)
         self.pool = pool
 
-    def choose(self, model: str, exclude: Collection[Endpoint] = (), last_hope: bool = True) -> Endpoint:
-        """The lowest tier with an available endpoint not yet tried; within it, P2C by weight.
+    def choose(self, model: str, exclude: Collection[Endpoint] = (), last_hope: bool = True,
+               api: str | None = None) -> Endpoint:
+        """The endpoint a new request for ``model`` on ``api`` would get, by load (no affinity key),
+        ``exclude`` aside (balancer/selection.py ``choose``)."""
+        return self._choose(UpstreamRequest("POST", "", model, api=api), Attempts(set(exclude)), last_hope).endpoint
 
-        When nothing is available, the endpoint whose ejection or cooldown ends soonest (a
-        panic mode, in Envoy's terms): a pool that is all ejected still gets a chance instead
-        of a total outage, and a retry may take the next such endpoint.
-        """
-        pool, now = self.pool, self.clock()
-        tiers = pool.tiers_for(model)
+    def _choose(self, request: UpstreamRequest, attempts: Attempts, last_hope: bool = True) -> Choice:
+        pool = self.pool
+        tiers = pool.tiers_for(request.model, request.api)
         if not tiers:
-            raise NoEndpoint(f"no upstream can serve model {model} right now")
-        for tier in tiers:
-            ready = [ep for ep in tier if ep not in exclude and ep.state(pool.config, now).available]
-            if ready:
-                return pick(ready, self.rng)
-        if last_hope:
-            states = [(ep.state(pool.config, now), ep) for tier in tiers for ep in tier if ep not in exclude]
-            waiting = [(st.until, ep) for st, ep in states if st.state in h.WAITING_STATES]
-            if waiting:
-                return min(waiting, key=lambda pair: pair[0])[1]
-        raise NoEndpoint(f"no endpoint is available for model {model} right now (all ejected, cooling or disabled)")
+            raise NoEndpoint(f"no upstream can serve model {request.model} right now")
+        affinity = request.affinity if pool.config.routing.affinity else None
+        choice = choose(tiers, pool.config, self.clock(), self.rng, attempts, affinity, last_hope)
+        if choice is None:
+            raise NoEndpoint(f"no endpoint is available for model {request.model} right now "
+                             f"(all ejected, cooling or disabled)")
+        return choice
 
     @asynccontextmanager
     async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
@@ -129,27 +133,32 @@ class Router:
             if isinstance(result, RelayError):
                 raise result
             return result
-        tried: set[Endpoint] = set()
+        attempts = Attempts()
         last_error: RelayError | None = None
-        failed: tuple[Outcome, Endpoint] | None = None
         for attempt in range(max_attempts):
-            if attempt and not self.budget.try_retry(self.clock()):
-                break
             try:
-                endpoint = self.choose(request.model, tried)
+                choice = self._choose(request, attempts)
             except NoEndpoint as exc:
                 last_error = last_error or exc
                 break
-            if failed:
-                self.events.on_retry(failed[0], failed[1], endpoint)
-            tried.add(endpoint)
+            endpoint = choice.endpoint
+            if attempts.last is not None:
+                # Leaving a failure for where a new request would go costs nothing; any other retry
+                # (onto an upstream that has failed, or in panic mode) is within the budget.
+                if not attempts.free(endpoint, self.pool.config, self.clock()) \
+                        and not self.budget.try_retry(self.clock()):
+                    break
+                self.events.on_retry(attempts.last[0], attempts.last[1], endpoint)
+            elif choice.affinity is not None:
+                self.events.on_affinity(choice.affinity)
+            attempts.tried.add(endpoint)
             outcome, result = await self._attempt(endpoint, request, attempt)
             if not isinstance(result, RelayError):
                 return result
             last_error = result
             if outcome not in RETRYABLE_OUTCOMES:
                 break
-            failed = (outcome, endpoint)
+            attempts.failed(outcome, endpoint)
         raise last_error or NoEndpoint(f"no endpoint is available for model {request.model} right now")
 
     def pinned_endpoint(self, pinned: tuple[str, str], model: str = "") -> Endpoint:

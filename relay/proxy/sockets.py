@@ -51,7 +51,7 @@ class UpstreamSockets:
         last: RelayError | None = None
         for attempt in range(router.pool.config.retries.max_attempts):
             try:
-                endpoint = router.choose(model, tried)
+                endpoint = router.choose(model, tried, api="responses")
             except NoEndpoint:
                 if last is None:
                     raise
