@@ -136,9 +136,10 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def log(self, tail: int = 4000) -> str:
+    def log(self, tail: int | None = 4000) -> str:
+        """The end of its log (all of it with ``tail=None``)."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text[-tail:]
+        return text[-tail:] if tail else text
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """``sig`` to the process's group; SIGKILL if it has not ended within ``timeout``."""
@@ -176,29 +177,29 @@ class Proc:
         with self._cond:
             self._cond.notify_all()
 
-    def call(self, timeout: float = 60.0, **command: Any) -> dict[str, Any]:
+    def call(self, wait_s: float = 60.0, **command: Any) -> dict[str, Any]:
         assert self.popen.stdin is not None, f"{self.name} takes no commands"
         with self._cond:
             self._next_id += 1
             cid = self._next_id
         self.popen.stdin.write((json.dumps({"id": cid, **command}) + "\n").encode())
         self.popen.stdin.flush()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         with self._cond:
             while cid not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.alive():
-                    raise AssertionError(f"{self.name}: no answer to {command} within {timeout} s\n{self.log()}")
+                    raise AssertionError(f"{self.name}: no answer to {command} within {wait_s} s\n{self.log()}")
                 self._cond.wait(min(left, 0.5))
             reply = self._replies.pop(cid)
         if "error" in reply:
             raise AssertionError(f"{self.name}: {command} failed: {reply['error']}")
         return reply
 
-    async def acall(self, timeout: float = 60.0, **command: Any) -> dict[str, Any]:
+    async def acall(self, wait_s: float = 60.0, **command: Any) -> dict[str, Any]:
         """``call`` without blocking the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: self.call(timeout, **command))
+        return await loop.run_in_executor(None, lambda: self.call(wait_s, **command))
 
 
 class _Forwarder(threading.Thread):
@@ -508,7 +509,7 @@ class Deployment:
         for relay in self.relays.values():
             assert relay.alive(), f"{relay.name} exited:\n{relay.log()}"
         try:
-            return self.agent.call(op="fetch", url=self.url(name) + "/healthz", timeout=10)["status"] == 200
+            return self.agent.call(10, op="fetch", url=self.url(name) + "/healthz")["status"] == 200
         except AssertionError:
             return False
 
@@ -522,7 +523,7 @@ class Deployment:
 
     def instance(self, relay: str) -> str:
         """The relay's process id in the store (owner of its leases), from its start-up line."""
-        m = re.search(r"in the store this process is (\S+)", self.relays[relay].log(tail=100_000))
+        m = re.search(r"in the store this process is (\S+)", self.relays[relay].log(tail=None))
         assert m, self.relays[relay].log()
         return m.group(1)
 

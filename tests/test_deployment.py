@@ -9,12 +9,22 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
+import os
+import re
+import shutil
+import signal
 import statistics
+import time
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
+import yaml
+from tornado.httpclient import AsyncHTTPClient
 
 from relay.keys import hash_key
+from relay.metering.ledger import utc_now
 from relay.store.connect import close_client, open_store
 from relay.store.leases import TOMBSTONE_SEQ
 from relay.store.mongo import MongoStore
@@ -32,7 +42,7 @@ def lab(tmp_path_factory) -> Iterator[netlab.Deployment]:
     reason = netlab.why_not()
     if reason:
         pytest.skip(f"the deployment tests build network namespaces: {reason}")
-    skew = SKEW_B if __import__("os").path.exists(netlab.FAKETIME_LIB) else None
+    skew = SKEW_B if os.path.exists(netlab.FAKETIME_LIB) else None
     deployment = netlab.Deployment(tmp_path_factory.mktemp("lab"), skew_b=skew)
     try:
         yield deployment.start()
@@ -212,3 +222,276 @@ async def test_a_slow_store_link_adds_no_latency_to_a_chat(lab, store):
     assert min(store_ms[True]) >= 2 * (DELAY_MS - JITTER_MS), "the delay is real: the store is far away"
     assert on - off <= LATENCY_MARGIN_MS, f"the store is on the hot path: +{on - off:.3f} ms"
     await quiet_and_conserved(store, [key])
+
+
+STEP_DOWN_S = 10
+
+
+@pytest.mark.timeout(seconds=120)
+async def test_a_primary_step_down_is_a_short_store_outage(lab, store):
+    """What an election looks like from relay, as far as one node can show it: the store steps
+    down (``replSetStepDown``, forced) for 10 s under traffic to both hosts. Reads still work,
+    writes fail at once with "not primary" (the driver's one retry of a retryable write meets
+    the same node). Each relay treats it as an outage: requests its slices cover are served,
+    the others get a fast 503, and its breaker closes only once a write (its heartbeat) works
+    again. Then every answer is billed once; nobody's lease is swept (10 s < 30 s)."""
+    key = await new_key(store, COST * 100_000, "step-down")
+    agent = lab.agent
+    seconds = 5 + STEP_DOWN_S + 10
+    traffic = [asyncio.ensure_future(agent.acall(seconds + 60, op="chat", url=lab.url(name), key=key, rate=5,
+                                                 seconds=seconds, timeout=30)) for name in ("primary", "backup")]
+    await asyncio.sleep(5)
+    await store.client.admin.command("replSetStepDown", STEP_DOWN_S, force=True)
+    down_at = time.monotonic()
+    results = [r["results"] for r in await asyncio.gather(*traffic)]
+    both = results[0] + results[1]
+    window = [r for r in both if down_at <= r[0] < down_at + STEP_DOWN_S]
+    refused = [r[2] / 1000 for r in both if r[1] == 503]
+    after = [r for r in both if r[0] >= down_at + STEP_DOWN_S + 2]
+    print(f"\nstore stepped down for {STEP_DOWN_S} s: {len(window)} requests in the window, "
+          f"{codes(window).count(200)} served from slices, {len(refused)} refused with 503 (slowest "
+          f"{max(refused, default=0) * 1000:.0f} ms); all {len(after)} from 2 s after it served")
+    assert set(codes(both)) <= {200, 503}
+    assert max(refused, default=0) < 1.0, "refused at once: a stepped-down node answers, it does not hang"
+    assert set(codes(after)) == {200}
+    await quiet_and_conserved(store, [key])
+    answered = [r[3] for r in both if r[1] == 200]
+    assert sorted(await ledger_ids(store, key)) == sorted(answered), "every answer billed, once"
+
+
+def restrict(expr: str, instance: str) -> str:
+    """``expr`` with every relay_* selector limited to one scrape target."""
+    def one(m: re.Match[str]) -> str:
+        inner = m.group(3)
+        return f'{m.group(1)}{{instance="{instance}"{"," + inner if inner else ""}}}'
+    return re.sub(r"\b(relay_[a-z0-9_]+)(\{([^}]*)\})?", one, expr)
+
+
+def values(result: list[dict]) -> dict[frozenset, float]:
+    return {frozenset(r["metric"].items()): float(r["value"][1]) for r in result}
+
+
+@pytest.mark.timeout(seconds=180)
+async def test_prometheus_scrapes_both_hosts_and_the_dashboard_aggregates_them(lab, store):
+    """The real Prometheus (Debian's), on the monitoring host, scrapes A and B on the back
+    network. Every request the client sent to either host is counted once, and each dashboard
+    query over both hosts is what the two hosts' own numbers make: a sum is their sum, a
+    minimum their minimum, a ratio or a quantile lies between theirs."""
+    from tests.test_prometheus import MONITORING, dashboard_exprs
+    assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
+    mon, hosts = lab.host("mon"), {name: lab.host(name) for name in ("a", "b")}
+    targets = {name: f"{h.back}:{netlab.RELAY_PORT}" for name, h in hosts.items()}
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config.pop("rule_files", None)
+    config["scrape_configs"][0]["static_configs"] = [{"targets": list(targets.values())}]
+    (lab.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom = lab.lab.run("mon", "prometheus", [
+        "prometheus", f"--config.file={lab.workdir / 'prometheus.yml'}", f"--storage.tsdb.path={lab.workdir / 'tsdb'}",
+        f"--web.listen-address={mon.back}:{netlab.PROMETHEUS_PORT}"])
+    base = f"http://127.0.0.1:{lab.lab.forward('mon', str(mon.back), netlab.PROMETHEUS_PORT)}"
+    c = AsyncHTTPClient(force_instance=True)
+
+    async def query(expr: str, at: float | None = None) -> list[dict]:
+        q = urllib.parse.urlencode({"query": expr, **({"time": f"{at:.3f}"} if at else {})})
+        body = json.loads((await c.fetch(f"{base}/api/v1/query?{q}", raise_error=False)).body)
+        assert body["status"] == "success", (expr, body)
+        return body["data"]["result"]
+
+    async def ready() -> bool:
+        try:
+            return (await c.fetch(base + "/-/ready", raise_error=False)).code == 200
+        except Exception:  # not listening yet: the forward closes the connection it could not make
+            return False
+
+    counted = 'sum by (instance) (relay_requests_total{route=~"chat|embeddings"})'
+    try:
+        await eventually(ready, timeout=60, interval=0.2, message="prometheus is ready")
+
+        async def both_up() -> bool:
+            up = values(await query('up{job="relay"}'))
+            return len(up) == 2 and set(up.values()) == {1.0}
+
+        await eventually(both_up, timeout=30, interval=0.2, message="both hosts scraped")
+        await asyncio.sleep(2.5)  # a quiet scrape or two: the counts before
+        before = {dict(k)["instance"]: v for k, v in values(await query(counted)).items()}
+        key = await new_key(store, COST * 1000, "prometheus")
+        poor = await new_key(store, 100, "prometheus, poor")  # less than a prompt costs (160): 429
+        sent = {"a": ("primary", 30, 5), "b": ("backup", 20, 5)}
+        for url, chats, refused in sent.values():
+            r = await lab.agent.acall(op="chat", url=lab.url(url), key=key, n=chats, concurrency=2)
+            assert set(codes(r["results"])) == {200}
+            r = await lab.agent.acall(op="chat", url=lab.url(url), key=poor, n=refused)
+            assert set(codes(r["results"])) == {429}
+        expected = {targets[n]: before.get(targets[n], 0) + chats + refused for n, (_, chats, refused) in sent.items()}
+
+        async def all_counted() -> bool:
+            now = {dict(k)["instance"]: v for k, v in values(await query(counted)).items()}
+            assert all(now.get(i, 0) <= expected[i] for i in expected), (now, expected)  # never more than sent
+            return now == expected
+
+        await eventually(all_counted, timeout=15, interval=0.25, message="every request counted, on its host")
+        total = values(await query('sum(relay_requests_total{route=~"chat|embeddings"})'))
+        assert list(total.values()) == [sum(expected.values())]
+
+
+        async def rated() -> bool:  # a rate needs two samples of a series: scraped again since
+            seen = values(await query('count_over_time(relay_requests_total{route=~"chat|embeddings"}[30s])'))
+            return len(seen) >= 3 and min(seen.values()) >= 3
+
+        await eventually(rated, timeout=15, interval=0.25, message="the counts scraped a few times")
+        at = time.time() - 0.5
+        both = []
+        for expr in dashboard_exprs():
+            combined = values(await query(expr, at))
+            own = {name: values(await query(restrict(expr, target), at)) for name, target in targets.items()}
+            assert all("instance" not in dict(k) for k in combined), f"not aggregated over hosts: {expr}"
+            labels = set(combined) | set().union(*own.values())
+            assert set(combined) == labels, f"{expr}: series of one host missing from the whole"
+            for k in labels:
+                c_v, mine = combined[k], [o[k] for o in own.values() if k in o and not math.isnan(o[k])]
+                if math.isnan(c_v) or not mine:
+                    continue
+                if expr.startswith("histogram_quantile") or " / " in expr:
+                    assert min(mine) - 1e-9 <= c_v <= max(mine) + 1e-9, (expr, dict(k), c_v, mine)
+                elif expr.startswith("min by"):
+                    assert c_v == pytest.approx(min(mine)), (expr, dict(k), c_v, mine)
+                else:
+                    assert expr.startswith("sum"), f"a dashboard query of a kind this test does not know: {expr}"
+                    assert c_v == pytest.approx(sum(mine), rel=1e-9), (expr, dict(k), c_v, mine)
+            if all(own.values()):
+                both.append(expr)
+        print(f"\nPrometheus scraped both hosts: {sum(expected.values()) - sum(before.values()):.0f} requests counted, "
+              f"{len(both)} of {len(dashboard_exprs())} dashboard queries with data from both hosts, each the "
+              f"aggregate of the two")
+        assert any("relay_requests_total" in e for e in both) and any("relay_quota_units_charged" in e for e in both)
+        await quiet_and_conserved(store, [key, poor])
+    finally:
+        prom.stop()
+        c.close()
+
+
+CUT_AT_S, CUT_FOR_S, AFTER_S = 5.0, 45.0, 15.0
+RATE_A, RATE_B = 5.0, 2.0
+REFUSAL_BOUND_S = 3.5  # the store call that finds the outage waits CALL_TIMEOUT_S (2.5 s); nobody queues behind it
+
+
+@pytest.mark.timeout(seconds=240)
+async def test_relay_a_cut_from_the_store_for_45_s_under_traffic(lab, store):
+    """A's cable to the back network is pulled at the switch for 45 s (a silent partition: A
+    hears nothing from the store and gets no error, only timeouts) while the client keeps
+    sending to both names. A follows the outage policy: requests its slice covers are served,
+    the rest get a fast 503; B serves throughout and, once A has been silent for 30 s of its
+    own elapsed time (its clock is 7 h ahead), returns A's slice. After the link returns A
+    bills what it served meanwhile against the swept slice: every answer in the ledger, once."""
+    key = await new_key(store, COST * 100_000, "cut")
+    agent = lab.agent
+    seconds = CUT_AT_S + CUT_FOR_S + AFTER_S
+    traffic = [asyncio.ensure_future(agent.acall(seconds + 60, op="chat", url=lab.url(name), key=key, rate=rate,
+                                                 seconds=seconds, timeout=30))
+               for name, rate in (("primary", RATE_A), ("backup", RATE_B))]
+    await asyncio.sleep(CUT_AT_S)  # the traffic's own pace: the cut's time is read, not assumed
+    lab.lab.cut("a", "back")
+    cut_at, cut_wall = time.monotonic(), utc_now()
+    try:
+        await asyncio.sleep(CUT_FOR_S)
+    finally:
+        lab.lab.heal("a", "back")
+    healed_at = time.monotonic()
+    a_results, b_results = [r["results"] for r in await asyncio.gather(*traffic)]
+
+    during = [r for r in a_results if cut_at <= r[0] < healed_at]
+    refused = [r[2] / 1000 for r in a_results if r[1] == 503]
+    late = [r for r in a_results if r[0] >= healed_at + REFUSAL_BOUND_S]
+    print(f"\nA cut from the store for {CUT_FOR_S:.0f} s, {RATE_A:.0f} req/s to A and {RATE_B:.0f} to B: "
+          f"A answered {len(a_results)}: {codes(a_results).count(200)} with 200 "
+          f"({codes(during).count(200)} during the cut, from its slice), {len(refused)} with 503 "
+          f"(slowest {max(refused, default=0):.2f} s); B answered {len(b_results)}, "
+          f"{codes(b_results).count(200)} with 200")
+    assert set(codes(a_results)) <= {200, 503}, sorted(set(codes(a_results)))
+    assert set(codes(b_results)) == {200}, "B serves throughout"
+    assert codes(during).count(200) >= 1, "A's slice keeps serving"
+    assert refused and max(refused) < REFUSAL_BOUND_S, "refusals are fast: nobody queues behind the store"
+    assert all(cut_at - 1 <= r[0] < healed_at + REFUSAL_BOUND_S for r in a_results if r[1] == 503), "only in the cut"
+    assert set(codes(late)) == {200}, "A serves again once the link is back"
+
+    await eventually(lambda: "was swept" in lab.relays["a"].log(tail=None), timeout=20, interval=0.2,
+                     message="A found its slice swept and billed it late")
+    await quiet_and_conserved(store, [])
+    doc = await store.key_doc(hash_key(key))
+    swept = tombstones(doc)
+    assert [t["owner"] for t in swept] == [lab.instance("a")], "B returned A's slice, and only A's"
+    swept_after = (swept[0]["at"] - cut_wall).total_seconds()
+    print(f"A's slice was swept {swept_after:.1f} s into the cut (by B, whose clock is {lab.skew_b or 'not'} ahead)")
+    assert 20 <= swept_after <= CUT_FOR_S, "swept once A was silent 30 s by the sweeper's elapsed time, not before"
+    answered = [r[3] for r in a_results + b_results if r[1] == 200]
+    ids = await ledger_ids(store, key)
+    assert sorted(ids) == sorted(answered), "every answer billed exactly once, those served during the cut too"
+
+
+
+SWEPT_WITHIN_S = 60.0      # the issue's bound; docs/quota.md: within 40 s
+KILL_AFTER_S, FAILOVER_FOR_S, FAILOVER_RATE = 3.0, 10.0, 10.0
+UNBILLED_WINDOW_S = 0.5    # what kill -9 may leave unbilled: the answers of the last group commits (0.1 s each)
+
+
+@pytest.mark.timeout(seconds=180)
+async def test_relay_a_killed_the_client_switches_to_b_and_b_returns_a_slices(lab, store):
+    """kill -9 of relay A while the OpenAI Python client sends ten chats a second to the
+    primary name: the request that finds A gone is asked again of the backup name at once and
+    answered by B; B's sweeper returns A's slice within 60 s. Nothing is charged twice; what A
+    settled in its last group commits before it died may go unbilled (docs/quota.md)."""
+    key = await new_key(store, COST * 100_000, "kill")
+    a_id = lab.instance("a")
+
+    async def a_holds() -> bool:
+        doc = await store.key_doc(hash_key(key))
+        return any(lease.get("owner") == a_id and lease["amount"] > 0 for lease in doc.get("leases", {}).values())
+
+    run = asyncio.ensure_future(lab.agent.acall(FAILOVER_FOR_S + 60, op="failover", primary=lab.url("primary"),
+                                                backup=lab.url("backup"), key=key, seconds=FAILOVER_FOR_S,
+                                                rate=FAILOVER_RATE))
+    await eventually(a_holds, timeout=10, interval=0.1, message="A serves the key from a slice")
+    await asyncio.sleep(KILL_AFTER_S)
+    lab.relays["a"].stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    results = (await run)["results"]
+
+    failed = [r for r in results if r[2] != 200]
+    assert len(failed) == 1 and failed[0][1:3] == ["primary", "APIConnectionError"], failed
+    i = results.index(failed[0])
+    switched = results[i + 1]
+    assert switched[1] == "backup" and switched[2] == 200
+    at_once = switched[0] + switched[3] - failed[0][0]
+    assert all(r[1] == "primary" for r in results[:i]) and all(r[1] == "backup" for r in results[i + 1:])
+
+    async def a_returned() -> bool:
+        return not await a_holds()
+
+    await eventually(a_returned, timeout=SWEPT_WITHIN_S, interval=0.25, message="B returns A's slice")
+    returned_after = time.monotonic() - killed_at
+    await quiet_and_conserved(store, [])
+    ids = set(await ledger_ids(store, key))
+    answered = {r[4]: r for r in results if r[2] == 200}
+    unbilled = [r for rid, r in answered.items() if rid not in ids]
+    print(f"\nA killed: the client's request failed on the primary after {failed[0][3] * 1000:.0f} ms and was "
+          f"answered by the backup {at_once * 1000:.0f} ms after it was first sent; {len(results) - i - 1} answers "
+          f"from B after, {i} from A before; B returned A's slice {returned_after:.1f} s after the kill; "
+          f"{len(unbilled)} of A's answers unbilled (its last group commit)")
+    assert at_once < 1.0, "the backup answers at once"
+    assert ids <= set(answered), "nothing billed that was not answered; each once (the ledger is by request id)"
+    assert all(r[1] == "primary" and killed_at - UNBILLED_WINDOW_S <= r[0] + r[3] <= killed_at for r in unbilled), \
+        "only A's answers of its last moments can go unbilled"
+    assert returned_after <= SWEPT_WITHIN_S
+
+
+def test_the_lab_leaves_nothing_behind(lab):
+    """Last: the deployment taken down; no namespace, bridge, interface, hosts file, process or
+    forward is left (the bridges and interfaces live only inside the lab's namespaces)."""
+    names = [h.ns for h in lab.lab.hosts.values()] + [lab.lab.switch]
+    pids = [p.pid for p in lab.lab.procs]
+    lab.close()
+    assert lab.lab.leftovers() == []
+    assert not set(names) & set(netlab.namespaces())
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                   for pid in pids), "every process of the lab has ended"
