@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -173,8 +174,9 @@ class KeyWatcher:
 
 
 def _why(exc: BaseException) -> str:
+    """The gist of a driver's error: its code and first clause (no topology dump)."""
     code = getattr(exc, "code", None)
-    text = str(exc).split(", full error")[0][:200] or type(exc).__name__
+    text = re.split(r", full error|, Timeout: | \(configured timeouts", str(exc))[0][:200] or type(exc).__name__
     return f"code {code}: {text}" if code is not None else text
 
 
