@@ -8,8 +8,23 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
-from relay.handlers import admin, billing, chat, embeddings, models, usage_page
+from relay.handlers import (
+    admin,
+    audio,
+    billing,
+    chat,
+    embeddings,
+    images,
+    models,
+    responses,
+    responses_ws,
+    stored_responses,
+    usage_page,
+)
 from relay.handlers.base import HealthzHandler, MetricsHandler, NotFoundHandler, ReadyzHandler, RelayHandler
+from relay.handlers.completions import CompletionsHandler
+from relay.handlers.moderations import ModerationsHandler
+from relay.handlers.upgrade import WebSocketUpgrade
 from relay.observability import recorder
 from relay.services import Services, build_services
 
@@ -29,12 +44,26 @@ def _billing(path: str) -> str:
 def make_app(services: Services, metrics: bool = True, **settings: Any) -> tornado.web.Application:
     """The application; ``metrics=False`` when /metrics is served on its own port instead."""
     kw = {"services": services}
-    routes: list[tuple[str, type[RelayHandler], dict[str, Services]]] = \
+    routes: list[tuple[str | WebSocketUpgrade, type[RelayHandler], dict[str, Services]]] = \
         [(r"/metrics", MetricsHandler, kw)] if metrics else []
     routes += [
         (_api("/chat/completions"), chat.ChatCompletionsHandler, kw),
         (_api("/embeddings"), embeddings.EmbeddingsHandler, kw),
         (_api("/models"), models.ModelsHandler, kw),
+        (_api("/models/(.+)"), models.ModelHandler, kw),
+        (_api("/completions"), CompletionsHandler, kw),
+        (_api("/moderations"), ModerationsHandler, kw),
+        (_api("/images/generations"), images.ImageGenerationsHandler, kw),
+        (_api("/images/edits"), images.ImageEditsHandler, kw),
+        (_api("/images/variations"), images.ImageVariationsHandler, kw),
+        (_api("/audio/transcriptions"), audio.TranscriptionsHandler, kw),
+        (_api("/audio/translations"), audio.TranslationsHandler, kw),
+        (_api("/audio/speech"), audio.SpeechHandler, kw),
+        (WebSocketUpgrade(_api("/responses")), responses_ws.ResponsesSocketHandler, kw),
+        (_api("/responses"), responses.ResponsesHandler, kw),
+        (_api("/responses/input_tokens"), responses.InputTokensHandler, kw),
+        (_api("/responses/compact"), responses.CompactHandler, kw),
+        (_api("/responses/([^/]+)(?:/(cancel|input_items))?"), stored_responses.StoredResponseHandler, kw),
         (_billing("/subscription"), billing.SubscriptionHandler, kw),
         (_billing("/usage"), billing.UsageHandler, kw),
         (r"/admin/keys", admin.KeysHandler, kw),

@@ -9,11 +9,14 @@ import sys
 
 from relay import serve
 from relay.config import ConfigError, load_config
-from relay.store.connect import CLIENTS, DEFAULT_CLIENT, locate_store
-from relay.store.embedded import StoreUnreachable
-from relay.supervise import exit_without_store
+from relay.redact import mask_userinfo
+from relay.store.connect import CLIENTS, DEFAULT_CLIENT, StoreLocation, locate_store
+from relay.store.embedded import StoreUnreachable, holds_store
 
 log = logging.getLogger("relay")
+
+DEFAULT_DATA_DIR = "./relay-data"
+MAX_DELAY_MS = 3_600_000
 
 
 def _setup_logging(level: str) -> None:
@@ -33,18 +36,42 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mongodb-uri", default=os.environ.get("MONGODB_URI"),
+def _store_options(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """The store options: before the command (``relay --data-dir D keys list``, with the
+    defaults) and after it (``relay keys list --data-dir D``, which wins when both are given)."""
+    def default(value: str | None) -> str | None:
+        return value if top else argparse.SUPPRESS
+    p.add_argument("--mongodb-uri", default=default(os.environ.get("MONGODB_URI")),
                    help="a MongoDB (replica set in production); default: the embedded store in --data-dir")
-    p.add_argument("--data-dir", default=os.environ.get("RELAY_DATA_DIR", "./relay-data"),
-                   help="where the embedded store keeps its files (default ./relay-data)")
-    p.add_argument("--mongo-client", choices=CLIENTS, default=os.environ.get("RELAY_MONGO_CLIENT", DEFAULT_CLIENT),
+    p.add_argument("--data-dir", default=default(os.environ.get("RELAY_DATA_DIR", DEFAULT_DATA_DIR)),
+                   help=f"where the embedded store keeps its files (RELAY_DATA_DIR; default {DEFAULT_DATA_DIR})")
+    p.add_argument("--mongo-client", choices=CLIENTS,
+                   default=default(os.environ.get("RELAY_MONGO_CLIENT", DEFAULT_CLIENT)),
                    help="driver: PyMongo's async client (default) or motor")
+
+
+def _milliseconds(text: str) -> float:
+    """A delay given in milliseconds, as seconds."""
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = -1.0
+    if not 0 <= ms <= MAX_DELAY_MS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds from 0 to {MAX_DELAY_MS}")
+    return ms / 1000
+
+
+def _delay_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--first-byte-ms", type=_milliseconds, default=0.0, metavar="MS", dest="first_byte_delay",
+                   help="the fake upstream waits this long before each response starts (default 0)")
+    p.add_argument("--chunk-delay-ms", type=_milliseconds, default=0.0, metavar="MS", dest="chunk_delay",
+                   help="the fake upstream waits this long between the chunks of a stream (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="OpenAI-API relay and multi-upstream load balancer")
     parser.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"))
+    _store_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve_p = sub.add_parser("serve", help="run relay")
@@ -71,15 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=9000)
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--keys", help="comma-separated keys to accept (default: any)")
+    _delay_options(fake)
 
     demo = sub.add_parser("demo", help="fake upstream + relay + a demo key, in one command")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--upstream-port", type=int, default=9000)
-    demo.add_argument("--quota", type=int, default=100_000, help="quota units of the demo key")
+    demo.add_argument("--quota", type=int, default=100_000,
+                      help="quota units of a new demo key (one is minted when the data directory has none)")
+    _delay_options(demo)
     _store_options(demo)
 
     keys = sub.add_parser("keys", help="create, list, show, top up, disable and enable relay keys")
+    _store_options(keys)
     key_cmds = keys.add_subparsers(dest="keys_command", required=True)
     create = key_cmds.add_parser("create", help="create a key (printed once)")
     create.add_argument("--quota", type=int, required=True)
@@ -92,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     topup.add_argument("key")
     topup.add_argument("quota", type=int)
     for p in key_cmds.choices.values():
+        p.add_argument("--create", action="store_true",
+                       help="start an empty embedded store when --data-dir holds none (keys create does)")
         _store_options(p)
 
     check = sub.add_parser("check-config", help="validate an upstreams.yaml")
@@ -102,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # Ctrl-C before the servers were up (once up, it is a graceful stop)
+        print("relay: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         return _check_config(args)
     if args.command == "serve" and bool(args.certfile) != bool(args.keyfile):
@@ -112,15 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(serve.fake_upstream(args))
         if args.command == "serve":
             return serve.serve_command(args)
-        from relay.keys_cli import run_keys_command
-        runner = {"demo": serve.demo, "keys": run_keys_command}[args.command]
-        # The embedded store starts here, on the main thread: it is tied to this thread's life.
-        location = locate_store(args.mongodb_uri, args.data_dir,
-                                on_give_up=exit_without_store if args.command == "demo" else None)
-        try:
-            return asyncio.run(runner(args, location.uri))
-        finally:
-            location.stop()
+        if args.command == "demo":
+            return serve.demo_command(args)
+        return _keys(args)
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
         return 1
@@ -128,3 +163,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
 
+
+def _keys(args: argparse.Namespace) -> int:
+    """``relay keys``: on the store that is there; a new one only when asked (or by ``keys create``)."""
+    from relay.keys_cli import run_keys_command
+    data_dir = os.path.abspath(args.data_dir)
+    new = not args.mongodb_uri and not holds_store(data_dir)
+    if new and not (args.create or args.keys_command == "create"):
+        print(f"relay keys: no store in {data_dir} (no relay has run with that data directory). Give your "
+              f"store's directory with --data-dir DIR (or RELAY_DATA_DIR), a MongoDB with --mongodb-uri, "
+              f"or start an empty store there with --create.", file=sys.stderr)
+        return 1
+    # The embedded store starts here, on the main thread: it is tied to this thread's life.
+    location = locate_store(args.mongodb_uri, data_dir)
+    try:
+        print(f"relay keys: {_store_line(location, data_dir, new)}", file=sys.stderr, flush=True)
+        return asyncio.run(run_keys_command(args, location.uri))
+    finally:
+        location.stop()
+
+
+def _store_line(location: StoreLocation, data_dir: str, new: bool) -> str:
+    if location.data_dir is None:  # the URI without its credentials or options
+        return f"store: MongoDB at {mask_userinfo(location.uri).split('?', 1)[0]}"
+    if new:
+        return f"store: a new embedded store in {data_dir}"
+    if location.embedded is None:
+        return f"store: the embedded store in {data_dir}, run by the relay serving it"
+    return f"store: the embedded store in {data_dir}"

@@ -46,6 +46,16 @@ class NotFound(RelayError):
     status, type, code = 404, "invalid_request_error", "unknown_url"
 
 
+class ResponseNotFound(RelayError):
+    """A stored response relay does not know for this key: what OpenAI answers for an unknown id."""
+
+    status, type, code = 404, "invalid_request_error", None
+
+
+class PreviousResponseNotFound(RelayError):
+    status, type, code = 400, "invalid_request_error", "previous_response_not_found"
+
+
 class ModelNotFound(RelayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
@@ -106,6 +116,12 @@ class UpstreamTimeout(UpstreamError):
 
 class NoEndpoint(RelayError):
     status, type, code = 503, "service_unavailable", "no_available_endpoint"
+
+
+class PinnedEndpointUnavailable(RelayError):
+    """The one endpoint that may serve a request about a stored response cannot now."""
+
+    status, type, code = 503, "service_unavailable", "pinned_endpoint_unavailable"
 
 
 class StoreUnavailable(RelayError):

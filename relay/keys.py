@@ -42,11 +42,28 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
+def available(doc: dict[str, Any]) -> int:
+    """What a key holder has left: granted minus used, never below 0.
+
+    ``balance`` is what no process holds; right after a request it is short by the slice a
+    relay process leased (``reserved``, handed back when idle), and after an overdraw it is
+    negative. Neither is the holder's money: requests in flight count once they settle. The
+    billing endpoints report the same two numbers (granted, used)."""
+    return max(int(doc["granted"]) - int(doc["used"]), 0)
+
+
 def key_view(doc: dict[str, Any]) -> dict[str, Any]:
     """What an operator sees of a key: never its hash or the key itself."""
     return {"prefix": doc["prefix"], "note": doc.get("note", ""), "status": doc["status"],
-            "granted": doc["granted"], "used": doc["used"], "reserved": doc["reserved"],
-            "balance": doc["balance"], "created_at": _iso(doc.get("created_at"))}
+            "granted": doc["granted"], "used": doc["used"], "available": available(doc),
+            "reserved": doc["reserved"], "balance": doc["balance"], "created_at": _iso(doc.get("created_at"))}
+
+
+def reserved_parts(doc: dict[str, Any]) -> tuple[int, int]:
+    """``reserved`` split: (held as lease slices by relay processes, held by requests in flight)."""
+    leases = doc.get("leases") or {}
+    sliced = sum(int(lease.get("amount", 0)) for lease in leases.values() if isinstance(lease, dict))
+    return sliced, int(doc["reserved"]) - sliced
 
 
 def _iso(at: dt.datetime | None) -> str | None:

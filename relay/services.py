@@ -16,8 +16,10 @@ from relay.balancer.pool import Pool
 from relay.config import Config
 from relay.metering.ledger import LedgerEntry
 from relay.observability import recorder
+from relay.owners import ResponseOwners
 from relay.proxy.health_checker import HealthChecker
 from relay.proxy.router import Router
+from relay.proxy.sockets import UpstreamSockets
 from relay.proxy.transport import AiohttpTransport, Transport
 from relay.quota import LeasedQuota, Quota, build_quota
 from relay.reload import Reloader
@@ -48,6 +50,12 @@ class Services:
     speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     key_watcher: KeyWatcher | None = None  # key changes from the store (None until started)
+    owners: ResponseOwners = field(init=False)  # who made each stored response, and where
+    sockets: UpstreamSockets = field(init=False)  # WebSockets to upstreams (the Responses API's)
+
+    def __post_init__(self) -> None:
+        self.owners = ResponseOwners(self.store)
+        self.sockets = UpstreamSockets()
 
     @property
     def config(self) -> Config:
@@ -86,9 +94,11 @@ class Services:
         except Exception:
             log.exception("final store writes failed; the journal and the sweeper cover them")
         await self.transport.close()
+        await self.sockets.close()
         await self.store.close()
 
     async def _final_writes(self) -> None:
+        await self.owners.close()
         await self.quota.close()
         self.store.dirty.clear()
         await self.store.flush_ledger()  # every outbox, also one a cancelled flush left half done

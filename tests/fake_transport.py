@@ -32,7 +32,7 @@ class FakeResponse:
         self.closed = True
 
 
-Answer = Reply | UpstreamError | Callable[[UpstreamRequest, bytes | None], "Reply | UpstreamError"]
+Answer = Reply | UpstreamError | Callable[[UpstreamRequest, bytes | tuple[bytes, ...] | None], "Reply | UpstreamError"]
 
 
 class FakeTransport:
@@ -41,10 +41,10 @@ class FakeTransport:
 
     def __init__(self, answers: dict[str, Answer] | None = None):
         self.answers = answers or {}
-        self.sent: list[tuple[str, bytes | None]] = []
+        self.sent: list[tuple[str, bytes | tuple[bytes, ...] | None]] = []
         self.responses: list[FakeResponse] = []
 
-    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: bytes | None,
+    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: bytes | tuple[bytes, ...] | None,
                    timeouts: Timeouts) -> FakeResponse:
         self.sent.append((endpoint.name, body))
         answer = self.answers.get(endpoint.name, Reply())

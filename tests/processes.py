@@ -64,6 +64,11 @@ class RelayProcess:
         os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def relay_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def relay_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``relay ARGS`` from this source tree, run from ``cwd`` (default: the tree's root)."""
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})}, cwd=cwd)

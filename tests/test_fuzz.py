@@ -39,7 +39,9 @@ ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/openai/v1/chat/completion
           ("GET", "/usage/api/summary"), ("POST", "/admin/keys"), ("GET", "/admin/keys/ak-test0000"),
           ("POST", "/admin/keys/ak-test0000/topup"), ("POST", "/admin/keys/nokey/disable"),
           ("GET", "/admin/upstreams"), ("POST", "/admin/reload"), ("GET", "/v1/files"), ("DELETE", "/v1/models"),
-          ("PUT", "/v1/chat/completions")]
+          ("PUT", "/v1/chat/completions"),
+          ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"), ("POST", "/openai/v1/images/variations"),
+          ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/audio/translations"), ("POST", "/v1/audio/speech")]
 auths = st.sampled_from([None, f"Bearer {TEST_KEY}", f"Bearer {ADMIN_TOKEN}", "Bearer ak-" + "0" * 40, "Basic x",
                          "Bearer", "Bearer sk-upstream"])
 queries = st.sampled_from(["", "?start_date=x&end_date=y", "?start_date=2026-13-01&end_date=2026-01-01",

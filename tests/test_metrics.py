@@ -50,13 +50,13 @@ async def test_metrics_after_traffic_hold_no_keys_no_content_and_no_junk_series(
                   raise_error=False)
 
     async def counted():
-        # Settlements (and their token counts) follow the responses, their group commit (a store
-        # operation, with series of its own) 0.1 s later; the gauges refresh every second.
+        # Settlements (and their token counts) follow the responses; the gauges refresh every second;
+        # the slice's group commit (its store-operation series) follows within 100 ms.
         text = (await c.fetch(url + "/metrics")).body.decode()
         done = (value(text, "relay_tokens_total", model="gpt-4", kind="completion")
                 - value(base, "relay_tokens_total", model="gpt-4", kind="completion") >= 20
-                and value(text, "relay_store_operation_seconds_count", op="commit_lease") > 0
-                and value(text, "relay_endpoint_state", upstream="primary", key_id="k0", state="healthy") == 1)
+                and value(text, "relay_endpoint_state", upstream="primary", key_id="k0", state="healthy") == 1
+                and 'op="commit_lease"' in text)
         return text if done else None
     metrics = await eventually(counted, message="the traffic is counted in /metrics")
 

@@ -15,6 +15,7 @@ from relay.metering.pricing import cost
 from relay.metering.tokens import count_chat_prompt, count_embedding_input, count_text
 from relay.metering.usage import Usage
 from relay.net import client_address, parse_trusted
+from relay.proxy.responses_sse import ResponsesStreamMeter
 from relay.proxy.router import Router
 from relay.proxy.sse import SSEDecoder, StreamMeter
 from relay.redact import mask_key, redact_path, scrub
@@ -51,6 +52,39 @@ def test_meter_drops_the_usage_chunk_unless_asked_and_collects_text():
     assert quiet.delivered_text == "Hi there" and quiet.done
     asked = StreamMeter(forward_usage_chunk=True)
     assert all(asked.accept(e) for e in events)
+
+
+def _typed(kind, **fields):
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+
+def test_responses_meter_reads_usage_text_and_the_id_and_passes_every_event():
+    usage = {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 7,
+             "output_tokens_details": {"reasoning_tokens": 3}}
+    events = [_typed("response.created", response={"id": "resp_1", "usage": None}),
+              _typed("response.output_text.delta", delta="Hel"), _typed("response.refusal.delta", delta="lo"),
+              _typed("response.function_call_arguments.delta", delta='{"a"'), b": keep-alive\n\n",
+              _typed("response.output_text.done", text="Hello"),
+              _typed("response.completed", response={"id": "resp_1", "usage": usage})]
+    named = []
+    meter = ResponsesStreamMeter()
+    meter.on_response_id = named.append
+    assert [meter.accept(e) for e in events] == [True] * len(events)
+    assert named == ["resp_1"] and meter.response_id == "resp_1" and meter.done and not meter.failed
+    assert meter.delivered_text == 'Hello{"a"'
+    assert (meter.usage.prompt_tokens, meter.usage.cached_tokens, meter.usage.completion_tokens,
+            meter.usage.reasoning_tokens) == (9, 4, 7, 3)
+
+
+@pytest.mark.parametrize("last", ["response.incomplete", "response.failed", "error"])
+def test_responses_meter_ends_on_every_terminal_event_and_drops_garbage(last):
+    meter = ResponsesStreamMeter()
+    assert not meter.accept(b"data: {oops\n\n") and not meter.accept(b"event: x\ndata: [1]\n\n")
+    assert not meter.accept(b"event: response.in_progress\n\n"), "an event without data is of no use"
+    assert meter.malformed == 2 and not meter.done and not meter.started
+    assert meter.accept(_typed(last, response={"usage": {"input_tokens": 1, "output_tokens": 0}}))
+    assert meter.done and meter.failed == (last != "response.incomplete")
+    assert meter.started == (last != "error")
 
 
 def test_meter_drops_garbage_events():
@@ -160,7 +194,8 @@ def test_pure_modules_import_no_io_frameworks():
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "relay"
     pure = ["config", "errors.py", "keys.py", "net.py", "redact.py", "bounded_json.py", "balancer", "metering",
-            "proxy/sse.py", "proxy/request.py", "quota/charge.py"]
+            "proxy/sse.py", "proxy/request.py", "proxy/multipart.py", "proxy/chunks.py", "quota/charge.py",
+            "proxy/responses_sse.py"]
     banned = {"tornado", "aiohttp", "motor", "pymongo", "prometheus_client", "asyncio"}
     files = [p for name in pure for p in ((root / name).rglob("*.py") if (root / name).is_dir() else [root / name])]
     for path in files:

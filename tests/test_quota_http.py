@@ -208,6 +208,20 @@ async def test_bad_usage_queries_are_400(http_server_client, auth, query):
     assert resp.code == 400 and json.loads(resp.body)["error"]["type"] == "invalid_request_error"
 
 
+async def test_the_usage_range_may_span_100_days_and_no_more(http_server_client, auth):
+    """As docs/api.md and docs/quota.md say: end_date (exclusive) at most 100 days after start_date."""
+    start = dt.date(2026, 1, 1)
+    ok = await http_server_client.fetch(f"/v1/dashboard/billing/usage?start_date={start}"
+                                        f"&end_date={start + dt.timedelta(days=100)}", headers=auth)
+    assert ok.code == 200
+    over = await http_server_client.fetch(f"/v1/dashboard/billing/usage?start_date={start}"
+                                          f"&end_date={start + dt.timedelta(days=101)}", headers=auth,
+                                          raise_error=False)
+    error = json.loads(over.body)["error"]
+    assert over.code == 400 and error["param"] == "end_date"
+    assert error["message"] == "The date range may span at most 100 days."
+
+
 async def test_topup_shows_in_billing_at_once(http_server_client, auth, store):
     await store.topup(hash_key(TEST_KEY), 500)
     sub = json.loads((await http_server_client.fetch("/dashboard/billing/subscription", headers=auth)).body)
@@ -293,6 +307,21 @@ async def test_admin_bad_bodies_are_400(http_server_client, body):
 async def test_admin_unknown_key_is_404(http_server_client):
     resp = await http_server_client.fetch("/admin/keys/ak-nothing", headers=ADMIN, raise_error=False)
     assert resp.code == 404 and json.loads(resp.body)["error"]["code"] == "key_not_found"
+
+
+async def test_admin_names_a_key_by_a_unique_prefix_of_6_or_more(http_server_client, store):
+    """TEST_KEY is ak-test000...1; two more keys start ak-test0 too."""
+    await add_key(store, key="ak-test1" + "1" * 36)
+    await add_key(store, key="ak-test0x" + "2" * 35)
+    c = http_server_client
+    shown = json.loads((await c.fetch("/admin/keys/ak-test1", headers=ADMIN)).body)
+    assert shown["prefix"] == "ak-test111" and shown["available"] == shown["granted"] - shown["used"]
+    for given, count in (("ak-test0", 2), ("ak-tes", 3)):
+        resp = await c.fetch(f"/admin/keys/{given}", headers=ADMIN, raise_error=False)
+        error = json.loads(resp.body)["error"]
+        assert resp.code == 400 and error["message"].startswith(f"ambiguous: {count} keys start with '{given}'")
+    short = await c.fetch("/admin/keys/ak-zz", headers=ADMIN, raise_error=False)  # too short to say "none"
+    assert short.code == 400 and "at least 6 characters" in json.loads(short.body)["error"]["message"]
 
 
 async def test_concurrent_requests_on_half_a_budget_conserve_quota(fake, io_loop):

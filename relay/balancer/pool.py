@@ -1,7 +1,9 @@
 """The pool: endpoints (upstream × key) grouped by tier for each model, with their health. Pure."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from relay.balancer.health import EndpointHealth, HealthState, UpstreamHealth, endpoint_state
 from relay.config import Config, Upstream
@@ -18,6 +20,11 @@ class Endpoint:
     @property
     def name(self) -> str:
         return f"{self.upstream.name}/{self.key_id}"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Which upstream account the key is, never the key: the first 16 hex digits of its SHA-256."""
+        return hashlib.sha256(self.key.encode()).hexdigest()[:16]
 
     @property
     def tier(self) -> int:
@@ -76,6 +83,11 @@ class Pool:
 
     def serves(self, model: str) -> bool:
         return any(u.serves(model) for u in self.config.upstreams)
+
+    def pinned(self, upstream: str, fingerprint: str) -> Endpoint | None:
+        """The endpoint of that upstream whose key has that fingerprint, if the file still has it."""
+        return next((ep for ep in self.endpoints
+                     if ep.upstream.name == upstream and ep.fingerprint == fingerprint), None)
 
     def any_available(self, now: float) -> bool:
         return any(ep.state(self.config, now).available for ep in self.endpoints)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import StreamClosedError
 
 from relay.fake_upstream.state import FakeState, error_body
 
@@ -74,3 +76,26 @@ class FakeHandler(tornado.web.RequestHandler):
             return None
         return body
 
+    async def send_events(self, events: list[bytes], leading: int = 0) -> None:
+        """A stream, event by event, misbehaving as told: delays, a stall or a cut after N content
+        events (the first ``leading`` events carry no content)."""
+        b = self.state.behaviour
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            for i, event in enumerate(events):
+                if i and b.chunk_delay:
+                    await asyncio.sleep(b.chunk_delay)
+                content_sent = i - leading
+                if b.stall_after_chunks is not None and content_sent >= b.stall_after_chunks:
+                    await asyncio.sleep(3600)
+                if b.truncate_after_chunks is not None and content_sent >= b.truncate_after_chunks:
+                    # Tornado's HTTPServer serves every request on an HTTP1Connection.
+                    cast(HTTP1Connection, self.request.connection).stream.close()
+                    return
+                self.write(event)
+                await self.flush()
+                self.rec["chunks_sent_at"].append(time.monotonic())
+            self.finish()
+        except StreamClosedError:
+            self.rec["aborted"] = True  # relay hung up: the upstream's work stops

@@ -2,6 +2,7 @@
 it was sent, and the replies it makes (deterministic, so token counts are predictable)."""
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ PIECES = ["Hello", " from", " the", " fake", " upstream", ",", " relay", " says"
 MODELS = ["gpt-3.5-turbo-1106", "gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-4", "gpt-4-32k",
           "gpt-4-1106-preview", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini",
           "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-ada-002", "text-embedding-3-small",
-          "text-embedding-3-large"]
+          "text-embedding-3-large", "gpt-3.5-turbo-instruct", "omni-moderation-latest", "text-moderation-latest"]
 
 
 def reply_pieces(n: int) -> list[str]:
@@ -41,15 +42,22 @@ def error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
 
 
 class FakeState:
-    def __init__(self, keys: set[str] | None = None, max_records: int = 10_000) -> None:
+    """``initial``: the behaviour it starts with and a reset returns to (the command line's delays)."""
+
+    def __init__(self, keys: set[str] | None = None, max_records: int = 10_000,
+                 initial: Behaviour | None = None) -> None:
         self.keys = keys
-        self.behaviour = Behaviour()
+        self.initial = initial or Behaviour()
+        self.behaviour = copy.deepcopy(self.initial)
         self.requests: deque[dict[str, Any]] = deque(maxlen=max_records)
         self.counter = 0
+        # Stored responses by id, as an OpenAI account keeps them: each with the key that made it.
+        self.responses: dict[str, dict[str, Any]] = {}
 
     def reset(self) -> None:
-        self.behaviour = Behaviour()
+        self.behaviour = copy.deepcopy(self.initial)
         self.requests.clear()
+        self.responses.clear()
 
 
 def chat_usage(prompt: int, text: int, b: Behaviour) -> dict[str, Any]:

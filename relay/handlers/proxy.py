@@ -12,15 +12,10 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from relay.balancer.pool import Endpoint
+from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
-from relay.metering.quote import (
-    Quote,
-    completion_tokens_of_reply,
-    price_served,
-    reply_texts,
-)
+from relay.metering.quote import Quote, price_served
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.metering.usage import Usage, parse_usage
 from relay.observability.access_log import Flag
@@ -42,6 +37,8 @@ class ProxyHandler(AuthenticatedHandler):
     """Reads the body under the size limit while it arrives, then forwards it."""
 
     upstream_path = ""
+    json_reply = True       # a whole reply is JSON (False: the upstream's Content-Type is passed on)
+    streams_bytes = False   # the reply is relayed as bytes arrive (audio), not read whole
 
     async def prepare(self) -> None:
         self._chunks: list[bytes] = []
@@ -52,7 +49,7 @@ class ProxyHandler(AuthenticatedHandler):
         await super().prepare()
         if self.request.method == "OPTIONS":
             return
-        limit = self.services.config.limits.max_body_bytes
+        limit = self.body_limit()
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             self._reject_too_large(limit)
@@ -61,11 +58,15 @@ class ProxyHandler(AuthenticatedHandler):
         if self._rejected:
             return
         self._size += len(chunk)
-        limit = self.services.config.limits.max_body_bytes
+        limit = self.body_limit()
         if self._size > limit:
             self._reject_too_large(limit)
             return
         self._chunks.append(chunk)
+
+    def body_limit(self) -> int:
+        """The largest body this route reads (413 beyond it, while it arrives)."""
+        return self.services.config.limits.max_body_bytes
 
     def _reject_too_large(self, limit: int) -> None:
         # Answer now and drop the connection: the rest of the body is never read.
@@ -89,17 +90,7 @@ class ProxyHandler(AuthenticatedHandler):
         return self.json_body()
 
     def resolve_model(self, body: dict[str, Any]) -> str:
-        model = body.get("model")
-        if model is None:
-            raise InvalidRequest("You must provide a model parameter.", param="model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' must be a non-empty string.", param="model")
-        self.model = model
-        config = self.services.config
-        served = config.map_model(model)
-        if not self.services.router.pool.serves(served):
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.",
-                                param="model")
+        self.model, served = resolve_model(self.services.router.pool, body)
         return served
 
     def upstream_request(self, body: dict[str, Any], served: str,
@@ -111,6 +102,7 @@ class ProxyHandler(AuthenticatedHandler):
         services = self.services
         self.charge = await services.quota.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
+        self._meter = self.stream_meter(body)  # reads the reply: the stream's events, a JSON reply's texts
         self._tally: TokenTally | None = None  # a stream's delivered text, when no usage comes
         self._delivered = False
         self._ttfb_ms = 0.0
@@ -125,7 +117,9 @@ class ProxyHandler(AuthenticatedHandler):
                 if resp.status >= 400:
                     await self._pass_error(resp)
                 elif stream and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    await self._relay_stream(resp, body)
+                    await self._relay_stream(resp)
+                elif self.streams_bytes:
+                    await self._relay_bytes(resp)
                 else:
                     await self._relay_json(resp)
         finally:
@@ -141,7 +135,8 @@ class ProxyHandler(AuthenticatedHandler):
             return
         usage = self._usage
         if usage is None:  # no usage from the upstream: the prompt as estimated, the reply as counted
-            usage = replace(quote.prompt, completion_tokens=await _count_rest(self._tally) if self._tally else 0)
+            counted = await count_rest(self._tally) if self._tally else 0
+            usage = replace(quote.prompt, completion_tokens=self._meter.completion_tokens(counted))
         model = served_by.upstream_model(quote.model) if served_by is not None else quote.model
         await self.services.quota.settle(self.charge, Delivery(
             usage=usage, status=self.get_status(), upstream=self.upstream_name,
@@ -171,18 +166,22 @@ class ProxyHandler(AuthenticatedHandler):
         self.flag = Flag.UPSTREAM_4XX
         self.finish(data)
 
+    async def reply_usage(self, data: bytes, resp: UpstreamResponse) -> Usage:
+        """What a whole (non-streamed) reply delivered: its ``usage``, or its text counted."""
+        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
+        if len(data) > OFF_LOOP_REPLY_BYTES:
+            return await asyncio.to_thread(_usage_of_reply, data, prompt, name, self._meter)
+        return await _usage_of_small_reply(data, prompt, name, self._meter)
+
     async def _relay_json(self, resp: UpstreamResponse) -> None:
         waited = time.perf_counter()
         data = await resp.read(self.services.config.limits.max_response_bytes)
         self._add_upstream_wait(waited)
-        name, prompt = resp.endpoint.upstream.name, self.charge.quote.prompt
-        if len(data) > OFF_LOOP_REPLY_BYTES:
-            self._usage = await asyncio.to_thread(_usage_of_reply, data, prompt, name)
-        else:
-            self._usage = await _usage_of_small_reply(data, prompt, name)
+        self._usage = await self.reply_usage(data, resp)
         self.set_status(resp.status)
         self._copy_headers(resp)
-        self.set_header("Content-Type", "application/json")
+        if self.json_reply or "Content-Type" not in resp.headers:
+            self.set_header("Content-Type", "application/json")
         self._mark_first_byte()
         self._delivered = True
         try:
@@ -205,14 +204,14 @@ class ProxyHandler(AuthenticatedHandler):
                 wrote = True
         return wrote, False
 
-    async def _relay_stream(self, resp: UpstreamResponse, body: dict[str, Any]) -> None:
+    async def _relay_stream(self, resp: UpstreamResponse) -> None:
         self.set_status(resp.status)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         limit = self.services.config.limits.max_event_bytes
         decoder = SSEDecoder()
-        meter = self.stream_meter(body)
+        meter = self._meter
         self._tally = meter.text
         chunks = resp.chunks().__aiter__()
         oversized = False
@@ -231,7 +230,7 @@ class ProxyHandler(AuthenticatedHandler):
                     await self.flush()
                     self._delivered = True
                 if meter.text.ready:
-                    await _count_ready(meter.text)
+                    await count_ready(meter.text)
                 oversized = oversized or decoder.pending > limit
             if oversized:
                 # Headers are out: the stream just ends, and the upstream's connection with it.
@@ -256,23 +255,75 @@ class ProxyHandler(AuthenticatedHandler):
         except StreamClosedError:
             self.flag = Flag.CLIENT_DISCONNECTED
 
+    async def _relay_bytes(self, resp: UpstreamResponse) -> None:
+        """A binary reply (speech) passed on as it arrives, each chunk flushed before the next is
+        read: a slow client slows the upstream read, and relay holds about one chunk. Delivered
+        once any byte reached the client; the usage is the quote's (the route's price unit)."""
+        self.set_status(resp.status)
+        self._copy_headers(resp)
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self._usage = self.charge.quote.prompt
+        chunks = resp.chunks().__aiter__()
+        try:
+            while True:
+                waited = time.perf_counter()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self._add_upstream_wait(waited)
+                self.write(chunk)
+                self._mark_first_byte()
+                await self.flush()
+                self._delivered = True
+        except UpstreamError:
+            self.flag = Flag.UPSTREAM_STREAM_BROKEN  # headers are out: the body just ends
+        except StreamClosedError:
+            self.flag = Flag.CLIENT_DISCONNECTED
+        if self._client_gone:
+            self.flag = Flag.CLIENT_DISCONNECTED
+        if self.flag == Flag.CLIENT_DISCONNECTED:
+            return
+        try:
+            await self.finish()
+        except StreamClosedError:
+            self.flag = Flag.CLIENT_DISCONNECTED
 
-def _usage_of_reply(data: bytes, prompt: Usage, upstream: str) -> Usage:
+
+def resolve_model(pool: Pool, body: dict[str, Any]) -> tuple[str, str]:
+    """The model the client asked for, and the one served (after the global model_map)."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    served = pool.config.map_model(model)
+    if not pool.serves(served):
+        raise ModelNotFound(f"The model '{model}' does not exist or is not served by this relay.", param="model")
+    return model, served
+
+
+def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
     """A JSON reply's usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
-    return parse_usage(reply) or replace(prompt, completion_tokens=completion_tokens_of_reply(reply))
+    return parse_usage(reply) or replace(prompt, completion_tokens=meter.completion_tokens(
+        sum(map(count_long_text, meter.reply_texts(reply)))))
 
 
-async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str) -> Usage:
+async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
     """``_usage_of_reply`` on the loop, but for text long enough to take more than a slice to count."""
     reply = _parse_reply(data, upstream)
     usage = parse_usage(reply)
     if usage is not None:
         return usage
-    texts = reply_texts(reply)
+    texts = meter.reply_texts(reply)
     if sum(map(len, texts)) <= MAX_SLICE_CHARS:
-        return replace(prompt, completion_tokens=sum(map(count_long_text, texts)))
-    return replace(prompt, completion_tokens=await asyncio.to_thread(completion_tokens_of_reply, reply))
+        counted = sum(map(count_long_text, texts))
+    else:
+        counted = await asyncio.to_thread(lambda: sum(map(count_long_text, texts)))
+    return replace(prompt, completion_tokens=meter.completion_tokens(counted))
 
 
 def _parse_reply(data: bytes, upstream: str) -> Any:
@@ -282,7 +333,7 @@ def _parse_reply(data: bytes, upstream: str) -> Any:
         raise UpstreamError(f"upstream {upstream} sent a reply that is not JSON") from None
 
 
-async def _count_ready(tally: TokenTally) -> None:
+async def count_ready(tally: TokenTally) -> None:
     """Count a stream's pending text a slice at a time, letting the loop run between slices."""
     tally.count_slice()
     while tally.ready:
@@ -290,8 +341,9 @@ async def _count_ready(tally: TokenTally) -> None:
         tally.count_slice()
 
 
-async def _count_rest(tally: TokenTally) -> int:
+async def count_rest(tally: TokenTally) -> int:
+    """Every token of what a tally was given, the rest counted a slice at a time."""
     if tally.ready:
-        await _count_ready(tally)
+        await count_ready(tally)
     return tally.close()
 

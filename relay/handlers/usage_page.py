@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 import time
+from fractions import Fraction
 from importlib import resources
 from typing import Any
 
@@ -17,6 +18,7 @@ import tornado.web
 from relay.config import Config
 from relay.errors import InvalidApiKey
 from relay.handlers.base import AuthenticatedHandler, RelayHandler
+from relay.keys import available
 from relay.metering.ledger import day_of, utc_now
 from relay.metering.pricing import cost
 from relay.metering.usage import Usage
@@ -32,6 +34,8 @@ STATIC = {"usage.js": "application/javascript; charset=utf-8", "usage.css": "tex
 TYPICAL_MESSAGE = Usage(prompt_tokens=500, completion_tokens=500)  # "one message", for the estimate
 RECENT_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "image_tokens",
                  "audio_tokens", "images", "seconds", "characters")
+PRICE_MODELS = ("gpt-3.5-turbo", "gpt-4")  # priced on the page, then the models of recent requests
+PRICES_SHOWN = 6
 SPEED_WINDOW = dt.timedelta(hours=1)
 SPEED_CACHE_S = 10.0
 
@@ -103,12 +107,14 @@ class UsageSummaryHandler(AuthenticatedHandler):
             days.append({"day": day, "cost": d.get("cost", 0), "requests": d.get("requests", 0)})
         recent = [_recent(e) for e in await store.recent_ledger(self.key.key_hash, 20)]
         site = config.site
+        left = available(doc)
         self.set_header("Cache-Control", "no-store")
         self.write_json({
             "prefix": doc["prefix"], "status": doc["status"], "granted": doc["granted"], "used": doc["used"],
-            "reserved": doc["reserved"], "balance": doc["balance"],
-            "messages": {"gpt-3.5-turbo": _messages(config, "gpt-3.5-turbo", doc["balance"]),
-                         "gpt-4": _messages(config, "gpt-4", doc["balance"])},
+            "available": left, "reserved": doc["reserved"], "balance": doc["balance"],
+            "messages": {"gpt-3.5-turbo": _messages(config, "gpt-3.5-turbo", left),
+                         "gpt-4": _messages(config, "gpt-4", left)},
+            "prices": _prices(config, [*PRICE_MODELS, *(r["model"] for r in recent)]),
             "days": days, "today": day_of(utc_now()), "recent": recent, "speed": await self._speed_by_model(),
             "site": {"primary_host": site.primary_host, "backup_host": site.backup_host, "scheme": site.scheme,
                      "shop_url": site.shop_url},
@@ -135,6 +141,22 @@ def _recent(e: dict[str, Any]) -> dict[str, Any]:
             "served_model": e["model"], "api": e.get("api", "chat"), "cost": e["cost"],
             "latency_ms": e["latency_ms"], "ttfb_ms": e["ttfb_ms"], "stream": e["stream"], "status": e["status"],
             **{field: e.get(field, 0) for field in RECENT_COUNTS}}
+
+
+def _prices(config: Config, models: list[str]) -> list[dict[str, Any]]:
+    """Units per 1,000 input and output tokens of these models (the first PRICES_SHOWN with a price)."""
+    rows: list[dict[str, Any]] = []
+    for model in dict.fromkeys(models):
+        served = config.map_model(model)
+        price = config.price_of(served)
+        if price is not None and len(rows) < PRICES_SHOWN:
+            rows.append({"model": model, "served_model": served, "input": _per_1k(price.input),
+                         "output": _per_1k(price.output)})
+    return rows
+
+
+def _per_1k(per_token: Fraction) -> float:
+    return round(float(per_token * 1000), 2)
 
 
 def _messages(config: Config, model: str, balance: int) -> int | None:

@@ -1,4 +1,5 @@
-"""Prompt tokens of an input_audio part: its duration, read from the WAV or MP3 header, at a rate.
+"""Durations of audio, read from the WAV or MP3 header: of an input_audio part (its prompt
+tokens, at a rate) and of an uploaded file (its seconds, for transcription).
 
 Only the header bytes are decoded. An unreadable clip is timed as if it were 8 kbit/s, the
 lowest MP3 bitrate, which no real clip undercuts much."""
@@ -30,7 +31,12 @@ def audio_tokens(data: Any, fmt: Any = None) -> int:
 
 def audio_seconds(data: str, fmt: Any = None) -> float:
     text, start = data_url_payload(data) or (data, 0)  # raw base64, or a data URL from lenient clients
-    read, size = reader(text, start), decoded_size(text, start)
+    return file_seconds(reader(text, start), decoded_size(text, start), fmt)[0]
+
+
+def file_seconds(read: Reader, size: int, fmt: Any = None) -> tuple[float, bool]:
+    """(seconds, read from its header) of an audio file of ``size`` bytes; when the header
+    cannot be read, the bound: its size at 8 kbit/s, and False."""
     head = read(0, 12)
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         seconds = wav_seconds(read, size)
@@ -40,7 +46,7 @@ def audio_seconds(data: str, fmt: Any = None) -> float:
         seconds = None
     # A header's claims (a byte rate of 1, a billion frames) are capped by the payload's own size.
     most = size / FALLBACK_BYTES_PER_SECOND
-    return most if seconds is None else max(0.0, min(seconds, most))
+    return (most, False) if seconds is None else (max(0.0, min(seconds, most)), True)
 
 
 def wav_seconds(read: Reader, size: int) -> float | None:

@@ -92,6 +92,13 @@ def count_responses_request(body: Any, model: str, encodings: Mapping[str, str] 
     return tally.estimate()
 
 
+def count_moderation_input(value: Any, model: str, encodings: Mapping[str, str] | None = None) -> PromptEstimate:
+    """A /moderations ``input``: a string, strings, or text and image parts (no message framing)."""
+    tally = _Tally(model, encoding_for(model, encodings))
+    _content(tally, value)
+    return tally.estimate()
+
+
 def count_messages(messages: Iterable[Any], model: str = "", encoding: str | None = None) -> PromptEstimate:
     """Chat messages alone, with the reply's priming."""
     tally = _Tally(model, encoding or encoding_for(model))

@@ -1,7 +1,7 @@
 """What a request must hold before it is forwarded. Pure."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import ceil
 from typing import Any
 
@@ -9,8 +9,13 @@ from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
 from relay.metering.pricing import cost, exact, highest_output
-from relay.metering.prompt import PromptEstimate, count_chat_request
-from relay.metering.tokens import content_text, count_embedding_input, count_long_text
+from relay.metering.prompt import (
+    PromptEstimate,
+    count_chat_request,
+    count_moderation_input,
+    count_responses_request,
+)
+from relay.metering.tokens import content_text, count_embedding_input
 from relay.metering.usage import Usage
 
 
@@ -59,8 +64,26 @@ def quote_chat(config: Config, model: str, body: dict[str, Any]) -> Quote:
     return quote_tokens(model, price_for(config, model), prompt_usage(estimate), allowance, limited=bool(limit))
 
 
+def quote_responses(config: Config, model: str, body: dict[str, Any], history: int = 0) -> Quote:
+    """A Responses request (or a compaction): input and instructions, plus ``history``, the tokens
+    of the stored conversation a previous_response_id brings in (input and output of that
+    response), all at the input price; the allowance is ``max_output_tokens`` (reasoning included)."""
+    prompt = prompt_usage(count_responses_request(body, model, config.quota.encodings))
+    if history:
+        prompt = replace(prompt, prompt_tokens=prompt.prompt_tokens + history)
+    limit = body.get("max_output_tokens")
+    allowance = limit if isinstance(limit, int) and limit > 0 else config.quota.allowance_for(model)
+    return quote_tokens(model, price_for(config, model), prompt, allowance, limited=allowance == limit)
+
+
 def quote_embedding(config: Config, model: str, body: dict[str, Any]) -> Quote:
     prompt = Usage(prompt_tokens=count_embedding_input(body["input"]))
+    return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
+
+
+def quote_moderation(config: Config, model: str, body: dict[str, Any]) -> Quote:
+    """The input at the model's price (OpenAI's moderation models are free: priced 0); no output."""
+    prompt = prompt_usage(count_moderation_input(body["input"], model, config.quota.encodings))
     return quote_tokens(model, price_for(config, model), prompt, 0, limited=True)
 
 
@@ -79,11 +102,6 @@ def quote_tokens(model: str, price: Price, prompt: Usage, allowance: int, limite
                  full=min(full, MAX_UNITS), limited=limited)
 
 
-def completion_tokens_of_reply(reply: Any) -> int:
-    """Count a JSON chat reply's text when the upstream reported no usage."""
-    return sum(count_long_text(text) for text in reply_texts(reply))
-
-
 def reply_texts(reply: Any) -> list[str]:
     """The texts of a JSON chat reply that are billed as completion: contents, tool names and arguments."""
     choices = reply.get("choices") if isinstance(reply, dict) else None
@@ -98,4 +116,19 @@ def reply_texts(reply: Any) -> list[str]:
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 texts += (str(fn.get("name", "")), str(fn.get("arguments", "")))
+    return texts
+
+
+def response_output_texts(output: list[Any]) -> list[str]:
+    """A response's output items: message text and refusals, tool calls' names and arguments,
+    reasoning summaries."""
+    texts: list[str] = []
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        parts = [p for name in ("content", "summary") if isinstance(item.get(name), list) for p in item[name]]
+        for part in parts:
+            if isinstance(part, dict):
+                texts += (v for k in ("text", "refusal") if isinstance(v := part.get(k), str))
+        texts += (v for k in ("name", "arguments", "input") if isinstance(v := item.get(k), str))
     return texts

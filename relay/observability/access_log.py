@@ -10,13 +10,10 @@ import enum
 import logging
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from relay.errors import RelayError
 from relay.redact import redact_keys, redact_path
-
-if TYPE_CHECKING:
-    import tornado.web
 
 access_log = logging.getLogger("relay.access")
 
@@ -88,14 +85,34 @@ def _escape(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
+class Request(Protocol):
+    @property
+    def method(self) -> str | None: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def remote_ip(self) -> str | None: ...
+
+
+class Logged(Protocol):
+    """What an access line is made of: a request handler, or one turn of a WebSocket."""
+
+    @property
+    def request(self) -> Request: ...
+
+    def get_status(self) -> int: ...
+
+
+def log_request(handler: Logged) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     status = handler.get_status()
     latency_ms = (time.perf_counter() - getattr(handler, "started", time.perf_counter())) * 1000
     access_log.info(
         "%s %s %s %s key=%s model=%s upstream=%s status=%d latency_ms=%.1f flag=%s",
-        getattr(handler, "request_id", "-"), printable(handler.request.method, METHOD_CHARS),
+        getattr(handler, "request_id", "-"), printable(handler.request.method or "-", METHOD_CHARS),
         printable(redact_path(handler.request.path), PATH_CHARS),
         printable(getattr(handler, "client_ip", handler.request.remote_ip) or "-", ADDRESS_CHARS),
         getattr(handler, "key_prefix", "-"), printable(redact_keys(getattr(handler, "model", "-")), MODEL_CHARS),

@@ -64,6 +64,8 @@ TOKENS = Counter("relay_tokens", "Tokens metered, by model and kind: prompt and 
                  "parts priced apart: cached, reasoning, image, audio.", ["model", "kind"])
 QUOTA_CHARGED = Counter("relay_quota_units_charged", "Quota units charged to relay keys.", ["model"])
 QUOTA_REJECTIONS = Counter("relay_quota_rejections", "Requests refused with insufficient_quota.")
+MEDIA = Counter("relay_media_metered", "Media metered at settlement, by model and kind: images generated, "
+                "seconds of audio transcribed or translated, characters read aloud.", ["model", "kind"])
 
 STORE_SECONDS = Histogram("relay_store_operation_seconds", "Store operation latency.", ["op"],
                           buckets=STORE_BUCKETS)
@@ -81,7 +83,8 @@ CONFIG_RELOAD_OK = Gauge("relay_config_last_reload_ok", "1 when the last config 
                          "file on disk was rejected.", multiprocess_mode="livemin")
 
 ENDPOINT_STATES = tuple(EndpointState)
-ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other")
+ROUTES = ("chat", "embeddings", "models", "billing", "admin", "usage", "health", "metrics", "other", "images",
+          "audio", "responses")
 
 
 def exposition() -> tuple[bytes, str]:

@@ -13,14 +13,30 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from relay.balancer.health import EndpointState
 from relay.observability import metrics as m
-from relay.observability.access_log import Flag, log_request
+from relay.observability.access_log import Flag, Logged, log_request
 
 if TYPE_CHECKING:
     from relay.balancer.pool import Endpoint, Pool
     from relay.config import Config
-    from relay.handlers.base import RelayHandler
     from relay.metering.ledger import LedgerEntry
     from relay.reload import ReloadResult
+    from relay.services import Services
+
+
+class Served(Logged, Protocol):
+    """A request handler, or one turn of a WebSocket: what the request metrics read."""
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def flag(self) -> str: ...
+
+    @property
+    def started(self) -> float: ...
 
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
@@ -42,8 +58,9 @@ def _labels(metric: MetricWrapperBase, *values: str) -> MetricWrapperBase:
 _child = cast(_Labels, functools.lru_cache(maxsize=8192)(_labels))
 
 
-def on_request_end(handler: RelayHandler) -> None:
-    """Called by Tornado once per request (the Application's log_function)."""
+def on_request_end(handler: Served) -> None:
+    """Called by Tornado once per request (the Application's log_function), and once per turn of
+    a WebSocket."""
     log_request(handler)
     status = handler.get_status()
     config = handler.services.config
@@ -76,7 +93,7 @@ class RouterEvents:
 
 
 def on_settled(config: Config, entry: LedgerEntry) -> None:
-    """Tokens by kind (the parts are also counted in prompt or completion), and the charge."""
+    """Tokens by kind (the parts are also counted in prompt or completion), the charge, and media."""
     label = m.model_label(config, entry.model)
     for kind, count in (("prompt", entry.prompt_tokens), ("completion", entry.completion_tokens),
                         ("cached", entry.cached_tokens), ("reasoning", entry.reasoning_tokens),
@@ -84,6 +101,9 @@ def on_settled(config: Config, entry: LedgerEntry) -> None:
         if count or kind in ("prompt", "completion"):
             _child(m.TOKENS, label, kind).inc(count)
     _child(m.QUOTA_CHARGED, label).inc(entry.cost)
+    for kind, count in (("images", entry.images), ("seconds", entry.seconds), ("characters", entry.characters)):
+        if count:
+            _child(m.MEDIA, label, kind).inc(count)
 
 
 def on_store_op(op: str, seconds: float, ok: bool) -> None:

@@ -31,7 +31,14 @@ from relay.balancer.outcome import (
 )
 from relay.balancer.pool import Endpoint, Pool
 from relay.balancer.selection import pick
-from relay.errors import NoEndpoint, RelayError, UpstreamError, UpstreamRateLimited
+from relay.errors import (
+    InvalidRequest,
+    NoEndpoint,
+    PinnedEndpointUnavailable,
+    RelayError,
+    UpstreamError,
+    UpstreamRateLimited,
+)
 from relay.proxy.request import UpstreamRequest
 from relay.proxy.transport import Transport, UpstreamResponse
 
@@ -117,6 +124,11 @@ class Router:
     async def _send(self, request: UpstreamRequest) -> UpstreamResponse:
         max_attempts = self.pool.config.retries.max_attempts
         self.budget.record_request(self.clock())
+        if request.pinned is not None:
+            outcome, result = await self._attempt(self.pinned_endpoint(request.pinned, request.model), request, 0)
+            if isinstance(result, RelayError):
+                raise result
+            return result
         tried: set[Endpoint] = set()
         last_error: RelayError | None = None
         failed: tuple[Outcome, Endpoint] | None = None
@@ -139,6 +151,24 @@ class Router:
                 break
             failed = (outcome, endpoint)
         raise last_error or NoEndpoint(f"no endpoint is available for model {request.model} right now")
+
+    def pinned_endpoint(self, pinned: tuple[str, str], model: str = "") -> Endpoint:
+        """The one endpoint a stored response lets a request go to, if it can take it now: never
+        another (that account does not have the response), so no failover and no panic mode."""
+        endpoint = self.pool.pinned(*pinned)
+        if endpoint is None:
+            raise PinnedEndpointUnavailable(f"The upstream account that holds this response (on upstream "
+                                            f"{pinned[0]}) is no longer configured on this relay.")
+        if model and not endpoint.upstream.serves(model):
+            raise InvalidRequest(f"The upstream that holds this response does not serve the model '{model}'.",
+                                 param="model")
+        now = self.clock()
+        state = endpoint.state(self.pool.config, now)
+        if not state.available:
+            wait = {"Retry-After": str(max(math.ceil(state.until - now), 1))} if state.until > now else None
+            raise PinnedEndpointUnavailable(f"The upstream account that holds this response ({endpoint.name}) is "
+                                            f"{state.state} now; retry later.", headers=wait)
+        return endpoint
 
     async def _attempt(self, endpoint: Endpoint, request: UpstreamRequest,
                        attempt: int) -> tuple[Outcome, UpstreamResponse | RelayError]:
@@ -174,6 +204,12 @@ class Router:
             return outcome, resp
         self._release(resp)
         return outcome, _failure(resp, outcome, retry_after)
+
+    def report(self, endpoint: Endpoint, outcome: Outcome, attempt: int, ttfb: float | None) -> None:
+        """An attempt made elsewhere (a WebSocket handshake), fed to health and the metrics like ours."""
+        if ttfb is not None:
+            endpoint.health.record_latency(ttfb * 1000)
+        self._record(endpoint, outcome, attempt, ttfb)
 
     def _record(self, endpoint: Endpoint, outcome: Outcome, attempt: int, ttfb: float | None,
                 retry_after: float | None = None) -> None:

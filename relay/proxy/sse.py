@@ -1,12 +1,12 @@
-"""Incremental Server-Sent Events framing and metering of an OpenAI chat stream. Pure.
-
-``SSEDecoder`` cuts chunks into whole events; ``StreamMeter`` reads each event once.
-"""
+"""Incremental Server-Sent Events framing and metering of OpenAI's chat and legacy completion
+streams. Pure. ``SSEDecoder`` cuts chunks into whole events; ``StreamMeter`` (chat) and
+``CompletionStreamMeter`` read each event once."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from relay.metering.quote import reply_texts
 from relay.metering.tokens import TokenTally
 from relay.metering.usage import Usage, parse_usage
 
@@ -118,12 +118,24 @@ class StreamMeter:
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict):
-                    self._collect(delta)
+                if isinstance(choice, dict):
+                    self._choice(choice)
             if usage is not None and not choices and not self.forward_usage_chunk:
                 return False
         return True
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            self._collect(delta)
+
+    def reply_texts(self, reply: Any) -> list[str]:
+        """The texts of a JSON reply of this route billed as completion, when it reports no usage."""
+        return reply_texts(reply)
+
+    def completion_tokens(self, counted: int) -> int:
+        """Completion tokens of the delivered text relay counted itself."""
+        return counted
 
     def _collect(self, delta: dict[str, Any]) -> None:
         content = delta.get("content")
@@ -140,3 +152,25 @@ class StreamMeter:
     def delivered_text(self) -> str:
         """Delivered text not counted yet: all of it until a slice has been counted."""
         return self.text.uncounted
+
+
+class CompletionStreamMeter(StreamMeter):
+    """A legacy /completions stream (``choices[].text``); with ``echo`` each choice's text starts
+    with its prompt, which is not completion: ``echoed`` tokens are taken off what relay counts."""
+
+    def __init__(self, forward_usage_chunk: bool, echoed: int = 0) -> None:
+        super().__init__(forward_usage_chunk)
+        self.echoed = echoed
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        text = choice.get("text")
+        if isinstance(text, str):
+            self.text.add(text)
+
+    def reply_texts(self, reply: Any) -> list[str]:
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        return [c["text"] for c in choices if isinstance(c, dict) and isinstance(c.get("text"), str)] \
+            if isinstance(choices, list) else []
+
+    def completion_tokens(self, counted: int) -> int:
+        return max(counted - self.echoed, 0)

@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 
 from relay.balancer.pool import Endpoint
 from relay.config import Limits, Timeouts
 from relay.errors import UpstreamConnectError, UpstreamError, UpstreamResponseTooLarge, UpstreamTimeout
-from relay.proxy.request import UpstreamRequest
+from relay.proxy.request import Body, UpstreamRequest
 
 # Error bodies are a few hundred bytes; the router and the handler read them whole.
 ERROR_BODY_BYTES = 1 << 20
@@ -39,7 +41,7 @@ class UpstreamResponse(Protocol):
 
 
 class Transport(Protocol):
-    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: bytes | None,
+    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: Body | None,
                    timeouts: Timeouts) -> UpstreamResponse:
         """Send with the endpoint's key; raises ``UpstreamError`` (connect error, timeout, bad reply)."""
 
@@ -109,6 +111,32 @@ class AiohttpResponse:
         self._resp.close()
 
 
+class ChunksPayload(Payload):
+    """An upload sent as the chunks it arrived in, with its Content-Length: never joined (it is
+    held once), written a chunk at a time as the connection drains, and re-sendable on a retry."""
+
+    def __init__(self, chunks: tuple[bytes, ...]) -> None:
+        # The Content-Type is the request's (the client's multipart boundary), set by send().
+        super().__init__(chunks, content_type=None)
+        self._chunks = chunks
+        self._length = sum(map(len, chunks))
+        self._size = self._length
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        left = self._length if content_length is None else content_length
+        for chunk in self._chunks:
+            if left <= 0:
+                return
+            await writer.write(chunk[:left] if len(chunk) > left else chunk)  # drains past aiohttp's buffer limit
+            left -= len(chunk)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._chunks).decode(encoding, errors)
+
+
 class AiohttpTransport:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -124,7 +152,7 @@ class AiohttpTransport:
                                                   cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
-    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: bytes | None,
+    async def send(self, endpoint: Endpoint, request: UpstreamRequest, body: Body | None,
                    timeouts: Timeouts) -> UpstreamResponse:
         headers = {"Authorization": f"Bearer {endpoint.key}", "Accept-Encoding": "identity"}
         if body is not None:
@@ -141,9 +169,10 @@ class AiohttpTransport:
         except aiohttp.ClientError:
             raise UpstreamError(f"upstream {name} sent an invalid reply", upstream=name) from None
 
-    async def _request(self, endpoint: Endpoint, method: str, path: str, body: bytes | None,
+    async def _request(self, endpoint: Endpoint, method: str, path: str, body: Body | None,
                        headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> AiohttpResponse:
-        resp = await self._client().request(method, endpoint.upstream.base_url + path, data=body, headers=headers,
+        data = ChunksPayload(body) if isinstance(body, tuple) else body
+        resp = await self._client().request(method, endpoint.upstream.base_url + path, data=data, headers=headers,
                                             timeout=timeout, allow_redirects=False)
         return AiohttpResponse(resp, endpoint)
 

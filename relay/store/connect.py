@@ -59,6 +59,7 @@ class StoreLocation:
 
     uri: str
     embedded: EmbeddedServer | None = None
+    data_dir: str | None = None  # the embedded store's directory (None: a MongoDB URI)
 
     def stop(self) -> None:
         if self.embedded is not None:
@@ -79,10 +80,10 @@ def locate_store(mongodb_uri: str | None, data_dir: str,
     for _ in range(3):
         existing = wait_for_running(data_dir)
         if existing:
-            return StoreLocation(existing)
+            return StoreLocation(existing, data_dir=os.path.abspath(data_dir))
         server = EmbeddedServer(data_dir, on_give_up)
         try:
-            return StoreLocation(server.start(), server)
+            return StoreLocation(server.start(), server, server.data_dir)
         except StoreAlreadyRunning:
             continue
     raise StoreUnreachable(f"the embedded store in {os.path.abspath(data_dir)} changes hands too often to be reached")

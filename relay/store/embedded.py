@@ -22,6 +22,7 @@ from typing import Any, Literal, TextIO
 
 LOCK_FILE = "store.lock"
 INFO_FILE = "store.json"
+STORAGE_DIR = "db"  # the server's files, under the data directory
 PR_SET_PDEATHSIG = 1
 
 RESTART_FIRST_DELAY_S = 0.2  # doubling after each failed start, up to RESTART_MAX_DELAY_S
@@ -180,6 +181,17 @@ def _answers(uri: str, timeout_ms: int = 300) -> bool:
         return False
 
 
+def holds_store(data_dir: str) -> bool:
+    """Whether an embedded store ever ran on ``data_dir``: it has a server's files, or the
+    ``store.lock`` / ``store.json`` a relay leaves there (a server may be running on it)."""
+    if any(os.path.exists(os.path.join(data_dir, name)) for name in (LOCK_FILE, INFO_FILE)):
+        return True
+    try:
+        return bool(os.listdir(os.path.join(data_dir, STORAGE_DIR)))
+    except OSError:
+        return False
+
+
 def running_uri(data_dir: str) -> str | None:
     """The URI of the server another process runs on ``data_dir``, or None."""
     if not _lock_held(data_dir):
@@ -242,7 +254,7 @@ class EmbeddedServer:
 
     @property
     def storage(self) -> str:
-        return os.path.join(self.data_dir, "db")
+        return os.path.join(self.data_dir, STORAGE_DIR)
 
     @property
     def log_path(self) -> str:

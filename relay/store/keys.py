@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pymongo import ReturnDocument
 
 from relay.errors import InsufficientQuota, InvalidRequest, KeyDisabled, StoreUnavailable
-from relay.keys import display_prefix, generate_key, hash_key
+from relay.keys import DISPLAY_PREFIX_LEN, display_prefix, generate_key, hash_key
 from relay.metering.bounds import MAX_UNITS
 from relay.store.base import KeyRecord
 from relay.store.core import Document, StoreCore, _op
 
 RESERVE_ATTEMPTS = 50
+MIN_PREFIX_LEN = 6  # "ak-" and 3 characters: shorter ones match too many keys to be meant
+AMBIGUOUS_LIST = 5  # prefixes named in an "ambiguous" answer
 
 
 class KeysMixin(StoreCore):
@@ -45,18 +47,33 @@ class KeysMixin(StoreCore):
 
     @_op("resolve")
     async def resolve(self, key_or_prefix: str) -> Document:
-        """A key document by the full key, its hash, or its display prefix (unique)."""
-        if len(key_or_prefix) > 20:
-            doc = await self.keys.find_one({"_id": hash_key(key_or_prefix)}) or \
-                await self.keys.find_one({"_id": key_or_prefix})
+        """A key document by the full key, its hash, or a unique prefix of the key.
+
+        A prefix has MIN_PREFIX_LEN to DISPLAY_PREFIX_LEN characters and is looked up among
+        the stored display prefixes (a shorter one matches every prefix it starts). Several
+        matches are an InvalidRequest naming how many; none a LookupError.
+        """
+        given = key_or_prefix
+        if len(given) > DISPLAY_PREFIX_LEN:
+            doc = await self.keys.find_one({"_id": hash_key(given)}) or await self.keys.find_one({"_id": given})
             if doc:
                 return doc
-        else:
-            docs = await self.keys.find({"prefix": key_or_prefix}).to_list(length=2)
-            if len(docs) > 1:
-                raise InvalidRequest("That prefix matches more than one key; give the whole key.")
-            if docs:
-                return docs[0]
+            raise LookupError("no such key")
+        # Key characters are ASCII below "~": every stored prefix that starts with the given one
+        # sorts in [given, given + "~"), a range the prefix index serves.
+        flt = {"prefix": {"$gte": given, "$lt": given + "~"}}
+        docs = await self.keys.find(flt, {"prefix": 1}).sort("prefix", 1).to_list(length=AMBIGUOUS_LIST + 1)
+        count = len(docs) if len(docs) <= AMBIGUOUS_LIST else await self.keys.count_documents(flt)
+        if len(given) < MIN_PREFIX_LEN or count > 1:
+            shown = ", ".join(d["prefix"] for d in docs[:AMBIGUOUS_LIST]) + (", ..." if count > AMBIGUOUS_LIST else "")
+            if count > 1:
+                raise InvalidRequest(f"ambiguous: {count} keys start with {given!r} ({shown}); give more "
+                                     f"characters of the key (at least {MIN_PREFIX_LEN}).")
+            raise InvalidRequest(f"give at least {MIN_PREFIX_LEN} characters of the key ({given!r} has {len(given)}).")
+        if docs:
+            doc = await self.keys.find_one({"_id": docs[0]["_id"]})
+            if doc:
+                return doc
         raise LookupError("no such key")
 
     @_op("topup")

@@ -9,9 +9,11 @@ key never conflict. Each concern lives in its own module, combined here.
 from __future__ import annotations
 
 from relay.store.recovery import RecoveryMixin
+from relay.store.responses import ResponsesMixin
 from relay.store.usage import UsageMixin
 
 
-class MongoStore(RecoveryMixin, UsageMixin):
+class MongoStore(RecoveryMixin, UsageMixin, ResponsesMixin):
     """Keys (store.keys), holds and the outbox (store.holds), leases (store.leases), usage
-    queries (store.usage) and crash recovery (store.recovery), on one connection (store.core)."""
+    queries (store.usage), crash recovery (store.recovery) and the owners of stored responses
+    (store.responses), on one connection (store.core)."""

@@ -5,8 +5,10 @@
 const TEXT = {
   zh: {
     title: "用量查询", keyLabel: "API 密钥", check: "查询", keyHint: "密钥只保存在本页面中，仅作为请求头发送给本站。",
-    shop: "购买或充值密钥", granted: "总额度", used: "已用", balance: "余额",
-    unitNote: "单位：额度（1 额度 = 1 个 gpt-3.5-turbo 输入 token）。", daily: "近 30 天每日用量",
+    shop: "购买或充值密钥", granted: "总额度", used: "已用", balance: "可用",
+    unitNote: "单位：额度。1 额度 = 初代 gpt-3.5-turbo（4k）1 个输入 token 的价格（每 1K token $0.0015）；各模型价格见下表。",
+    priceIn: "输入（额度 / 1K token）", priceOut: "输出（额度 / 1K token）", daily: "近 30 天每日用量",
+    chartAxes: "纵轴：每日额度；横轴：日期（UTC）。", bar: (day, cost, n) => `${day}：${cost} 额度，${n} 次请求`,
     dailyTable: "每日明细", day: "日期", cost: "额度", requests: "请求数", recent: "最近请求", time: "时间",
     model: "模型", tokens: "Token（输入/输出）", latency: "耗时", speed: "响应速度（最近一小时）",
     ttft: "首字延迟（中位数）", rtt: "浏览器到本站往返延迟", howto: "接入方式",
@@ -19,8 +21,12 @@ const TEXT = {
   },
   en: {
     title: "Usage", keyLabel: "API key", check: "Check", keyHint: "Your key stays on this page and is sent only as a header to this site.",
-    shop: "Buy or top up a key", granted: "Total quota", used: "Used", balance: "Balance",
-    unitNote: "Unit: quota units (1 unit = 1 gpt-3.5-turbo input token).", daily: "Daily usage, last 30 days",
+    shop: "Buy or top up a key", granted: "Total quota", used: "Used", balance: "Available",
+    unitNote: "Unit: quota units. 1 unit = the price of 1 input token of the original gpt-3.5-turbo (4k), "
+      + "$0.0015 per 1K tokens; each model's price is below.",
+    priceIn: "Input (units / 1K tokens)", priceOut: "Output (units / 1K tokens)", daily: "Daily usage, last 30 days",
+    chartAxes: "Vertical: units per day; horizontal: the day (UTC).",
+    bar: (day, cost, n) => `${day}: ${cost} units, ${n} request${n === "1" ? "" : "s"}`,
     dailyTable: "Per day", day: "Day", cost: "Units", requests: "Requests", recent: "Recent requests", time: "Time",
     model: "Model", tokens: "Tokens (in/out)", latency: "Latency", speed: "Response speed (last hour)",
     ttft: "Time to first token (median)", rtt: "Round trip from your browser", howto: "How to connect",
@@ -33,14 +39,42 @@ const TEXT = {
   },
 };
 
+// Chinese needs a CJK font; without one every character would be a box. Canvas tells: Chinese
+// drawn in the page's font stack looks exactly like two unassigned code points (the missing-glyph
+// box) only when no font has the glyphs. (document.fonts.check cannot tell: it answers true for
+// any font that needs no download, installed or not.)
+function canShowChinese() {
+  try {
+    const canvas = document.createElement("canvas");
+    canvas.width = 64; canvas.height = 32;
+    const ctx = canvas.getContext("2d");
+    const draw = (text) => {
+      ctx.clearRect(0, 0, 64, 32);
+      ctx.font = `24px ${getComputedStyle(document.body).fontFamily}`;
+      ctx.textBaseline = "top";
+      ctx.fillText(text, 2, 2);
+      return ctx.getImageData(0, 0, 64, 32).data.join(",");
+    };
+    return draw("用量") !== draw("\u0378\u0379");
+  } catch (e) {
+    return true;
+  }
+}
+
+const CHINESE_SHOWS = canShowChinese();
 let lang = pickLanguage();
 let lastSummary = null;
 
+// ?lang=en|zh first (the link relay demo prints), then the switch's choice (remembered), then the
+// browser's languages: Chinese unless English comes first, or Chinese cannot be drawn here.
 function pickLanguage() {
+  const asked = new URLSearchParams(window.location.search).get("lang");
+  if (asked === "zh" || asked === "en") return asked;
   const saved = localStorage.getItem("relay-lang");
   if (saved === "zh" || saved === "en") return saved;
   const langs = navigator.languages || [navigator.language || "zh"];
   const first = (langs[0] || "zh").toLowerCase();
+  if (!CHINESE_SHOWS) return "en";
   return first.startsWith("zh") || !first.startsWith("en") ? "zh" : "en";
 }
 
@@ -51,7 +85,7 @@ const fmt = (n) => (n === null || n === undefined ? "-" : Number(n).toLocaleStri
 function applyLanguage() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
-  $("lang").textContent = t("lang");
+  $("lang").textContent = lang === "en" && !CHINESE_SHOWS ? "中文 (Chinese)" : t("lang");
   if (lastSummary) render(lastSummary);
   renderSnippets(lastSummary && lastSummary.site);
 }
@@ -86,14 +120,17 @@ function render(s) {
   $("result").hidden = false;
   $("granted").textContent = fmt(s.granted);
   $("used").textContent = fmt(s.used);
-  $("balance").textContent = fmt(s.balance);
+  $("balance").textContent = fmt(s.available);
   const m = s.messages || {};
   $("messages").textContent = m["gpt-3.5-turbo"] !== null && m["gpt-4"] !== null
     ? t("messages")(fmt(m["gpt-3.5-turbo"]), fmt(m["gpt-4"])) : "";
-  if (s.balance <= 0) showMessage(t("noQuota"));
+  if (s.available <= 0) showMessage(t("noQuota"));
   const shop = s.site && s.site.shop_url;
   $("shop").hidden = !shop;
   if (shop) $("shop-link").href = shop;
+  const prices = s.prices || [];
+  $("prices").parentElement.hidden = !prices.length;
+  fillTable("prices", prices, (p) => [modelName(p), fmt(p.input), fmt(p.output)]);
   renderChart(s.days);
   fillTable("days", s.days.slice().reverse(), (d) => [d.day, fmt(d.cost), fmt(d.requests)], (d) => ({ day: d.day }));
   fillTable("recent", s.recent, (r) => [new Date(r.at).toLocaleString(), modelName(r), tokens(r), fmt(r.cost),
@@ -135,30 +172,53 @@ function fillTable(id, rows, cells, attrs) {
   }
 }
 
+// One bar per day; each day (bar and the column above it) names its value: a tooltip on hover
+// (<title>), a label for screen readers, and the line under the chart on hover or focus.
 function renderChart(days) {
   const svgNS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(svgNS, "svg");
   const width = 600, height = 160, gap = 2;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("preserveAspectRatio", "none");
-  const max = Math.max(1, ...days.map((d) => d.cost));
+  svg.setAttribute("role", "group");
+  svg.setAttribute("aria-label", t("daily"));
+  const max = Math.max(0, ...days.map((d) => d.cost));
   const bar = width / days.length;
   days.forEach((d, i) => {
-    const h = Math.round((d.cost / max) * (height - 4));
-    const rect = document.createElementNS(svgNS, "rect");
-    rect.setAttribute("x", String(i * bar + gap / 2));
-    rect.setAttribute("y", String(height - h));
-    rect.setAttribute("width", String(bar - gap));
-    rect.setAttribute("height", String(h));
-    rect.dataset.day = d.day;
-    rect.dataset.cost = String(d.cost);
+    const h = Math.round((d.cost / Math.max(max, 1)) * (height - 4));
+    const label = t("bar")(d.day, fmt(d.cost), fmt(d.requests));
+    const g = document.createElementNS(svgNS, "g");
+    g.setAttribute("class", "day");
+    g.setAttribute("tabindex", "0");
+    g.setAttribute("role", "img");
+    g.setAttribute("aria-label", label);
+    g.dataset.day = d.day;
+    g.dataset.cost = String(d.cost);
     const title = document.createElementNS(svgNS, "title");
-    title.textContent = `${d.day}: ${fmt(d.cost)}`;
-    rect.appendChild(title);
-    svg.appendChild(rect);
+    title.textContent = label;
+    g.appendChild(title);
+    for (const [cls, y, hh] of [["hit", 0, height], ["bar", height - h, h]]) {
+      const rect = document.createElementNS(svgNS, "rect");
+      rect.setAttribute("class", cls);
+      rect.setAttribute("x", String(i * bar + gap / 2));
+      rect.setAttribute("y", String(y));
+      rect.setAttribute("width", String(bar - gap));
+      rect.setAttribute("height", String(hh));
+      g.appendChild(rect);
+    }
+    const show = () => { $("chart-value").textContent = label; };
+    g.addEventListener("mouseenter", show);
+    g.addEventListener("focus", show);
+    svg.appendChild(g);
   });
   $("chart").replaceChildren(svg);
-  $("chart").setAttribute("aria-label", t("daily"));
+  $("chart-max").textContent = max ? fmt(max) : "";
+  $("chart-mid").textContent = max >= 2 ? fmt(Math.round(max / 2)) : "";
+  const short = (d) => (d ? d.day.slice(5) : "");
+  $("chart-first").textContent = short(days[0]);
+  $("chart-middle").textContent = short(days[Math.floor(days.length / 2)]);
+  $("chart-last").textContent = short(days[days.length - 1]);
+  $("chart-value").textContent = "";
 }
 
 function renderSnippets(site) {
