@@ -1,7 +1,9 @@
 """Authentication of relay keys, with a short-lived cache in front of the store.
 
-The cache keeps a hot key from costing a store round trip on every request; its TTL bounds
-how long a disable made elsewhere (CLI, another process) takes to reach this process.
+The cache keeps a hot key from costing a store round trip on every request. A change made
+elsewhere (CLI, another process or host) reaches this process through the store's change
+stream (``relay/store/changes.py`` calls ``forget``), and while that stream is open a lookup is
+trusted longer (``set_ttl``); without it, the TTL (2 s) bounds how long such a change takes.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class Authenticator:
         self.clock = clock
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._forgotten = 0  # counts forget() calls: a lookup that overlapped one is not trusted for long
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}  # one store lookup per key at a time
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
@@ -80,6 +83,7 @@ class Authenticator:
             del self._inflight[key_hash]
 
     async def _fetch(self, key_hash: str, hit: tuple[float, KeyRecord | None] | None, now: float) -> KeyRecord | None:
+        forgotten = self._forgotten
         try:
             record = await self.store.find_key(key_hash)
         except Exception:
@@ -90,11 +94,28 @@ class Authenticator:
             raise StoreUnavailable("The key store is unavailable; retry shortly.") from None
         if len(self._cache) >= self.max_entries:
             self._cache.clear()  # bounded: a flood of random keys cannot grow memory
-        self._cache[key_hash] = (now + self.ttl_s, record)
+        # A change announced while this lookup was on its way may have been read before it:
+        # kept (for an outage's sake) but asked again next time.
+        self._cache[key_hash] = (now + self.ttl_s if forgotten == self._forgotten else now, record)
         return record
 
     def forget(self, key_hash: str) -> None:
+        self._forgotten += 1
         self._cache.pop(key_hash, None)
+
+    def set_ttl(self, ttl_s: float) -> None:
+        """Trust lookups this long from now on; those cached already, no longer than that."""
+        self.ttl_s = ttl_s
+        self.expire_all(ttl_s)
+
+    def expire_all(self, within_s: float = 0.0) -> None:
+        """Every cached lookup is asked again (after ``within_s``); kept meanwhile, so that a
+        store outage still finds the keys seen recently."""
+        self._forgotten += 1
+        limit = self.clock() + within_s
+        for key_hash, (expires, record) in self._cache.items():
+            if expires > limit:
+                self._cache[key_hash] = (limit, record)
 
 
 class FailedAuthThrottle:

@@ -1,4 +1,5 @@
-"""relay's background work: heartbeats and the sweeper, the ledger flusher, the metric gauges."""
+"""relay's background work: heartbeats and the sweeper, the ledger flusher, key changes from
+the store, the metric gauges."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,10 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from relay.auth import Authenticator
 from relay.errors import StoreUnavailable
+from relay.quota.charge import Quota
+from relay.store.changes import WATCHED_TTL_S, KeyWatcher
 from relay.store.mongo import MongoStore
 from relay.store.recovery import HEARTBEAT_EVERY_S
 
@@ -44,6 +48,22 @@ async def flush_ledger(store: MongoStore) -> None:
         except Exception as exc:
             store.dirty |= keys
             _failed("ledger flush", exc)
+
+
+def key_watcher(store: MongoStore, auth: Authenticator, quota: Quota) -> KeyWatcher:
+    """Changes to keys made anywhere (another process, another host), applied here as they
+    happen: the key's cached lookup forgotten, its balance asked again. While the stream is
+    open, cached lookups are trusted longer; otherwise the cache's own interval applies."""
+    cache_s = auth.ttl_s
+
+    def changed(key_hash: str) -> None:
+        auth.forget(key_hash)
+        quota.balance_changed(key_hash)
+
+    def watching(up: bool) -> None:
+        auth.set_ttl(WATCHED_TTL_S if up else cache_s)
+
+    return KeyWatcher(store, changed, watching, auth.expire_all, cache_s)
 
 
 async def every(seconds: float, job: Callable[[], None], name: str) -> None:

@@ -100,7 +100,8 @@ async def _serve(args: argparse.Namespace, store_uri: str, sockets: list[socket.
     if metrics_sockets is not None:
         from relay.app import make_metrics_app
         servers.append(listen(make_metrics_app(services), 0, "", sockets=metrics_sockets))
-    log.info("relay listening on %s:%d with %d upstream(s)", args.host, args.port, len(config.upstreams))
+    log.info("relay listening on %s:%d with %d upstream(s); in the store this process is %s", args.host, args.port,
+             len(config.upstreams), store.instance_id)
     supervise.freeze_start_up_objects()
     await until_signalled()
     supervise.exit_watchdog(args.drain_timeout + 30)

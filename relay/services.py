@@ -24,6 +24,7 @@ from relay.proxy.sockets import UpstreamSockets
 from relay.proxy.transport import AiohttpTransport, Transport
 from relay.quota import LeasedQuota, Quota, build_quota
 from relay.reload import Reloader
+from relay.store.changes import KeyWatcher
 from relay.store.mongo import MongoStore
 
 log = logging.getLogger("relay.app")
@@ -51,6 +52,7 @@ class Services:
     # The usage page's response speed per model, every key's requests: (computed at, rows), monotonic.
     speed_cache: tuple[float, list[dict[str, Any]]] = field(default_factory=lambda: (float("-inf"), []))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    key_watcher: KeyWatcher | None = None  # key changes from the store (None until started)
     owners: ResponseOwners = field(init=False)  # who made each stored response, and where
     sockets: UpstreamSockets = field(init=False)  # WebSockets to upstreams (the Responses API's)
 
@@ -64,9 +66,12 @@ class Services:
 
     def start_maintenance(self) -> None:
         """Heartbeats and the sweeper, the ledger flusher, the quota's own work (group commits
-        or journal retries), active health checks, the config file watcher, the gauges."""
+        or journal retries), key changes made elsewhere, active health checks, the config file
+        watcher, the gauges."""
+        self.key_watcher = background.key_watcher(self.store, self.auth, self.quota)
         self._tasks += background.start([
             background.maintain_store(self.store), background.flush_ledger(self.store), self.quota.run(),
+            self.key_watcher.run(),
             self.checker.run(), self.reloader.watch(), self.limits.run(),
             background.every(background.GAUGES_EVERY_S, self._refresh_gauges, "metrics refresh")])
 

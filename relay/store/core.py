@@ -114,6 +114,7 @@ class StoreCore:
             await asyncio.sleep(PROBE_EVERY_S)
             try:
                 await asyncio.wait_for(self.ping(), self.call_timeout_s)
+                await asyncio.wait_for(self._back(), self.call_timeout_s)
             except Exception:
                 continue
             log.warning("the store answers again after %.1f s", self.breaker.down_for())
@@ -121,6 +122,10 @@ class StoreCore:
             if self.on_unreachable is not None:
                 self.on_unreachable(False)
             return
+
+    async def _back(self) -> None:
+        """The store answers again: what must reach it before anything else does (the
+        breaker is still open meanwhile). See ``RecoveryMixin._back``."""
 
     async def close(self) -> None:
         if self._probe_task is not None:

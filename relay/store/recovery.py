@@ -27,9 +27,18 @@ class RecoveryMixin(LeasesMixin):
     async def heartbeat(self) -> None:
         """Count one beat (liveness is whether the count moves, not what a clock says), and
         measure how far this process's clock is from the store's."""
+        await self._beat()
+
+    async def _beat(self) -> None:
         await self.processes.update_one({"_id": self.instance_id},
                                         {"$inc": {"beat": 1}, "$currentDate": {"at": True}}, upsert=True)
         await self._measure_clock()
+
+    async def _back(self) -> None:
+        """Back from an outage, a beat goes first: before this process opens or commits a
+        lease again, its count has moved, so a sweeper that still takes it for dead spares
+        what it writes from now on (``sweep`` reads the counts again before it returns anything)."""
+        await self._beat()
 
     async def _measure_clock(self) -> None:
         sent = self.clock()
@@ -70,19 +79,25 @@ class RecoveryMixin(LeasesMixin):
         now = self.now()
         oldest = now - dt.timedelta(seconds=MAX_HOLD_AGE_S)
         swept = 0
-        candidates = await self.keys.find({"holds.0": {"$exists": True}}, {"holds": 1}).to_list(length=None)
-        for doc in candidates:
-            for hold in doc["holds"]:
-                if dead(hold.get("owner")) or hold["at"] < oldest:
-                    swept += await self._sweep_hold(doc["_id"], hold, now)
-        await self.keys.update_many({"swept.at": {"$lt": oldest}}, {"$pull": {"swept": {"at": {"$lt": oldest}}}})
+        held = await self.keys.find({"holds.0": {"$exists": True}}, {"holds": 1}).to_list(length=None)
         leased = await self.keys.find({"leases": {"$exists": True, "$ne": {}}}, {"leases": 1}).to_list(length=None)
-        for doc in leased:
-            for rid, lease in doc["leases"].items():
-                if lease["seq"] == TOMBSTONE_SEQ:
-                    await self._clear_tombstone(doc["_id"], rid, lease, oldest)
-                elif dead(lease.get("owner")) or lease["at"] < oldest:
-                    swept += await self._return_lease(doc["_id"], rid, lease, now)
+        holds = [(doc["_id"], hold) for doc in held for hold in doc["holds"]]
+        leases = [(doc["_id"], rid, lease) for doc in leased for rid, lease in doc["leases"].items()]
+        if any(dead(h.get("owner")) for _, h in holds) or \
+                any(dead(lease.get("owner")) for _, _, lease in leases if lease["seq"] != TOMBSTONE_SEQ):
+            # The counts again, read after the keys: a process back from an outage beats before
+            # it writes anything else (``_back``), so what it holds was read above only after
+            # its count moved, and it is spared here. Only a process still silent is swept.
+            dead = await self._is_dead()
+        for key_hash, hold in holds:
+            if dead(hold.get("owner")) or hold["at"] < oldest:
+                swept += await self._sweep_hold(key_hash, hold, now)
+        await self.keys.update_many({"swept.at": {"$lt": oldest}}, {"$pull": {"swept": {"at": {"$lt": oldest}}}})
+        for key_hash, rid, lease in leases:
+            if lease["seq"] == TOMBSTONE_SEQ:
+                await self._clear_tombstone(key_hash, rid, lease, oldest)
+            elif dead(lease.get("owner")) or lease["at"] < oldest:
+                swept += await self._return_lease(key_hash, rid, lease, now)
         await self.processes.delete_many({"at": {"$lt": now - dt.timedelta(seconds=MAX_HOLD_AGE_S)}})
         await self.flush_ledger()
         return swept
