@@ -117,3 +117,11 @@ pricing:
     assert q.allowance == 1000 and q.full == q.minimum + 1000 * 40
     q = quote_chat(cfg, "gpt-4", {**body, "max_completion_tokens": 5, "n": 2})
     assert q.allowance == 10 and q.limited
+
+
+def test_cost_is_exact_and_rounds_up_once():
+    assert cost(Price(F(2, 3), F(4, 3)), Usage(3, 3)) == 6
+    assert cost(Price(F(2, 3), F(4, 3)), Usage(1, 1)) == 2  # 2/3 + 4/3 = 2 exactly, no float drift
+    assert cost(Price(F(2, 3), F(4, 3)), Usage(1, 0)) == 1
+    assert cost(Price(F(20), F(40)), Usage(129, 10)) == 2980
+    assert cost(Price(F(1, 15)), Usage(16, 0)) == 2
