@@ -88,10 +88,11 @@ class Result:
 
 
 async def drive(url: str, body: bytes, headers: dict, n: int | None, concurrency: int, stream: bool,
-                seconds: float | None = None) -> Result:
+                seconds: float | None = None, end: bytes = b"data: [DONE]\n\n") -> Result:
     """Send n requests (or keep sending for ``seconds``), at most ``concurrency`` at once.
 
-    Streams are read to the end and count as errors unless they end with [DONE].
+    Streams are read to the end and count as errors unless their last bytes hold ``end``
+    ([DONE] for chat; a Responses stream ends with its response.completed event).
     """
     lat, ttfb, errors = [], [], 0
     queue = iter(range(n)) if n is not None else None
@@ -112,8 +113,8 @@ async def drive(url: str, body: bytes, headers: dict, n: int | None, concurrency
                     async with session.post(url, data=body, headers=headers) as resp:
                         async for chunk in resp.content.iter_any():
                             first = first or time.perf_counter()
-                            tail = (tail + chunk)[-32:]
-                        ok = resp.status == 200 and (not stream or tail.endswith(b"data: [DONE]\n\n"))
+                            tail = (tail + chunk)[-4096:]
+                        ok = resp.status == 200 and (not stream or end in tail)
                 except aiohttp.ClientError:
                     ok = False
                 if not ok:
@@ -158,6 +159,14 @@ def idle_priority(pid: int) -> None:
     runs only when its core has nothing else to do."""
     for tid in threads(pid):
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def nice(pid: int, value: int) -> None:
+    """This niceness for every thread of ``pid`` (Linux's niceness is per thread; threads it
+    starts later inherit it): under contention it gets a small share of its core, otherwise
+    all the core's idle time."""
+    for tid in threads(pid):
+        os.setpriority(os.PRIO_PROCESS, tid, value)
 
 
 def pin(pid: int, cores: str) -> None:

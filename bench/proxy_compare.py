@@ -3,36 +3,109 @@
 Layout (2 cores): the proxy under test (relay, or nginx as the floor) alone on core 0; the
 load generator, the upstream fake (bench/lean_upstream.py: canned OpenAI replies from a bare
 asyncio protocol; its own CPU per request is printed as the "direct" row) and relay's store
-server on core 1, the store at idle priority (SCHED_IDLE) so that it takes only what the
-generator and the fake leave. Relay runs at log level info, its access log to a file.
-Targets are measured interleaved, round by round, at concurrency 1, 16 and 64, for JSON
-chats and 20-chunk streams. Reported per row: requests/s, p50/p99 latency, p50 time to
-first byte, CPU per request of the proxy's processes (from /proc) and their peak RSS.
+server on core 1, the store at a low priority (nice 10: it gets the core's idle time, and a
+small share when the generator and the fake want all of it). Targets are measured
+interleaved, round by round, for each mode and concurrency.
 
-    python bench/proxy_compare.py [--seconds 5] [--rounds 2]
-    python bench/proxy_compare.py --soak 600     # RSS and open fds once a second; fails on growth
+relay runs as an operator would start it: a minimal upstreams.yaml (upstreams and prices, no
+``quota:`` section, so the defaults: leases, affinity), at log level info with its access log
+written to a file, and a bench key with a policy (models, expiry, addresses, rpm, tpm and
+max_concurrency at values never reached), so every per-request feature is on.
 
-Needs Debian's nginx-light (`apt-get install nginx-light`); loopback only, bounded in time.
+Modes: ``json`` (a chat, gpt-4o-mini), ``stream`` (a 20-chunk chat stream, gpt-4o),
+``responses`` (a 20-event Responses API stream, gpt-4.1-mini, stored) and ``tools`` (a chat with
+a system prompt, two function tools and an image, answered by a tool call, gpt-4.1). Reported
+per row: requests/s, p50/p99 latency, p50 time to first byte (Python generator only), the p50
+added over direct, CPU per request of the target's processes (from /proc), the store server's
+CPU per request of that row, and peak RSS.
+
+    python bench/proxy_compare.py [--seconds 5] [--rounds 2] [--modes json,stream] [--conc 1,64]
+    python bench/proxy_compare.py --baseline /tmp/base-main   # the same relay from another tree, interleaved
+    python bench/proxy_compare.py --scaling                   # --workers N, the generator on its own core
+    python bench/proxy_compare.py --soak 600                  # RSS and open fds once a second; fails on growth
+
+Needs Debian's nginx-light (`apt-get install nginx-light`) and wrk (the default generator;
+``--generator python`` otherwise); loopback only, bounded in time.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (Result, child_pids, drive, free_port, idle_priority, pin, proc_cpu_seconds, relay_cmd,  # noqa
-                    rss_mb, spawn, stop, wait_port)
+from common import (Result, child_pids, drive, free_port, idle_priority, nice, pin, proc_cpu_seconds,  # noqa
+                    relay_cmd, rss_mb, spawn, stop, wait_port)
 
 
 PROXY_CORE, OTHER_CORE = "0", "1"
+RELAY_ROWS = ("relay", "base", "bare")
+POLICY = ["--models", "gpt-4*", "--allow-cidrs", "127.0.0.0/8,::1", "--expires-at", "2999-01-01",
+          "--rpm", str(10**9), "--tpm", str(10**12), "--max-concurrency", str(10**6)]
+
+
+def _png(width: int, height: int) -> bytes:
+    """A white PNG of that size: a few KB, with the real header an estimate reads."""
+    raw = zlib.compress(b"".join(b"\x00" + b"\xff" * (width * 3) for _ in range(height)), 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def _tool(name: str, description: str, properties: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": list(properties)}}}
+
+
+TOOLS = [_tool("get_weather", "The current weather in a city.",
+               {"city": {"type": "string", "description": "The city, e.g. Paris"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}),
+         _tool("search_flights", "Flights between two airports on a day.",
+               {"origin": {"type": "string"}, "destination": {"type": "string"},
+                "date": {"type": "string", "description": "YYYY-MM-DD"}, "passengers": {"type": "integer"}})]
+IMAGE = "data:image/png;base64," + base64.b64encode(_png(1024, 768)).decode()
+
+
+@dataclass(frozen=True)
+class Mode:
+    api: str        # chat or responses: relay's path
+    upstream: str   # the lean upstream's path prefix (and the upstream's name in relay's file)
+    model: str
+    stream: bool
+    body: dict
+    end: bytes = b"data: [DONE]\n\n"  # how a complete stream ends
+
+    def path(self) -> str:
+        return "/v1/responses" if self.api == "responses" else "/v1/chat/completions"
+
+
+MODES = {
+    "json": Mode("chat", "json", "gpt-4o-mini", False, {
+        "model": "gpt-4o-mini", "max_tokens": 64, "messages": [{"role": "user", "content": "Say hi"}]}),
+    "stream": Mode("chat", "stream", "gpt-4o", True, {
+        "model": "gpt-4o", "stream": True, "max_tokens": 64, "messages": [{"role": "user", "content": "Say hi"}]}),
+    "responses": Mode("responses", "rstream", "gpt-4.1-mini", True, {
+        "model": "gpt-4.1-mini", "stream": True, "max_output_tokens": 64, "input": "Say hi"},
+        end=b"event: response.completed"),
+    "tools": Mode("chat", "tools", "gpt-4.1", False, {
+        "model": "gpt-4.1", "max_tokens": 256, "tools": TOOLS, "messages": [
+            {"role": "system", "content": "You are a travel assistant. Use the tools when they help."},
+            {"role": "user", "content": [{"type": "text", "text": "What is the weather where this photo was taken?"},
+                                         {"type": "image_url", "image_url": {"url": IMAGE, "detail": "high"}}]}]}),
+}
 
 
 def nginx_conf(workdir: str, listen: int, body: str) -> str:
@@ -49,6 +122,7 @@ http {{
     client_body_temp_path {workdir}/body-{listen};
     proxy_temp_path {workdir}/proxy-{listen};
     keepalive_requests 1000000;
+    client_max_body_size 10m;
     {body}
 }}
 """)
@@ -70,45 +144,53 @@ def proxy_server_block(port: int, upstream_port: int) -> str:
 
 
 def relay_config(fake_port: int, leases: bool) -> str:
-    return f"""
-upstreams:
-  - name: json
-    base_url: http://127.0.0.1:{fake_port}/json/v1
-    keys: [sk-bench-1]
-    models: [bench-json]
-  - name: stream
-    base_url: http://127.0.0.1:{fake_port}/stream/v1
-    keys: [sk-bench-2]
-    models: [bench-stream]
+    """A minimal file: each mode's upstream (two keys, so that affinity ranks them) and prices."""
+    ups = "".join(f"""
+  - name: {m.upstream}
+    base_url: http://127.0.0.1:{fake_port}/{m.upstream}/v1
+    keys: [sk-bench-{m.upstream}-1, sk-bench-{m.upstream}-2]
+    models: [{m.model}]""" for m in MODES.values())
+    return f"""upstreams:{ups}
 pricing:
-  bench-json: {{input: 1, output: 1}}
-  bench-stream: {{input: 1, output: 1}}
-quota:
-  default_max_tokens: 64
-  leases: {"true" if leases else "false"}
-"""
+  gpt-4o-mini: {{input: "1/10", output: "2/5"}}
+  gpt-4o: {{input: "5/3", output: "20/3"}}
+  gpt-4.1-mini: {{input: "4/15", output: "16/15"}}
+  gpt-4.1: {{input: "4/3", output: "16/3"}}
+""" + ("" if leases else "quota:\n  leases: false\n")
 
 
 class Target:
-    def __init__(self, name: str, port: int, pids_fn, path_prefix: str = "", headers: dict | None = None):
-        self.name, self.port, self.pids_fn, self.path_prefix = name, port, pids_fn, path_prefix
-        self.headers = headers  # its own key's (the row "policy"), else the bench key's
+    def __init__(self, name: str, port: int, pids_fn, headers: dict | None = None):
+        self.name, self.port, self.pids_fn = name, port, pids_fn
+        self.headers = headers  # its own key's (the row "bare"), else the bench key's
 
-    def url(self, mode: str) -> str:
-        if self.name in ("relay", "base", "policy"):
-            return f"http://127.0.0.1:{self.port}/v1/chat/completions"
-        return f"http://127.0.0.1:{self.port}/{mode}/v1/chat/completions"
-
-
-GENERATOR = {"name": "python"}
+    def url(self, mode: Mode) -> str:
+        if self.name in RELAY_ROWS:
+            return f"http://127.0.0.1:{self.port}{mode.path()}"
+        return f"http://127.0.0.1:{self.port}/{mode.upstream}{mode.path()}"
 
 
-async def measure(target: Target, mode: str, conc: int, seconds: float, headers: dict) -> tuple[Result, float, float]:
+GENERATOR = {"name": "wrk"}
+
+
+@dataclass
+class Cell:
+    """One measurement: the generator's result, the target's CPU per request, the store's CPU
+    per request (relay rows), the target's peak RSS."""
+
+    result: Result
+    cpu: float
+    store_cpu: float
+    peak: float
+
+
+async def measure(target: Target, mode: Mode, conc: int, seconds: float, headers: dict,
+                  store_pid: int | None = None) -> Cell:
     headers = target.headers or headers
-    body = json.dumps({"model": f"bench-{mode}", "stream": mode == "stream", "max_tokens": 64,
-                       "messages": [{"role": "user", "content": "Say hi"}]}).encode()
+    body = json.dumps(mode.body).encode()
     pids = target.pids_fn()
     cpu0 = proc_cpu_seconds(*pids)
+    store0 = proc_cpu_seconds(store_pid) if store_pid else 0.0
     peak = [0.0]
     done = asyncio.Event()
 
@@ -121,12 +203,13 @@ async def measure(target: Target, mode: str, conc: int, seconds: float, headers:
     if GENERATOR["name"] == "wrk":
         result = await run_wrk(target.url(mode), body, headers, conc, seconds)
     else:
-        result = await drive(target.url(mode), body, headers, None, conc, mode == "stream", seconds=seconds)
+        result = await drive(target.url(mode), body, headers, None, conc, mode.stream, seconds=seconds, end=mode.end)
     done.set()
     await sampler
-    cpu = proc_cpu_seconds(*pids) - cpu0
     n = max(len(result.latencies), 1)
-    return result, cpu / n * 1000, peak[0]
+    cpu = proc_cpu_seconds(*pids) - cpu0
+    store = proc_cpu_seconds(store_pid) - store0 if store_pid and target.name in RELAY_ROWS else float("nan")
+    return Cell(result, cpu / n * 1000, store / n * 1000, peak[0])
 
 
 async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: float, cores: str = OTHER_CORE) -> Result:
@@ -146,11 +229,17 @@ async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: floa
     return Result(lat, [], int(micros) / 1e6, int(errors))
 
 
-def merge(parts: list[tuple[Result, float, float]]) -> tuple[Result, float, float]:
-    lat = [x for r, _, _ in parts for x in r.latencies]
-    ttfb = [x for r, _, _ in parts for x in r.ttfbs]
-    res = Result(lat, ttfb, sum(r.wall for r, _, _ in parts), sum(r.errors for r, _, _ in parts))
-    return res, statistics.mean(c for _, c, _ in parts), max(p for _, _, p in parts)
+def merge(cells: list[Cell]) -> Cell:
+    lat = [x for c in cells for x in c.result.latencies]
+    ttfb = [x for c in cells for x in c.result.ttfbs]
+    res = Result(lat, ttfb, sum(c.result.wall for c in cells), sum(c.result.errors for c in cells))
+    return Cell(res, statistics.median(c.cpu for c in cells), statistics.median(c.store_cpu for c in cells),
+                max(c.peak for c in cells))
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
 
 
 async def main(args) -> int:
@@ -158,6 +247,11 @@ async def main(args) -> int:
     if not shutil.which("nginx"):
         print("needs nginx (apt-get install nginx-light)")
         return 2
+    if args.generator == "wrk" and not shutil.which("wrk"):
+        print("needs wrk (apt-get install wrk), or --generator python")
+        return 2
+    modes = [MODES[m] for m in args.modes.split(",")]
+    concurrencies = [int(c) for c in args.conc.split(",")]
     workdir = tempfile.mkdtemp(prefix="relay-proxy-bench-")
     fake_port, nginx_port, relay_port = free_port(), free_port(), free_port()
     procs = []
@@ -172,9 +266,12 @@ async def main(args) -> int:
         os.sched_setaffinity(0, {int(OTHER_CORE)})  # the store server (our child) and the load generator
         uri = store.start()
         # Its bursts of work (each group commit) must not delay the generator and the fake on the
-        # same core: measured at normal priority they put relay's p90 at c=1 at 2.4 ms, at idle
-        # priority 0.9 ms. It still gets the core's idle time, and its CPU is reported below.
-        idle_priority(store.proc.pid)
+        # same core, nor starve when they keep the core busy (at SCHED_IDLE it did: its answers
+        # came too late, and relay's store breaker opened).
+        if args.store_priority == "idle":
+            idle_priority(store.proc.pid)
+        elif args.store_priority == "nice":
+            nice(store.proc.pid, 10)
         cfg = os.path.join(workdir, "upstreams.yaml")
         with open(cfg, "w") as fh:
             fh.write(relay_config(fake_port, not args.no_leases))
@@ -194,7 +291,7 @@ async def main(args) -> int:
             ports.append(base_port)
         for port in ports:
             wait_port(port, 60)
-        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
+        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *POLICY, "--mongodb-uri", uri),
                              capture_output=True, text=True, check=True).stdout.strip()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         targets = [Target("direct", fake_port, lambda: [fake.pid]),
@@ -202,40 +299,42 @@ async def main(args) -> int:
                    Target("relay", relay_port, lambda: [relay.pid])]
         if args.baseline:
             targets.append(Target("base", base_port, lambda: [base.pid]))
-        if args.key_policy:  # the same relay, a key with every policy field set and no limit ever reached
-            policy = ["--models", "bench-*", "--allow-cidrs", "127.0.0.0/8,::1", "--expires-at", "2999-01-01",
-                      "--rpm", str(10**9), "--tpm", str(10**12), "--max-concurrency", str(10**6)]
-            limited = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *policy, "--mongodb-uri",
-                                               uri), capture_output=True, text=True, check=True).stdout.strip()
-            targets.append(Target("policy", relay_port, lambda: [relay.pid],
-                                  headers={**headers, "Authorization": f"Bearer {limited}"}))
+        if args.bare_key:  # the same relay, a key without a policy
+            bare = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
+                                  capture_output=True, text=True, check=True).stdout.strip()
+            targets.append(Target("bare", relay_port, lambda: [relay.pid],
+                                  headers={**headers, "Authorization": f"Bearer {bare}"}))
         if args.soak:
-            return await soak(targets[2], headers, args.soak, relay.pid)
+            return await soak(targets[2], headers, args.soak, relay.pid, modes, args.rss_budget)
         if args.scaling:
             stop(relay)
             return await scaling(args, cfg, uri, headers, [fake.pid, store.proc.pid], workdir)
         for t in targets:  # warm-up
-            for mode in ("json", "stream"):
+            for mode in modes:
                 await measure(t, mode, 8, 1.0, headers)
+        load_before = loadavg()
+        store_cpu0 = proc_cpu_seconds(store.proc.pid)
         rows = []
-        for mode in ("json", "stream"):
-            for conc in (1, 16, 64):
-                parts = {t.name: [] for t in targets}
+        for mode in modes:
+            for conc in concurrencies:
+                cells: dict[str, list[Cell]] = {t.name: [] for t in targets}
                 for _ in range(args.rounds):
                     for t in targets:
-                        parts[t.name].append(await measure(t, mode, conc, args.seconds, headers))
+                        cells[t.name].append(await measure(t, mode, conc, args.seconds, headers, store.proc.pid))
                 if os.environ.get("BENCH_VERBOSE"):
-                    print(mode, conc, {k: [(round(r.rps), round(r.p99, 2)) for r, _, _ in v] for k, v in parts.items()},
-                          flush=True)
-                direct = merge(parts["direct"])
+                    print(mode.upstream, conc, {k: [(round(c.result.rps), round(c.result.p99, 2), round(c.cpu, 3))
+                                                    for c in v] for k, v in cells.items()}, flush=True)
+                direct = merge(cells["direct"])
                 for t in targets:
-                    rows.append((mode, conc, t.name, merge(parts[t.name]), direct))
-        store_cpu = proc_cpu_seconds(store.proc.pid)
-        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}")
+                    rows.append((mode, conc, t.name, merge(cells[t.name]), direct))
+        store_cpu = proc_cpu_seconds(store.proc.pid) - store_cpu0
+        print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}; {args.rounds} x "
+              f"{args.seconds:g} s per cell; load average {load_before} before, {loadavg()} after")
         print_table(rows)
-        total_relay = sum(len(r[3][0].latencies) for r in rows if r[2] in ("relay", "base", "policy"))
-        print(f"store server (separate process, core {OTHER_CORE}): {store_cpu:.1f} s CPU in all, "
-              f"{store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; RSS {rss_mb(store.proc.pid):.0f} MB")
+        total_relay = sum(len(r[3].result.latencies) for r in rows if r[2] in RELAY_ROWS)
+        print(f"store server (separate process, core {OTHER_CORE}, {args.store_priority} priority): {store_cpu:.1f} s "
+              f"CPU in all, {store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; "
+              f"RSS {rss_mb(store.proc.pid):.0f} MB")
         with open(os.path.join(workdir, "relay.log"), "rb") as fh:
             access_lines = sum(1 for line in fh if b" key=" in line)
         print(f"relay wrote {access_lines} access lines at log level info; "
@@ -257,26 +356,34 @@ def metric_value(port: int, name: str) -> float:
 
 def machine_busy_seconds() -> float:
     """CPU time the whole machine spent busy so far (all cores, from /proc/stat)."""
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], workdir: str) -> int:
-    """``--workers N`` against one worker: JSON chats at concurrency 64.
+    """``--workers N`` against one worker: JSON chats at concurrency 64, with wrk.
 
-    Rows: one worker alone on core 0 (the main table's layout); then one and two workers with
-    every process free to use both cores (relay, wrk, the fake and the store share them, so two
-    workers cannot double: the bound the cores allow is printed beside each row, from the CPU
-    per request of relay and of everything else measured in that row)."""
+    First with the load generator, the fake and the store on a core of their own (the last)
+    and relay's workers on the others (on two cores: one worker, then two sharing core 0);
+    then with every process free to use every core (relay, wrk, the fake and the store share
+    them, so two workers cannot double: the bound the cores allow is printed beside each row,
+    from the CPU per request of relay and of everything else measured in that row)."""
     ncpu = os.cpu_count() or 1
-    layouts = [("1 worker, core 0; rest core 1", 1, PROXY_CORE, OTHER_CORE),
-               ("1 worker, all cores shared", 1, "0,1", "0,1"),
-               ("2 workers, all cores shared", 2, "0,1", "0,1")]
-    print(f"--workers scaling, JSON chat, concurrency 64, {args.rounds} x {args.seconds:.0f} s, {ncpu} cores")
-    print(f"{'layout':32} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} | {'relay cpu/req':>13} {'rest cpu/req':>12} "
+    own = str(ncpu - 1)
+    relay_cores = ",".join(str(c) for c in range(max(ncpu - 1, 1)))
+    allcores = ",".join(str(c) for c in range(ncpu))
+    many = max(ncpu - 1, 2)
+    layouts = [(f"1 worker on {relay_cores}; wrk etc. on {own}", 1, relay_cores, own),
+               (f"{many} workers on {relay_cores}; wrk etc. on {own}", many, relay_cores, own),
+               ("1 worker, all cores shared", 1, allcores, allcores),
+               (f"{ncpu} workers, all cores shared", max(ncpu, 2), allcores, allcores)]
+    mode = MODES["json"]
+    print(f"--workers scaling, JSON chat, concurrency 64, {args.rounds} x {args.seconds:.0f} s, {ncpu} cores; "
+          f"load average {loadavg()}")
+    print(f"{'layout':36} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} | {'relay cpu/req':>13} {'rest cpu/req':>12} "
           f"{'cores allow':>11} {'of bound':>8} {'errors':>6}")
-    base = None
     for name, workers, relay_cores, other_cores in layouts:
         for pid in others:
             pin(pid, other_cores)
@@ -289,25 +396,27 @@ async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], wo
             wait_port(port, 60)
             target = Target("relay", port, lambda relay=relay: [relay.pid] + child_pids(relay.pid))
             await asyncio.sleep(1.0)  # workers up
-            body = json.dumps({"model": "bench-json", "max_tokens": 64,
-                               "messages": [{"role": "user", "content": "Say hi"}]}).encode()
-            await run_wrk(target.url("json"), body, headers, 16, 1.0, other_cores)  # warm-up
+            body = json.dumps(mode.body).encode()
+            await run_wrk(target.url(mode), body, headers, 16, 1.0, other_cores)  # warm-up
             parts = []
             busy0 = machine_busy_seconds()
             for _ in range(args.rounds):
                 pids = target.pids_fn()
                 cpu0 = proc_cpu_seconds(*pids)
-                res = await run_wrk(target.url("json"), body, headers, 64, args.seconds, other_cores)
-                parts.append((res, (proc_cpu_seconds(*pids) - cpu0) / max(len(res.latencies), 1) * 1000, 0.0))
+                res = await run_wrk(target.url(mode), body, headers, 64, args.seconds, other_cores)
+                parts.append(Cell(res, (proc_cpu_seconds(*pids) - cpu0) / max(len(res.latencies), 1) * 1000,
+                                  float("nan"), 0.0))
             busy = machine_busy_seconds() - busy0
-            res, relay_cpu, _ = merge(parts)
+            cell = merge(parts)
+            res, relay_cpu = cell.result, cell.cpu
             n = max(len(res.latencies), 1)
             rest_cpu = max(busy * 1000 / n - relay_cpu, 0.0)
             cores = len(relay_cores.split(","))
-            # One core for relay alone; when everything shares, the cores split by CPU per request.
-            bound = 1000 / relay_cpu if cores == 1 else ncpu * 1000 / (relay_cpu + rest_cpu)
-            base = base or res.rps
-            print(f"{name:32} | {res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} | {relay_cpu:13.3f} {rest_cpu:12.3f} "
+            if other_cores != relay_cores:  # relay's cores are its own
+                bound = cores * 1000 / relay_cpu
+            else:  # everything shares the cores: they split by CPU per request
+                bound = cores * 1000 / (relay_cpu + rest_cpu)
+            print(f"{name:36} | {res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} | {relay_cpu:13.3f} {rest_cpu:12.3f} "
                   f"{bound:11.0f} {res.rps / bound:8.0%} {res.errors:6d}")
         finally:
             stop(relay)
@@ -315,24 +424,27 @@ async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], wo
 
 
 def print_table(rows) -> None:
-    print(f"{'mode':6} {'conc':>4} {'target':7} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'ttfb p50':>8} "
-          f"{'added p50':>9} | {'cpu/req ms':>10} {'peak RSS MB':>11} {'errors':>6}")
-    for mode, conc, name, (res, cpu, peak), (direct, _, _) in rows:
-        added = res.p50 - direct.p50 if name != "direct" else 0.0
-        print(f"{mode:6} {conc:>4} {name:7} | {res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} {res.ttfb50:8.2f} "
-              f"{added:9.2f} | {cpu:10.3f} {peak:11.1f} {res.errors:6d}")
-    print("direct = the lean fake upstream itself (its cpu/req is the fake's own cost); "
-          "cpu/req for nginx and relay is the proxy's process tree on core 0")
+    print(f"{'mode':9} {'conc':>4} {'target':7} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'ttfb p50':>8} "
+          f"{'added p50':>9} | {'cpu/req ms':>10} {'store ms':>8} {'peak RSS MB':>11} {'errors':>6}")
+    for mode, conc, name, cell, direct in rows:
+        res = cell.result
+        added = res.p50 - direct.result.p50 if name != "direct" else 0.0
+        store = f"{cell.store_cpu:8.3f}" if cell.store_cpu == cell.store_cpu else f"{'':8}"
+        print(f"{mode.upstream if mode.upstream != 'rstream' else 'responses':9} {conc:>4} {name:7} | "
+              f"{res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} {res.ttfb50:8.2f} {added:9.2f} | {cell.cpu:10.3f} "
+              f"{store} {cell.peak:11.1f} {res.errors:6d}")
+    print("direct = the lean fake upstream itself (its cpu/req is the fake's own cost); cpu/req for nginx and relay "
+          "is the proxy's process tree on core 0; store ms = the store server's CPU per request of that row")
 
 
-async def soak(target: Target, headers: dict, seconds: float, pid: int) -> int:
-    """Moderate mixed load for ``seconds``; RSS and open fds sampled once a second."""
+async def soak(target: Target, headers: dict, seconds: float, pid: int, modes: list[Mode], budget: float) -> int:
+    """Moderate mixed load (every mode in turn) for ``seconds``; RSS and open fds sampled once a second."""
     samples = []
     stop_at = time.monotonic() + seconds
 
     async def load():
         while time.monotonic() < stop_at:
-            for mode in ("json", "stream"):
+            for mode in modes:
                 await measure(target, mode, 16, 2.0, headers)
 
     async def watch():
@@ -346,28 +458,37 @@ async def soak(target: Target, headers: dict, seconds: float, pid: int) -> int:
     last = statistics.median(s[0] for s in samples[-third:])
     fds_first = statistics.median(s[1] for s in samples[:third])
     fds_last = statistics.median(s[1] for s in samples[-third:])
-    print(f"soak {seconds:.0f} s, {len(samples)} samples: RSS {first:.1f} -> {last:.1f} MB "
-          f"(max {max(s[0] for s in samples):.1f}); open fds {fds_first:.0f} -> {fds_last:.0f}")
+    most = max(s[0] for s in samples)
+    print(f"soak {seconds:.0f} s ({', '.join(m.upstream for m in modes)} in turn, concurrency 16), {len(samples)} "
+          f"samples: RSS {first:.1f} -> {last:.1f} MB (max {most:.1f}, budget {budget:.0f}); "
+          f"open fds {fds_first:.0f} -> {fds_last:.0f}")
     grew = last - first > 5 or fds_last - fds_first > 20
-    print("FAIL: growth" if grew else "ok: flat")
-    return 1 if grew else 0
+    over = most > budget
+    print("FAIL: growth" if grew else "FAIL: over the RSS budget" if over else "ok: flat, within budget")
+    return 1 if grew or over else 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="json,stream,responses,tools",
+                        help="comma-separated, of: " + ", ".join(MODES))
+    parser.add_argument("--conc", default="1,64", help="concurrencies, comma-separated")
     parser.add_argument("--soak", type=float, default=0.0, help="run the soak for this many seconds instead")
-    parser.add_argument("--generator", choices=("python", "wrk"), default="python",
-                        help="python (aiohttp; records time to first byte) or wrk (leaner; no TTFB)")
+    parser.add_argument("--rss-budget", type=float, default=100.0, help="MB the soak allows relay's process")
+    parser.add_argument("--generator", choices=("python", "wrk"), default="wrk",
+                        help="wrk (lean, C; no TTFB) or python (aiohttp; records time to first byte, but takes "
+                             "its core whole at high concurrency)")
+    parser.add_argument("--store-priority", choices=("nice", "idle", "normal"), default="nice",
+                        help="the store server's scheduling on core 1: nice 10 (default), SCHED_IDLE, or normal")
     parser.add_argument("--scaling", action="store_true",
-                        help="--workers 2 against one worker (JSON, concurrency 64) instead of the table")
+                        help="--workers N against one worker (JSON, concurrency 64) instead of the table")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure relay from this source tree (a checkout of an earlier commit), "
                              "interleaved with this one: the row 'base'")
-    parser.add_argument("--key-policy", action="store_true",
-                        help="also the row 'policy': the same relay, with a key whose every policy field is set "
-                             "(models, addresses, expiry, rpm, tpm, max_concurrency) at values never reached")
+    parser.add_argument("--bare-key", action="store_true",
+                        help="also the row 'bare': the same relay, with a key without a policy")
     parser.add_argument("--no-leases", action="store_true",
                         help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -1,7 +1,7 @@
 """relay's CPU per streamed request: a 20-event Responses API stream against a 20-chunk chat stream.
 
 One run, rounds interleaved: relay alone on core 0; the load generator, a lean upstream (canned
-replies from a bare asyncio protocol: bench/lean_upstream.py's chat stream, and a Responses
+replies from a bare asyncio protocol: bench/lean_upstream.py's chat stream, and its Responses
 stream of 20 typed events as OpenAI sends them) and the embedded store (idle priority) on
 core 1. Printed per kind: requests/s, p50, relay's CPU per request, and the ratio to chat.
 A Responses request with ``store`` on also records who owns the response (written in groups).
@@ -29,39 +29,8 @@ from lean_upstream import REPLIES  # noqa: E402
 PROXY_CORE, OTHER_CORE = "0", "1"
 
 
-def responses_stream() -> bytes:
-    """20 events: created, in_progress, item and part added, 12 deltas, text/part/item done, completed."""
-    response = {"id": "resp_bench", "object": "response", "created_at": 1700000000, "status": "in_progress",
-                "background": False, "error": None, "incomplete_details": None, "instructions": None,
-                "max_output_tokens": 64, "model": "bench-resp", "output": [], "parallel_tool_calls": True,
-                "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": True,
-                "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
-                "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None, "metadata": {}}
-    at = {"item_id": "msg_bench", "output_index": 0, "content_index": 0}
-    item = {"id": "msg_bench", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    text = "hi " * 12
-    done_item = {**item, "status": "completed", "content": [{**part, "text": text}]}
-    usage = {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 12,
-             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 21}
-    events = [("response.created", {"response": response}), ("response.in_progress", {"response": response}),
-              ("response.output_item.added", {"output_index": 0, "item": item}),
-              ("response.content_part.added", {**at, "part": part})]
-    events += [("response.output_text.delta", {**at, "delta": "hi ", "logprobs": []})] * 12
-    events += [("response.output_text.done", {**at, "text": text, "logprobs": []}),
-               ("response.content_part.done", {**at, "part": {**part, "text": text}}),
-               ("response.output_item.done", {"output_index": 0, "item": done_item}),
-               ("response.completed", {"response": {**response, "status": "completed", "output": [done_item],
-                                                    "usage": usage}})]
-    assert len(events) == 20
-    body = "".join(f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': i, **fields})}\n\n"
-                   for i, (kind, fields) in enumerate(events)).encode()
-    return (f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: keep-alive\r\n\r\n").encode() + body
-
-
 class Upstream(asyncio.Protocol):
-    reply = {"chat": REPLIES["stream"], "responses": responses_stream(), "models": REPLIES["models"]}
+    reply = {"chat": REPLIES["stream"], "responses": REPLIES["rstream"], "models": REPLIES["models"]}
 
     def connection_made(self, transport):
         self.transport, self.buf = transport, b""
