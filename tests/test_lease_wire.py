@@ -243,3 +243,68 @@ async def test_a_repeated_batch_and_a_dead_lease_on_the_embedded_store(embedded,
     assert await store.ledger_total(h) == 500, "the entry nobody paid for is gone"
     await assert_conserved(store)
     await close_client(store.client)
+
+
+async def test_the_sweepers_repeated_discards_read_only_the_swept_leases_entries(embedded, io_loop):
+    """Every sweep deletes a tombstone's unapplied entries again, for the tombstone's six
+    hours. Each pass must read that lease's entries only: a filter on the key and a time
+    bound read every entry of the key since then (with a few hours of one key's traffic, the
+    store spent whole seconds per pass and stopped answering)."""
+    from relay.metering.ledger import LedgerEntry
+    uri = db_uri(embedded, "leasescan" + uuid.uuid4().hex[:6])
+    store = await open_store(uri)
+    await add_key(store, quota=10**9)
+    h = hash_key(TEST_KEY)
+    now, elapsed = [utc_now()], [0.0]
+    clocks = {"clock": lambda: now[0], "monotonic": lambda: elapsed[0]}
+    dying = MongoStore(store.client, store.db.name, instance_id="p_dying", **clocks)
+    live = MongoStore(store.client, store.db.name, instance_id="p_live", **clocks)
+    sweeper = MongoStore(store.client, store.db.name, instance_id="p_sweeper", **clocks)
+    await dying.heartbeat()
+    await live.heartbeat()
+    await sweeper.sweep()
+
+    def entry(rid, cost):
+        return LedgerEntry(rid, h, "gpt-4", "p", 8, 10, cost, 200, 1.0, 1.0, False, now[0])
+    held = await dying.open_lease(h, "lease-p_dying-1", 0, 10_000)
+    await dying.commit_lease(h, "lease-p_dying-1", held, 0, [entry("d0", 300)], 0, 0)
+    await store.ledger.insert_one(ledger_doc(entry("d1", 400), lease="lease-p_dying-1", lseq=1))  # killed here
+    # The live process's traffic on the same key, before and after the sweep.
+    held_live = await live.open_lease(h, "lease-p_live-1", 0, 10**6)
+    seq, batch = 0, 200
+    for _ in range(3):
+        entries = [entry(f"l{seq}-{i}", 1) for i in range(batch)]
+        held_live = await live.commit_lease(h, "lease-p_live-1", held_live, seq, entries, 0, 0)
+        seq += 1
+    now[0] += dt.timedelta(seconds=DEAD_AFTER_S + 1)
+    elapsed[0] += DEAD_AFTER_S + 1
+    await live.heartbeat()
+    await sweeper.heartbeat()
+    assert await sweeper.sweep() == 1
+    for _ in range(3):
+        entries = [entry(f"l{seq}-{i}", 1) for i in range(batch)]
+        held_live = await live.commit_lease(h, "lease-p_live-1", held_live, seq, entries, 0, 0)
+        seq += 1
+    # A stalled process's batch lands after the sweep: the next pass deletes it.
+    await store.ledger.insert_one(ledger_doc(entry("d2", 500), lease="lease-p_dying-1", lseq=1))
+
+    filters = []
+    real_delete = sweeper.ledger.delete_many
+
+    async def recording_delete(flt, *args, **kwargs):
+        filters.append(flt)
+        return await real_delete(flt, *args, **kwargs)
+    sweeper.ledger.delete_many = recording_delete
+    await live.heartbeat()
+    await sweeper.heartbeat()
+    await sweeper.sweep()
+    assert await store.ledger.count_documents({"_id": "d2"}) == 0, "the late entry nobody paid for is gone"
+    assert await store.ledger.count_documents({"key_hash": h}) == 1 + 6 * batch
+    assert filters, "the tombstone's entries were deleted again"
+    for flt in filters:
+        plan = await store.db.command("explain", {"find": "ledger", "filter": flt}, verbosity="executionStats")
+        stats = plan["executionStats"]
+        assert stats["totalDocsExamined"] <= 1 and stats["totalKeysExamined"] <= 2, (flt, stats)
+    await live.commit_lease(h, "lease-p_live-1", held_live, seq, [], held_live, 0)  # the live slice handed back
+    await assert_conserved(store)
+    await close_client(store.client)

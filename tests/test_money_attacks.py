@@ -172,11 +172,11 @@ async def test_an_idle_slice_being_handed_back_cannot_be_spent_twice(embedded, i
         real = a.store.commit_lease
         handing_back, release, handed_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-        async def slow_hand_back(key_hash, rid, amount, seq, entries, returned, extra, taken_at=None):
+        async def slow_hand_back(key_hash, rid, amount, seq, entries, returned, extra):
             if returned > 0 and not release.is_set():
                 handing_back.set()
                 await release.wait()  # the store is slow to answer, as a loaded one is
-            result = await real(key_hash, rid, amount, seq, entries, returned, extra, taken_at)
+            result = await real(key_hash, rid, amount, seq, entries, returned, extra)
             if returned > 0:
                 handed_back.set()
             return result

@@ -20,7 +20,6 @@ batch whose answer was lost is repeated exactly) and no unit of a balance is los
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from bson.errors import InvalidDocument
 from relay.errors import InsufficientQuota
 from relay.metering.bounds import MAX_UNITS
 from relay.metering.ledger import LedgerEntry
-from relay.store.leases import UNAPPLIED_MARGIN, LeaseGone
+from relay.store.leases import LeaseGone
 from relay.store.mongo import MongoStore
 
 log = logging.getLogger("relay.charging")
@@ -51,7 +50,6 @@ class Attempt:
     entries: list[LedgerEntry]
     returned: int
     extra: int
-    taken_at: dt.datetime
     refused: bool = False  # the store refused it once already (logged then)
 
 
@@ -65,8 +63,8 @@ class LateBatch:
     entries: list[LedgerEntry] = field(default_factory=list)
     inflight: list[LedgerEntry] | None = None
     holds: int = 0                 # requests in flight that reserved from the slice
-    discard: tuple[int, dt.datetime] | None = None  # this process's own unapplied entries (from batch,
-                                                    # since) to delete before anything is charged
+    discard: int | None = None  # this process's own unapplied entries (from this batch on),
+                                # to delete before anything is charged
 
     @property
     def finished(self) -> bool:
@@ -260,7 +258,7 @@ class LeaseBook:
         # Units handed back leave the slice now, before the store hears of it: a request that
         # arrives meanwhile must not reserve what is on its way back. Handing back a slice that
         # ended overdrawn charges the overdraft to the balance.
-        attempt = Attempt(w.batch, w.available if return_rest else 0, extra, self.store.clock())
+        attempt = Attempt(w.batch, w.available if return_rest else 0, extra)
         w.batch = []
         w.available -= attempt.returned
         return await self._send(key_hash, w, attempt)
@@ -269,7 +267,7 @@ class LeaseBook:
         w.inflight = a
         try:
             new_amount = await self.store.commit_lease(key_hash, w.rid, w.amount, w.seq, a.entries, a.returned,
-                                                       a.extra, a.taken_at)
+                                                       a.extra)
         except LeaseGone as gone:
             self._swept(w, a, gone.unapplied_from)
             return None
@@ -297,7 +295,7 @@ class LeaseBook:
         if not applied and a.entries:
             # What this attempt inserted was never charged: out of the ledger before the late
             # batch charges it again (the sweeper deletes it too, on its next pass).
-            late.discard = (seq, min(e.at for e in a.entries) - UNAPPLIED_MARGIN)
+            late.discard = seq
         log.error("lease %s was swept (this process looked dead); %d settled and %d held request(s) are "
                   "charged to the balance directly", rid, len(late.entries), late.holds)
 
@@ -313,14 +311,14 @@ class LeaseBook:
             if self.on_unbillable is not None and a.entries:
                 self.on_unbillable("commit_refused", len(a.entries))
         if a.entries:  # until this succeeds, the attempt stays in flight and comes back here
-            await self.store.discard_unapplied(key_hash, w.rid, w.seq, min(e.at for e in a.entries) - UNAPPLIED_MARGIN)
+            await self.store.discard_unapplied(key_hash, w.rid, w.seq)
         w.inflight = None
         w.available += a.returned + sum(e.cost for e in a.entries)
 
     async def _commit_late(self, key_hash: str, w: Wallet) -> None:
         for rid, late in list(w.late.items()):
             if late.discard is not None:
-                await self.store.discard_unapplied(key_hash, rid, *late.discard)
+                await self.store.discard_unapplied(key_hash, rid, late.discard)
                 late.discard = None
             if late.inflight is None and late.entries:
                 late.inflight, late.entries = late.entries, []

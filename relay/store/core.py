@@ -136,6 +136,7 @@ class StoreCore:
         await self.keys.create_index("holds.owner")
         await self.ledger.create_index([("key_hash", 1), ("at", -1)])
         await self.ledger.create_index([("at", -1)])
+        await self.ledger.create_index([("lease", 1), ("lseq", 1)])  # the sweeper's discard_unapplied
         await self.grants.create_index([("key_hash", 1), ("at", 1)])
         await self.codes.create_index("prefix")
         await self.codes.create_index("applied")

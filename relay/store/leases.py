@@ -2,14 +2,16 @@
 charged in batches whose ledger entries are inserted first and charged second."""
 from __future__ import annotations
 
-import datetime as dt
-
 from relay.metering.ledger import LedgerEntry, day_counts, ledger_doc
 from relay.store.core import Document, _op
 from relay.store.holds import HoldsMixin
 
 TOMBSTONE_SEQ = -1           # a returned lease: no batch can apply to it
-UNAPPLIED_MARGIN = dt.timedelta(seconds=60)  # wall clocks step back (NTP); a batch's entries are never older
+
+
+def unapplied_filter(rid: str, seq: int) -> Document:
+    """The ledger entries of lease ``rid``'s batches from ``seq`` on (the index ``lease_1_lseq_1``)."""
+    return {"lease": rid, "lseq": {"$gte": seq}}
 
 
 class LeaseGone(LookupError):
@@ -28,13 +30,13 @@ class LeasesMixin(HoldsMixin):
     async def open_lease(self, key_hash: str, rid: str, minimum: int, full: int) -> int:
         """A lease: a slice of the balance this process spends locally (see relay/quota/lease_book.py)."""
         now = self.now()
-        lease = {"owner": self.instance_id, "at": now, "next_from": self.clock(), "seq": 0}
+        lease = {"owner": self.instance_id, "at": now, "seq": 0}
         return await self._take(key_hash, minimum, full, lambda amount: {
             "$inc": {"balance": -amount, "reserved": amount}, "$set": {f"leases.{rid}": {**lease, "amount": amount}}})
 
     @_op("commit_lease")
     async def commit_lease(self, key_hash: str, rid: str, amount: int, seq: int, entries: list[LedgerEntry],
-                           returned: int, extra: int, taken_at: dt.datetime | None = None) -> int | None:
+                           returned: int, extra: int) -> int | None:
         """Apply one process's batch against its lease hold.
 
         The lease ``rid`` holds ``amount`` (at version ``seq``). The batch charges the entries'
@@ -48,9 +50,6 @@ class LeasesMixin(HoldsMixin):
         deletes them when it returns the lease (``lseq >= `` the lease's last ``seq``). No
         outbox: the ledger is written once per entry (with outbox, flush and pull the embedded
         store spent 1.14 ms of CPU per relay request in bench/proxy_compare.py; this way 0.24).
-
-        ``taken_at``: when the batch was taken from the process's list; entries of later
-        batches settled after it (``next_from`` on the lease), which bounds the sweeper's search.
 
         Idempotent when repeated with the same arguments: the insert skips what is there, and
         the update applies only to the hold as it was at ``seq``; a repeat after a lost answer
@@ -70,8 +69,7 @@ class LeasesMixin(HoldsMixin):
             flt["balance"] = {"$gte": extra}
         # An emptied lease stays (amount 0) so that a repeat of this batch can still tell it applied.
         update = {"$inc": inc, "$set": {f"leases.{rid}.amount": new_amount, f"leases.{rid}.seq": seq + 1,
-                                       f"leases.{rid}.at": self.now(),
-                                       f"leases.{rid}.next_from": taken_at or self.clock()}}
+                                       f"leases.{rid}.at": self.now()}}
         self.round_trips += 1
         res = await self.keys.update_one(flt, update)
         if res.modified_count == 1:
@@ -109,10 +107,16 @@ class LeasesMixin(HoldsMixin):
         return tomb.get("seq") == TOMBSTONE_SEQ and tomb.get("late_seq", seq) > seq
 
     @_op("discard_unapplied")
-    async def discard_unapplied(self, key_hash: str, rid: str, seq: int, since: dt.datetime) -> int:
+    async def discard_unapplied(self, key_hash: str, rid: str, seq: int) -> int:
         """Delete ledger entries of lease ``rid``'s batches from ``seq`` on, which were never
-        charged (the lease was returned before they applied). ``since``: no such entry is
-        older, so the key's ledger index finds them without reading the key's whole history."""
-        res = await self.ledger.delete_many({"key_hash": key_hash, "at": {"$gte": since}, "lease": rid,
-                                             "lseq": {"$gte": seq}})
+        charged (the lease was returned before they applied).
+
+        Found by the ledger's (lease, lseq) index alone: the sweeper repeats this for every
+        tombstone on every pass for as long as the tombstone lives, so it must cost what the
+        lease's own entries cost. (A filter on the key and a time bound read every entry of the
+        key since that time: with one key and a few hours of traffic, every pass of every
+        process made the store read the key's whole recent ledger, and the store stopped
+        answering.) ``rid`` names its process (``lease-<instance>-<n>``), so it names one key's
+        lease."""
+        res = await self.ledger.delete_many(unapplied_filter(rid, seq))
         return res.deleted_count

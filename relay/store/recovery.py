@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from relay.store.core import Document, _op
-from relay.store.leases import TOMBSTONE_SEQ, UNAPPLIED_MARGIN, LeasesMixin
+from relay.store.leases import TOMBSTONE_SEQ, LeasesMixin
 
 log = logging.getLogger("relay.store")
 
@@ -118,16 +118,14 @@ class RecoveryMixin(LeasesMixin):
         """Give a dead process's slice back to the balance, leaving a tombstone that no commit
         can match (``seq`` -1) and that remembers which batches never applied."""
         amount = lease["amount"]
-        at: dt.datetime = lease["at"]
-        since = lease.get("next_from", at) - UNAPPLIED_MARGIN
         tomb = {"owner": lease.get("owner"), "amount": 0, "seq": TOMBSTONE_SEQ, "unapplied_from": lease["seq"],
-                "late_seq": lease["seq"], "unapplied_since": since, "at": now}
+                "late_seq": lease["seq"], "at": now}
         res = await self.keys.update_one(
             {"_id": key_hash, f"leases.{rid}.seq": lease["seq"], f"leases.{rid}.amount": amount},
             {"$set": {f"leases.{rid}": tomb}, "$inc": {"balance": amount, "reserved": -amount}})
         if res.modified_count != 1:
             return 0
-        await self.discard_unapplied(key_hash, rid, lease["seq"], since)
+        await self.discard_unapplied(key_hash, rid, lease["seq"])
         if amount:
             log.warning("returned a stale lease of %d units (owner %s)", amount, lease.get("owner"))
         return 1 if amount else 0
@@ -136,7 +134,7 @@ class RecoveryMixin(LeasesMixin):
         """Every sweep deletes the lease's unapplied entries again: a process that only looked
         dead (stalled, or cut off from the store) may still insert a batch before its commit
         finds the tombstone; it then charges that batch through ``commit_late``."""
-        await self.discard_unapplied(key_hash, rid, tomb["unapplied_from"], tomb["unapplied_since"])
+        await self.discard_unapplied(key_hash, rid, tomb["unapplied_from"])
         if tomb["at"] < oldest:
             await self.keys.update_one({"_id": key_hash, f"leases.{rid}.seq": TOMBSTONE_SEQ},
                                        {"$unset": {f"leases.{rid}": ""}})
