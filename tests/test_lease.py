@@ -442,3 +442,20 @@ async def test_hostile_numbers_cannot_poison_the_group_commit(store):
     doc = await store.key_doc(H)
     assert (doc["used"], doc["balance"], doc["reserved"]) == (600, 100_000 - 600, 0)
     await assert_conserved(store)
+
+
+async def test_a_process_of_the_earlier_release_is_not_swept_while_it_beats(io_loop):
+    """An earlier release's heartbeat writes only its time (``at``), no count: during a
+    rolling upgrade the new sweepers must see it beat, and sweep it only once it stops."""
+    p = await Processes("p_old").start(quota=100_000)
+    await spend(p.book, "r1", 160, 560, 400)
+    await p.book.commit_all()
+    await p.store.processes.update_one({"_id": "p_old"}, {"$unset": {"beat": ""}})
+
+    async def old_heartbeat():
+        await p.store.processes.update_one({"_id": "p_old"}, {"$set": {"at": p.now[0]}}, upsert=True)
+    for _ in range(6):  # a minute of beats every ten seconds
+        await old_heartbeat()
+        assert await p.sweep_after(10) == 0, "a process that beats is alive"
+    assert await p.sweep_after(DEAD_AFTER_S + 1) == 1, "silent since: swept"
+    await assert_conserved(p.store)

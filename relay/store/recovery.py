@@ -56,7 +56,10 @@ class RecoveryMixin(LeasesMixin):
         move for ``DEAD_AFTER_S`` of this sweeper's own clock. No two hosts' clocks are
         compared, so a host whose clock is off is not taken for dead."""
         seen = self.monotonic()
-        beats = {p["_id"]: p.get("beat") for p in await self.processes.find({}, {"beat": 1}).to_list(length=None)}
+        # A process of an earlier release writes no count, only its time ``at`` at each beat:
+        # that moves as a count does, so a rolling upgrade does not sweep the old processes.
+        beats = {p["_id"]: p.get("beat", p.get("at"))
+                 for p in await self.processes.find({}, {"beat": 1, "at": 1}).to_list(length=None)}
         for pid, beat in beats.items():
             last = self._beats.get(pid)
             if last is None or last[0] != beat:
