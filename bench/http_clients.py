@@ -1,7 +1,9 @@
 """Compare upstream HTTP clients for relay's transport: latency and CPU per request.
 
 Runs a tiny Tornado upstream in a child process and drives it from this process with each
-candidate client, sequentially (concurrency 1) and with 32 concurrent requests.
+candidate client, sequentially (concurrency 1) and with 32 concurrent requests: Tornado's
+clients, aiohttp's pooled session, and relay's own transport (relay/proxy/http1.py), on
+asyncio's loop and on uvloop's.
 Usage: python bench/http_clients.py [N]
 """
 import asyncio
@@ -67,6 +69,25 @@ async def main(n):
             await r.read()
 
     results.append(("aiohttp pooled", aio))
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from types import SimpleNamespace
+
+    from relay.config import Limits, Timeouts
+    from relay.proxy.http1 import Http1Transport
+    from relay.proxy.request import UpstreamRequest
+
+    lean = Http1Transport(Limits())
+    # What the transport reads of an endpoint: its upstream's name and base URL, and the key.
+    endpoint = SimpleNamespace(upstream=SimpleNamespace(name="u", base_url=f"http://127.0.0.1:{port}/v1"), key="sk-x")
+    request = UpstreamRequest("POST", "/chat/completions")
+    timeouts = Timeouts()
+
+    async def relay_transport():
+        r = await lean.send(endpoint, request, b"{}", timeouts)
+        await r.read()
+
+    results.append((f"relay http1 ({type(asyncio.get_running_loop()).__module__.split('.')[0]})", relay_transport))
     print(f"{'client':32} {'conc':>4} {'p50 ms':>8} {'cpu ms/req':>10} {'req/s':>8}")
     for name, fetch in results:
         for conc in (1, 32):
@@ -74,8 +95,13 @@ async def main(n):
             p50, cpu, rps = await _drive(fetch, n, conc)
             print(f"{name:32} {conc:>4} {p50:8.3f} {cpu:10.3f} {rps:8.0f}")
     await session.close()
+    await lean.close()
     proc.terminate()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000))
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    asyncio.run(main(n))
+    import uvloop
+    print("on uvloop:")
+    uvloop.run(main(n))

@@ -12,13 +12,15 @@ import socket
 import ssl
 import sys
 import tempfile
+from collections.abc import Coroutine
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.process
 import tornado.web
+import uvloop
 
 from relay import supervise
 from relay.auth import checked_admin_token
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from relay.services import Services
     from relay.store.mongo import MongoStore
 
+T = TypeVar("T")
 log = logging.getLogger("relay")
 
 DEMO_KEY_FILE = "demo-key"  # in the data directory: the demo key, for the next `relay demo`
@@ -135,6 +138,12 @@ def stopped(what: str, summary: str, location: StoreLocation) -> None:
     print(f"{what} stopped: {summary}; {store}.", file=sys.stderr, flush=True)
 
 
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run relay's event loop: uvloop's (libuv; measured in docs/benchmarks.md)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Bind, start the store, and with --workers N fork N processes sharing the sockets."""
     load_pool(args.config)  # a bad file fails before any store starts
@@ -162,9 +171,9 @@ def serve_command(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             location.embedded = None  # the store belongs to the supervisor
-            asyncio.run(_serve(args, location.uri, sockets, metrics_sockets, worker))
+            run_loop(_serve(args, location.uri, sockets, metrics_sockets, worker))
             return 0
-        summary = asyncio.run(_serve(args, location.uri, sockets, metrics_sockets))
+        summary = run_loop(_serve(args, location.uri, sockets, metrics_sockets))
         return 0
     finally:
         location.stop()

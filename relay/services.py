@@ -19,9 +19,10 @@ from relay.metering.ledger import LedgerEntry
 from relay.observability import recorder
 from relay.owners import ResponseOwners
 from relay.proxy.health_checker import HealthChecker
+from relay.proxy.http1 import Http1Transport
 from relay.proxy.router import Router
 from relay.proxy.sockets import UpstreamSockets
-from relay.proxy.transport import AiohttpTransport, Transport
+from relay.proxy.transport import Transport
 from relay.quota import LeasedQuota, Quota, build_quota
 from relay.reload import Reloader
 from relay.store.changes import KeyWatcher
@@ -111,7 +112,7 @@ class Services:
 def build_services(config: Config, store: MongoStore, trusted_proxies: TrustedProxies = (),
                    rng: random.Random | None = None, admin_token: str | None = None,
                    config_path: str | None = None, journal_path: str | None = None) -> Services:
-    transport = AiohttpTransport(config.limits)
+    transport = Http1Transport(config.limits)
     if admin_token is None:
         admin_token = os.environ.get("RELAY_ADMIN_TOKEN")
     admin_token = checked_admin_token(admin_token)
