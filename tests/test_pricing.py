@@ -125,3 +125,56 @@ def test_cost_is_exact_and_rounds_up_once():
     assert cost(Price(F(2, 3), F(4, 3)), Usage(1, 0)) == 1
     assert cost(Price(F(20), F(40)), Usage(129, 10)) == 2980
     assert cost(Price(F(1, 15)), Usage(16, 0)) == 2
+
+
+def test_cost_in_integers_is_the_ceiling_of_the_exact_sum_for_any_price_and_usage():
+    """cost() adds integers over the prices' common denominator; it must equal the ceiling of
+    the Fraction sum, part by part, tiers and images included."""
+    from math import ceil
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from relay.metering.pricing import exact
+
+    rate = st.fractions(min_value=0, max_value=1000, max_denominator=10**6)
+    maybe = st.none() | rate
+    count = st.integers(min_value=0, max_value=2**31 - 1)
+
+    @st.composite
+    def prices(draw):
+        base = Price(input=draw(rate), output=draw(rate), cached_input=draw(maybe), reasoning=draw(maybe),
+                     image_input=draw(maybe), audio_input=draw(maybe), audio_output=draw(maybe),
+                     per_second=draw(rate), per_character=draw(rate),
+                     per_image=draw(st.dictionaries(st.sampled_from(["1024x1024", "1024x1024/hd", "*"]), rate,
+                                                    max_size=3)))
+        tier = Price(input=draw(rate), output=draw(rate), cached_input=draw(maybe))
+        return Price(**{**base.__dict__, "tiers": ((draw(st.integers(1, 10**6)), tier),)}) \
+            if draw(st.booleans()) else base
+
+    @st.composite
+    def usages(draw):
+        p, c = draw(count), draw(count)
+        part = lambda whole: draw(st.integers(0, whole))  # noqa: E731
+        return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=part(p), image_tokens=part(p),
+                     audio_input_tokens=part(p), reasoning_tokens=part(c), audio_output_tokens=part(c),
+                     images=draw(st.integers(0, 10)), seconds=draw(count), characters=draw(count),
+                     image_kind=draw(st.sampled_from(["", "1024x1024", "1024x1024/hd", "512x512/low"])))
+
+    @settings(max_examples=400, deadline=None)
+    @given(prices(), usages())
+    def check(price, usage):
+        assert cost(price, usage) == ceil(exact(price, usage))
+    check()
+
+
+def test_usage_within_bounds_says_whether_clamping_changes_it():
+    from relay.metering.bounds import MAX_TOKENS
+    fine = Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=10, reasoning_tokens=5, image_kind="x" * 64)
+    assert fine.within_bounds() and fine.clamped() is fine
+    for bad in (Usage(prompt_tokens=-1), Usage(prompt_tokens=MAX_TOKENS + 1), Usage(prompt_tokens=3, cached_tokens=4),
+                Usage(completion_tokens=2, reasoning_tokens=3), Usage(completion_tokens=2, audio_output_tokens=3),
+                Usage(prompt_tokens=1, image_tokens=2), Usage(prompt_tokens=1, audio_input_tokens=2),
+                Usage(images=-1), Usage(seconds=MAX_TOKENS + 1), Usage(characters=-5), Usage(image_kind="x" * 65)):
+        assert not bad.within_bounds(), bad
+        assert bad.clamped() != bad and bad.clamped().within_bounds(), bad

@@ -9,9 +9,18 @@ from relay.metering.usage import Usage
 
 
 def cost(price: Price, usage: Usage) -> int:
-    """Computed once, in fractions, under the price of the prompt's tier; parts a price does not
-    name are charged as plain input (input parts) or output (output parts)."""
-    return ceil(exact(price, usage))
+    """Computed once, exactly, under the price of the prompt's tier; parts a price does not
+    name are charged as plain input (input parts) or output (output parts). ``ceil(exact(...))``,
+    in integers over the prices' common denominator (``Price.scaled``)."""
+    p = price.for_prompt(usage.prompt_tokens)
+    d, r = p.scaled
+    total = (r[0] * usage.text_input + r[1] * usage.cached_tokens + r[2] * usage.image_tokens
+             + r[3] * usage.audio_input_tokens + r[4] * usage.text_output + r[5] * usage.reasoning_tokens
+             + r[6] * usage.audio_output_tokens + r[7] * usage.seconds + r[8] * usage.characters)
+    if usage.images:
+        size, _, quality = usage.image_kind.partition("/")
+        return ceil(Fraction(total, d) + p.image(size, quality) * usage.images)
+    return -(-total // d)
 
 
 def exact(price: Price, usage: Usage) -> Fraction:

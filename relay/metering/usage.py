@@ -37,6 +37,8 @@ class Usage:
 
     def clamped(self) -> Usage:
         """Every count within [0, MAX_TOKENS], and every part within its whole."""
+        if self.within_bounds():
+            return self  # what upstreams send: no copy
         c: dict[str, Any] = {f.name: min(max(getattr(self, f.name), 0), MAX_TOKENS) for f in fields(self)
                              if f.name != "image_kind"}
         c["image_kind"] = self.image_kind[:64]
@@ -47,7 +49,12 @@ class Usage:
         return Usage(**c)
 
     def within_bounds(self) -> bool:
-        return self == self.clamped()
+        p, c = self.prompt_tokens, self.completion_tokens
+        return (0 <= p <= MAX_TOKENS and 0 <= c <= MAX_TOKENS and len(self.image_kind) <= 64
+                and 0 <= self.cached_tokens <= p and 0 <= self.image_tokens <= p and 0 <= self.audio_input_tokens <= p
+                and 0 <= self.reasoning_tokens <= c and 0 <= self.audio_output_tokens <= c
+                and 0 <= self.images <= MAX_TOKENS and 0 <= self.seconds <= MAX_TOKENS
+                and 0 <= self.characters <= MAX_TOKENS)
 
     def with_completion(self, completion_tokens: int) -> Usage:
         """The same, with the output capped (its parts too)."""
