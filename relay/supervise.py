@@ -2,6 +2,7 @@
 cannot go on (its embedded store gone for good)."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -53,6 +54,16 @@ def freeze_start_up_objects() -> None:
         get_encoding(name)
     gc.collect()
     gc.freeze()
+    release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system: loading the tokenizers' tables leaves
+    their temporary Python copies freed but held by malloc (7 MB of RSS on this machine)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim, or nothing that can
 
 
 def stop_workers(location: StoreLocation, timeout_s: float) -> None:
