@@ -2,12 +2,13 @@
 timeouts, errors mapped to relay's.
 
 The transport relay forwards with (relay/proxy/transport.py has the contract). It replaced
-aiohttp's client, measured (bench/http_clients.py): per proxied request on this machine's
-loopback, aiohttp's ClientSession cost 0.27 ms of CPU at concurrency 1 and 0.14 ms at 64
-(timers, a task per request body, header multidicts, tracing hooks); this costs a few tens of
-microseconds. What it does is what relay needs and no more: a request's head is written once
-per (endpoint, method, path) and reused, the body goes in the same write (an upload's chunks
-one by one, as the connection drains), and the reply is parsed in C as it arrives.
+aiohttp's client, measured (bench/http_clients.py, docs/benchmarks.md): the client's CPU per
+request on this machine's loopback at concurrency 1 and 32 was 0.48 and 0.26 ms for aiohttp's
+pooled session on asyncio (timers, a task per request body, header multidicts, tracing hooks),
+0.21 and 0.12 ms for this one on asyncio, 0.11 and 0.06 ms on uvloop. It does what relay needs
+and no more: a request's head is written once per (endpoint, method, path) and reused, the body
+goes in the same write (an upload's chunks one by one, as the connection drains), and the reply
+is parsed in C as it arrives.
 
 Timeouts, as documented in upstreams.yaml: ``connect_s`` to open a connection,
 ``first_byte_s`` from sending to the response headers, ``idle_s`` of silence while the body is
