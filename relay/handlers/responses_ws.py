@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiohttp
 import tornado.websocket
 
 from relay.balancer.pool import Endpoint
@@ -27,7 +26,7 @@ from relay.observability import recorder
 from relay.observability.access_log import Flag, flag_for
 from relay.observability.metrics import IN_FLIGHT
 from relay.proxy.responses_sse import ResponsesStreamMeter
-from relay.proxy.sockets import UpstreamSocket
+from relay.proxy.sockets import DATA_FRAMES, UpstreamSocket
 from relay.quota import Charge, Delivery
 
 log = logging.getLogger("relay.app")
@@ -218,7 +217,7 @@ class ResponsesSocketHandler(AuthenticatedHandler, tornado.websocket.WebSocketHa
                 return
             finally:
                 turn.upstream_wait = (turn.upstream_wait or 0.0) + time.perf_counter() - waited
-            if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            if msg.type not in DATA_FRAMES:
                 self._upstream_gone(turn, meter)
                 return
             data: bytes = msg.data

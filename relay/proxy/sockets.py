@@ -1,11 +1,12 @@
 """WebSockets to upstreams (the Responses API's WebSocket mode), on aiohttp: one endpoint per
-client socket, chosen by the router (or pinned), with failover while the handshake fails."""
+client socket, chosen by the router (or pinned), with failover while the handshake fails.
+
+aiohttp is imported when the first socket opens: a process that never serves one does not
+carry it (10 MB of RSS)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from relay.balancer.outcome import RETRYABLE_OUTCOMES, Outcome, classify_status
 from relay.balancer.pool import Endpoint
@@ -20,7 +21,11 @@ from relay.errors import (
 )
 from relay.proxy.router import Router
 
-UpstreamSocket = aiohttp.ClientWebSocketResponse[Literal[False]]  # text frames as bytes, never decoded
+if TYPE_CHECKING:
+    import aiohttp
+
+UpstreamSocket: TypeAlias = "aiohttp.ClientWebSocketResponse[Literal[False]]"  # text frames as bytes, never decoded
+DATA_FRAMES = frozenset({1, 2})  # aiohttp.WSMsgType.TEXT and BINARY (an IntEnum of RFC 6455's opcodes)
 
 
 def ws_url(base_url: str, path: str) -> str:
@@ -34,6 +39,7 @@ class UpstreamSockets:
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
+        import aiohttp
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                                   skip_auto_headers=("User-Agent",),
@@ -67,6 +73,7 @@ class UpstreamSockets:
         raise last
 
     async def _attempt(self, router: Router, endpoint: Endpoint, timeouts: Timeouts, attempt: int) -> UpstreamSocket:
+        import aiohttp
         name = endpoint.upstream.name
         started = router.clock()
         try:
