@@ -462,6 +462,7 @@ async def soak(target: Target, headers: dict, seconds: float, pid: int, modes: l
     print(f"soak {seconds:.0f} s ({', '.join(m.upstream for m in modes)} in turn, concurrency 16), {len(samples)} "
           f"samples: RSS {first:.1f} -> {last:.1f} MB (max {most:.1f}, budget {budget:.0f}); "
           f"open fds {fds_first:.0f} -> {fds_last:.0f}")
+    print("RSS by minute (MB): " + " ".join(f"{samples[i][0]:.1f}" for i in range(0, len(samples), 60)))
     grew = last - first > 5 or fds_last - fds_first > 20
     over = most > budget
     print("FAIL: growth" if grew else "FAIL: over the RSS budget" if over else "ok: flat, within budget")

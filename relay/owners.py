@@ -25,7 +25,7 @@ MISS_WAITS_S = (0.05, 0.1, 0.15, 0.2)  # an unknown id is looked up again after 
 MAX_PENDING = 100_000                  # records kept while the store is unreachable
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # CACHED_OWNERS of them: no __dict__ each
 class Owner:
     key_hash: str     # the relay key that made the response
     upstream: str     # the upstream's name ...
