@@ -143,7 +143,7 @@ def proxy_server_block(port: int, upstream_port: int) -> str:
     }}"""
 
 
-def relay_config(fake_port: int, leases: bool) -> str:
+def relay_config(fake_port: int, leases: bool, explicit: bool = False) -> str:
     """A minimal file: each mode's upstream (two keys, so that affinity ranks them) and prices."""
     ups = "".join(f"""
   - name: {m.upstream}
@@ -156,7 +156,7 @@ pricing:
   gpt-4o: {{input: "5/3", output: "20/3"}}
   gpt-4.1-mini: {{input: "4/15", output: "16/15"}}
   gpt-4.1: {{input: "4/3", output: "16/3"}}
-""" + ("" if leases else "quota:\n  leases: false\n")
+""" + ("quota:\n  leases: false\n" if not leases else "quota:\n  leases: true\n" if explicit else "")
 
 
 class Target:
@@ -274,7 +274,7 @@ async def main(args) -> int:
             nice(store.proc.pid, 10)
         cfg = os.path.join(workdir, "upstreams.yaml")
         with open(cfg, "w") as fh:
-            fh.write(relay_config(fake_port, not args.no_leases))
+            fh.write(relay_config(fake_port, not args.no_leases, args.explicit_leases))
         # At level info, as in production: one access line per request, written to a file.
         relay = spawn(relay_cmd("serve", "--config", cfg, "--port", str(relay_port), "--mongodb-uri", uri,
                                 "--data-dir", workdir, log_level="info"), cpu=PROXY_CORE,
@@ -490,6 +490,9 @@ if __name__ == "__main__":
                              "interleaved with this one: the row 'base'")
     parser.add_argument("--bare-key", action="store_true",
                         help="also the row 'bare': the same relay, with a key without a policy")
+    parser.add_argument("--explicit-leases", action="store_true",
+                        help="write quota.leases: true into the file (for a --baseline from before leases were the "
+                             "default, which read a file without it as one store round trip per request)")
     parser.add_argument("--no-leases", action="store_true",
                         help="one reservation and one settlement in the store per request (quota.leases: false)")
     sys.exit(asyncio.run(main(parser.parse_args())))
