@@ -27,9 +27,12 @@ length of refill, once.
 **Concurrency.** ``max_concurrency`` is shared as slots: each process records in the document
 how many it holds (``conc.<process>``: count and a lease that lapses ``SLOT_TTL_S`` after its
 last renewal, so a crashed process's slots come back by themselves). A request takes a slot
-from what its process holds, and a process takes one more from the store (compare-and-set
-against every live process's count) only when it has none free; slots unused for
-``RELEASE_IDLE_S`` go back. The tolerance: a process stalled or cut off from the store for
+from what its process holds, and a process takes more from the store (compare-and-set
+against every live process's count) only when it has none free: what it needs and as many
+again, but never more than a quarter of what would stay free (``slot_headroom``: a ramp to 64
+in flight takes 7 compare-and-sets, not 64; under a small limit, exactly what is needed);
+slots unused for ``RELEASE_IDLE_S`` go back. Another process thus finds at least three
+quarters of what was free when one took its headroom. The tolerance: a process stalled or cut off from the store for
 longer than ``SLOT_TTL_S`` may run requests on slots the store gave to another meanwhile.
 
 **Outage.** When the store cannot be reached, each process limits a key on its own, with a
@@ -374,9 +377,11 @@ class LimitBook:
                 conc = {p: s for p, s in ((doc or {}).get("conc") or {}).items() if s["until"] > at_s}
                 mine = st.in_flight + 1
                 others = sum(s["n"] for p, s in conc.items() if p != self.store.instance_id)
-                if others + mine > (policy.max_concurrency or 0):
+                limit = policy.max_concurrency or 0
+                if others + mine > limit:
                     short = short or ("concurrency", SLOT_RETRY_S)
                 else:
+                    mine += slot_headroom(mine, limit - others - mine)
                     conc[self.store.instance_id] = {"n": mine, "until": at_s + SLOT_TTL_S}
                     fields["conc"], slots = conc, mine
             if short is not None and not fresh:
@@ -509,6 +514,15 @@ class LimitBook:
             for b in (st.rpm, st.tpm):
                 b.owed += max(b.take_all(), 0.0)
         await self.tick(release_all=True)
+
+
+def slot_headroom(needed: int, free: int) -> int:
+    """Slots taken beyond what this process needs, when it takes some: as many again (so a
+    ramp to N requests in flight takes log2(N) compare-and-sets, not N), but at most a quarter
+    of what would stay free, so that other processes always find most of it. Under a small
+    limit (a quarter of the rest below one) exactly what is needed; unused slots go back
+    after ``RELEASE_IDLE_S`` without new requests."""
+    return max(min(needed, free // 4), 0)
 
 
 def _needs(policy: Policy, tokens: int) -> dict[str, float]:

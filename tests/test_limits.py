@@ -134,6 +134,41 @@ async def test_concurrency_slots_are_shared_and_come_back(io_loop):
     await a.close()
 
 
+async def test_a_ramp_of_requests_in_flight_takes_slots_in_doublings_and_leaves_others_most(io_loop):
+    """64 requests in flight under a large limit: a handful of compare-and-sets, not one per
+    request. Under a limit the other process also needs, the first takes what it needs plus at
+    most a quarter of the rest, and the second still gets what is left."""
+    from relay.limits import slot_headroom
+    clock = Clock()
+    a, b = books(clock, 2)
+    writes = []
+    real = a.store.limits_cas
+
+    async def counted(*args, **kwargs):
+        writes.append(args)
+        return await real(*args, **kwargs)
+    a.store.limits_cas = counted
+    big = KeyRecord("h1", "ak-1234567", "active", policy=Policy(max_concurrency=10_000))
+    tickets = [await a.admit(big, 1) for _ in range(64)]
+    assert a.keys["h1"].in_flight == 64 and a.keys["h1"].slots >= 64
+    assert len(writes) <= 8, f"{len(writes)} compare-and-sets to ramp to 64 in flight"
+    for t in tickets:
+        a.finish(t, 0)
+
+    tight = KeyRecord("h2", "ak-7654321", "active", policy=Policy(max_concurrency=12))
+    held = [await a.admit(tight, 1) for _ in range(4)]
+    assert a.keys["h2"].slots <= 4 + (12 - 4) // 4, "at most a quarter of the rest beyond the need"
+    others = [await b.admit(tight, 1) for _ in range(12 - 4 - (a.keys["h2"].slots - 4))]
+    assert len(others) >= 6
+    with pytest.raises(RateLimited):
+        await b.admit(tight, 1)
+    for t in held:
+        a.finish(t, 0)
+    assert [slot_headroom(n, free) for n, free in ((1, 3), (2, 2), (1, 9), (8, 1000), (5, -1))] == [0, 0, 1, 8, 0]
+    await a.close()
+    await b.close()
+
+
 async def test_an_unreachable_store_leaves_each_process_limiting_alone(io_loop):
     clock = Clock()
     [book] = books(clock, 1)
