@@ -183,14 +183,16 @@ def test_image_replies_bill_what_was_delivered():
 def test_transcription_is_billed_from_the_best_duration_known():
     q = quote_transcription(CONFIG, "whisper-1", 3.2)
     assert q.full == q.minimum == math.ceil(4 * Fraction(200, 3)) and q.prompt.prompt_tokens == 0
-    assert transcription_usage({"text": "hi"}, "hi", q).seconds == 4
-    assert transcription_usage({"text": "hi", "usage": {"type": "duration", "seconds": 7}}, "hi", q).seconds == 7
-    assert transcription_usage({"text": "hi", "duration": 2.5}, "hi", q).seconds == 3
-    assert transcription_usage({"usage": {"type": "duration", "seconds": True}}, "", q).seconds == 4
+    assert transcription_usage({"text": "hi"}, "hi", q, "cl100k_base").seconds == 4
+    assert transcription_usage({"text": "hi", "usage": {"type": "duration", "seconds": 7}}, "hi", q,
+                               "cl100k_base").seconds == 7
+    assert transcription_usage({"text": "hi", "duration": 2.5}, "hi", q, "cl100k_base").seconds == 3
+    assert transcription_usage({"usage": {"type": "duration", "seconds": True}}, "", q, "cl100k_base").seconds == 4
     tokens = quote_transcription(CONFIG, "gpt-4o-transcribe", 4.0)
     assert tokens.prompt.audio_input_tokens == 40 and tokens.allowance == 1024
     used = transcription_usage({"text": "hi", "usage": {"type": "tokens", "input_tokens": 30, "output_tokens": 2,
-                                                        "input_token_details": {"audio_tokens": 30}}}, "hi", tokens)
+                                                        "input_token_details": {"audio_tokens": 30}}}, "hi", tokens,
+                               "o200k_base")
     assert (used.prompt_tokens, used.audio_input_tokens, used.completion_tokens, used.seconds) == (30, 30, 2, 4)
 
 

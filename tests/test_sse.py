@@ -1,7 +1,9 @@
 """SSE framing without quadratic copies, and token counting a bounded slice at a time. Pure parts."""
+import json
 import random
 import time
 
+from relay.metering.encodings import CL100K, O200K
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text, count_text
 from relay.proxy.sse import SSEDecoder, StreamMeter
 
@@ -115,8 +117,8 @@ def _pieces(text: str, rnd: random.Random) -> list[str]:
     return out
 
 
-def _tally(pieces) -> TokenTally:
-    tally = TokenTally()
+def _tally(pieces, encoding=CL100K) -> TokenTally:
+    tally = TokenTally(encoding)
     for p in pieces:
         tally.add(p)
         while tally.ready:
@@ -131,6 +133,32 @@ def test_incremental_count_equals_counting_the_whole_text():
         tally = _tally(_pieces(text, rnd))
         assert tally.tokens > 0 and tally.pending < 2 * MAX_SLICE_CHARS, name  # counted as it went
         assert tally.close() == count_text(text), name
+
+
+def test_o200k_counts_a_slice_at_a_time_as_the_whole_text():
+    """Delivered text is counted with its model's table: o200k's words keep their marks and
+    contractions, so its cuts are its own; sliced counting equals counting the whole."""
+    rnd = random.Random(5)
+    units = [ENGLISH, CHINESE, CODE, MIXED, " ", "\n\n", "x", "1", "？", "it's", "We'LL", "don't ",
+             "e\u0301", "n\u0303o", "CamelCaseWord", "\u0915\u093f", "(x)", "a_b", "12345", "'s"]
+    for _ in range(25):
+        text = "".join(rnd.choice(units)[:rnd.randint(1, 300)] for _ in range(400))
+        assert _tally(_pieces(text, rnd), O200K).close() == count_text(text, O200K)
+        assert count_long_text(text, O200K) == count_text(text, O200K)
+        assert count_long_text(text, CL100K) == count_text(text, CL100K)
+
+
+def test_a_stream_meter_counts_with_the_table_it_is_given():
+    text = "日本語のテキストです。" * 3000
+    delta = json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode()
+    for encoding in (O200K, CL100K):
+        m = StreamMeter(forward_usage_chunk=False)
+        m.count_with(encoding)
+        m.accept(b"data: " + delta + b"\n\n")
+        while m.text.ready:
+            m.text.count_slice()
+        assert m.text.close() == count_text(text, encoding)
+    assert count_text(text, O200K) < count_text(text, CL100K), "the tables differ: which one counts matters"
 
 
 def test_random_mixtures_count_the_same_too():

@@ -10,6 +10,7 @@ from relay.errors import InvalidRequest
 from relay.handlers.proxy import OFF_LOOP_REPLY_BYTES, ProxyHandler
 from relay.handlers.upload import UploadHandler, fields, part_reader, text_field
 from relay.metering.audio import file_seconds
+from relay.metering.encodings import encoding_for
 from relay.metering.media import quote_speech, quote_transcription, transcription_usage
 from relay.metering.usage import Usage
 from relay.proxy.transport import UpstreamResponse
@@ -51,11 +52,12 @@ class _AudioUploadHandler(UploadHandler):
 
     async def reply_usage(self, data: bytes, resp: UpstreamResponse) -> Usage:
         quote = self.charge.quote
+        encoding = encoding_for(quote.model, self.services.config.quota.encodings)
         if not resp.headers.get("Content-Type", "application/json").startswith("application/json"):
-            return transcription_usage(None, data.decode("utf-8", "replace"), quote)  # text, srt, vtt
+            return transcription_usage(None, data.decode("utf-8", "replace"), quote, encoding)  # text, srt, vtt
         reply = await asyncio.to_thread(_parse, data) if len(data) > OFF_LOOP_REPLY_BYTES else _parse(data)
         text = reply.get("text") if isinstance(reply, dict) else None
-        return transcription_usage(reply, text if isinstance(text, str) else "", quote)
+        return transcription_usage(reply, text if isinstance(text, str) else "", quote, encoding)
 
 
 def _parse(data: bytes) -> Any:

@@ -16,6 +16,7 @@ from relay.balancer.affinity import affinity_key
 from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
+from relay.metering.encodings import encoding_for
 from relay.metering.quote import Quote, price_served
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
 from relay.metering.usage import Usage, parse_usage
@@ -125,6 +126,7 @@ class ProxyHandler(AuthenticatedHandler):
         self.charge = await services.quota.reserve(self.key.key_hash, self.request_id, quote, stream)
         self._usage: Usage | None = None
         self._meter = self.stream_meter(body)  # reads the reply: the stream's events, a JSON reply's texts
+        self._meter.count_with(encoding_for(quote.model, services.config.quota.encodings))
         self._tally: TokenTally | None = None  # a stream's delivered text, when no usage comes
         self._delivered = False
         self._ttfb_ms = 0.0
@@ -356,8 +358,9 @@ def model_not_found_message(model: str, available: list[str]) -> str:
 def _usage_of_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
     """A JSON reply's usage, or its text counted when the upstream reported none."""
     reply = _parse_reply(data, upstream)
+    encoding = meter.text.encoding
     return parse_usage(reply) or replace(prompt, completion_tokens=meter.completion_tokens(
-        sum(map(count_long_text, meter.reply_texts(reply)))))
+        sum(count_long_text(t, encoding) for t in meter.reply_texts(reply))))
 
 
 async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str, meter: StreamMeter) -> Usage:
@@ -366,11 +369,11 @@ async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str, meter
     usage = parse_usage(reply)
     if usage is not None:
         return usage
-    texts = meter.reply_texts(reply)
+    texts, encoding = meter.reply_texts(reply), meter.text.encoding
     if sum(map(len, texts)) <= MAX_SLICE_CHARS:
-        counted = sum(map(count_long_text, texts))
+        counted = sum(count_long_text(t, encoding) for t in texts)
     else:
-        counted = await asyncio.to_thread(lambda: sum(map(count_long_text, texts)))
+        counted = await asyncio.to_thread(lambda: sum(count_long_text(t, encoding) for t in texts))
     return replace(prompt, completion_tokens=meter.completion_tokens(counted))
 
 

@@ -21,6 +21,7 @@ from relay.errors import InvalidRequest, PreviousResponseNotFound, RelayError
 from relay.handlers.base import AuthenticatedHandler
 from relay.handlers.proxy import count_ready, count_rest, resolve_model
 from relay.handlers.responses import previous_owner, validate_responses
+from relay.metering.encodings import encoding_for
 from relay.metering.quote import Quote, price_served, quote_responses
 from relay.observability import recorder
 from relay.observability.access_log import Flag, flag_for
@@ -154,6 +155,7 @@ class ResponsesSocketHandler(AuthenticatedHandler, tornado.websocket.WebSocketHa
         services = self.services
         charge = await services.quota.reserve(key_hash, turn.request_id, quote, True)
         meter = ResponsesStreamMeter()
+        meter.count_with(encoding_for(quote.model, services.config.quota.encodings))
         endpoint: Endpoint | None = None
         try:
             endpoint, ws = await self._upstream(served, pinned)

@@ -97,7 +97,7 @@ def quote_transcription(config: Config, model: str, seconds: float) -> Quote:
     return quote_tokens(model, price, prompt, allowance)
 
 
-def transcription_usage(reply: Any, text: str, quote: Quote) -> Usage:
+def transcription_usage(reply: Any, text: str, quote: Quote, encoding: str) -> Usage:
     """What a transcription used: the upstream's ``usage`` (tokens, or a duration in seconds),
     else verbose_json's ``duration``, else the seconds read from the file; tokens not reported
     are the audio as estimated and the transcript ``text`` as counted."""
@@ -111,7 +111,7 @@ def transcription_usage(reply: Any, text: str, quote: Quote) -> Usage:
         return replace(tokens, seconds=seconds)
     if not quote.prompt.prompt_tokens:  # priced per second only
         return replace(quote.prompt, seconds=seconds)
-    return replace(quote.prompt, seconds=seconds, completion_tokens=count_tokens(text))
+    return replace(quote.prompt, seconds=seconds, completion_tokens=count_tokens(text, encoding))
 
 
 def _seconds(value: Any) -> int | None:

@@ -1,16 +1,17 @@
 """Token counting with tiktoken, offline, for callers that count text or chat messages.
 
-cl100k_base unless an encoding is named; tables and model families live in encodings.py, whole
-requests (tools, images, audio) in prompt.py."""
+cl100k_base unless an encoding is named (a reply's delivered text: its model's); tables and
+model families live in encodings.py, whole requests (tools, images, audio) in prompt.py."""
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
 from typing import Any
 
+import regex  # type: ignore[import-untyped]  # (no stubs; two patterns compiled here)
 import tiktoken
 
-from relay.metering.encodings import DEFAULT_ENCODING, count_tokens, get_encoding
+from relay.metering.encodings import CL100K, DEFAULT_ENCODING, O200K, count_tokens, get_encoding
 from relay.metering.prompt import REPLY_PRIMING, TOKENS_PER_MESSAGE, TOKENS_PER_NAME, count_messages
 
 ENCODING = DEFAULT_ENCODING
@@ -23,10 +24,15 @@ __all__ = ["ENCODING", "MAX_SLICE_CHARS", "REPLY_PRIMING", "TOKENS_PER_MESSAGE",
 SLICE_CHARS = 4096
 MAX_SLICE_CHARS = 8192
 
-# The last place where cl100k's pre-tokeniser splits whatever comes next: before a space that
-# follows a non-space, or before a symbol (not a letter, digit or space) that follows a letter
-# or digit. No pre-token spans either place, so counting each side apart changes nothing.
-_LAST_SAFE_CUT = re.compile(r".*(?:(?<=\S)(?= )|(?<=[^\W_])(?=[^\w\s]|_))", re.S)
+# The last place where a table's pre-tokeniser splits whatever comes next, so that counting
+# each side apart changes nothing. cl100k: before a space that follows a non-space, or before a
+# symbol (not a letter, digit or space) that follows a letter or digit. o200k the same, except
+# that its words carry their combining marks and their contractions ("it's" is one piece), so
+# never before a mark or an apostrophe.
+_LAST_SAFE_CUT: dict[str, Any] = {  # re and regex patterns
+    CL100K: re.compile(r".*(?:(?<=\S)(?= )|(?<=[^\W_])(?=[^\w\s]|_))", re.S),  # Python's \w: no marks
+    O200K: regex.compile(r".*(?:(?<=\S)(?= )|(?<=[\p{L}\p{N}\p{M}])(?=[^\p{L}\p{N}\p{M}\s']))", regex.S),
+}
 
 
 def encoder(encoding: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
@@ -38,11 +44,11 @@ def count_text(text: str, encoding: str = DEFAULT_ENCODING) -> int:
     return count_tokens(text, encoding)
 
 
-def count_long_text(text: str) -> int:
+def count_long_text(text: str, encoding: str = DEFAULT_ENCODING) -> int:
     """``count_text`` a slice at a time: no single long call (in a thread, the GIL is free between slices)."""
     if len(text) <= MAX_SLICE_CHARS:
-        return count_text(text)
-    tally = TokenTally()
+        return count_text(text, encoding)
+    tally = TokenTally(encoding)
     tally.add(text)
     return tally.close()
 
@@ -55,7 +61,9 @@ class TokenTally:
     ``ready``, so it can let other work run between two slices.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, encoding: str = DEFAULT_ENCODING) -> None:
+        self.encoding = encoding
+        self._safe_cut = _LAST_SAFE_CUT.get(encoding, _LAST_SAFE_CUT[CL100K])
         self.tokens = 0   # counted so far
         self.pending = 0  # characters not counted yet
         self._text = ""   # pending text joined, counted up to _start
@@ -77,7 +85,7 @@ class TokenTally:
         self._join()
         text, start = self._text, self._start
         end = min(len(text), start + MAX_SLICE_CHARS)
-        found = _LAST_SAFE_CUT.match(text, start, end)
+        found = self._safe_cut.match(text, start, end)
         if found and found.end() > start:
             cut = found.end()
         elif end - start == MAX_SLICE_CHARS:
@@ -85,7 +93,7 @@ class TokenTally:
         else:  # no safe cut yet: look again once more text has come
             self._due = min(self.pending + SLICE_CHARS, MAX_SLICE_CHARS)
             return
-        self.tokens += count_text(text[start:cut])
+        self.tokens += count_text(text[start:cut], self.encoding)
         self._start = cut
         self.pending -= cut - start
         self._due = SLICE_CHARS
@@ -94,7 +102,7 @@ class TokenTally:
         """The total, counting what is still pending (short once ``ready`` is drained)."""
         while self.ready:
             self.count_slice()
-        self.tokens += count_text(self.uncounted)
+        self.tokens += count_text(self.uncounted, self.encoding)
         self._text, self._start, self._parts, self.pending = "", 0, [], 0
         return self.tokens
 

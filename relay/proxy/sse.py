@@ -94,6 +94,10 @@ class StreamMeter:
         # text itself is not kept, so a long stream costs neither memory nor a long count.
         self.text = TokenTally()
 
+    def count_with(self, encoding: str) -> None:
+        """Count the delivered text with ``encoding``, the model's table (before any arrives)."""
+        self.text = TokenTally(encoding)
+
     def accept(self, event: bytes) -> bool:
         """Record one event; True when it should be sent to the client."""
         data = event_data(event)
