@@ -13,9 +13,11 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from relay.balancer.pool import Pool
 from relay.config import Config, ConfigError, load_config
+from relay.metering.encodings import encodings_for_models, get_encoding, loaded_encodings
 from relay.proxy.router import Router
 
 log = logging.getLogger("relay.reload")
@@ -61,6 +63,7 @@ class Reloader:
         if config == self.router.pool.config:
             return self._done(ReloadResult(True, False))
         self.router.swap(Pool.from_config(config, previous=self.router.pool))
+        load_tables(config)
         self.last_reload_at = time.time()
         log.warning("config reloaded from %s: %d upstream(s), %d endpoint(s)", self.path, len(config.upstreams),
                     sum(len(u.keys) for u in config.upstreams))
@@ -81,3 +84,25 @@ class Reloader:
     @property
     def config(self) -> Config:
         return self.router.pool.config
+
+
+def load_tables(config: Config) -> None:
+    """The token tables the file's models need and this process has not loaded, each in a
+    thread: the loop serves meanwhile (a request that needs one first waits for it)."""
+    missing = encodings_for_models(config.named_models(), config.quota.encodings) - loaded_encodings()
+    if not missing:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # reloaded outside the loop (a test): load here
+        for name in sorted(missing):
+            get_encoding(name)
+        return
+    for name in sorted(missing):
+        loop.run_in_executor(None, get_encoding, name).add_done_callback(_loaded)
+
+
+def _loaded(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a token table failed to load (%s); requests that need it will retry",
+                  type(future.exception()).__name__)

@@ -27,6 +27,7 @@ from relay.auth import checked_admin_token
 from relay.config import Config, load_config, parse_config
 from relay.fake_upstream import Behaviour, FakeState, make_fake_app
 from relay.keys import available, hash_key, is_well_formed
+from relay.metering.encodings import encodings_for_models
 from relay.net import parse_trusted
 from relay.store.connect import StoreLocation, close_client, locate_store, open_store
 from relay.store.embedded import die_with_parent
@@ -105,7 +106,7 @@ async def _serve(args: argparse.Namespace, store_uri: str, sockets: list[socket.
         servers.append(listen(make_metrics_app(services), 0, "", sockets=metrics_sockets))
     log.info("relay listening on %s:%d with %d upstream(s); in the store this process is %s", args.host, args.port,
              len(config.upstreams), store.instance_id)
-    supervise.freeze_start_up_objects()
+    supervise.freeze_start_up_objects(encodings_for_models(config.named_models(), config.quota.encodings))
     await until_signalled()
     supervise.exit_watchdog(args.drain_timeout + 30)
     summary = await graceful_stop(servers, services, args.drain_timeout)

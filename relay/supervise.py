@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,16 +42,16 @@ def exit_watchdog(after_s: float) -> None:
     timer.start()
 
 
-def freeze_start_up_objects() -> None:
+def freeze_start_up_objects(encodings: Iterable[str]) -> None:
     """Keep the collector off what lives as long as the process.
 
     A full collection walks every tracked object: modules, the driver, the app, ~60k of them,
     10 ms on this machine, a stall in whichever request is in flight (it was relay's p99 at
     concurrency 1). Frozen, they are never walked again; collections see only what requests
-    allocate. The tokenizers load first (a first request would otherwise wait ~0.3 s for
-    o200k's table), so that their tables are among them."""
-    from relay.metering.encodings import ENCODINGS, get_encoding
-    for name in ENCODINGS:
+    allocate. The tables of ``encodings`` load first (a first request would otherwise wait
+    ~0.3 s for o200k's), so that they are among them."""
+    from relay.metering.encodings import get_encoding
+    for name in encodings:
         get_encoding(name)
     gc.collect()
     gc.freeze()

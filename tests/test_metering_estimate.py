@@ -25,6 +25,7 @@ from relay.metering.encodings import (
     count_tokens,
     encoding_for,
     get_encoding,
+    load_encoding,
     read_ranks,
 )
 from relay.metering.images import image_size, image_tokens
@@ -146,7 +147,7 @@ def test_tables_load_without_network(monkeypatch):
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     for name in (CL100K, O200K):
-        assert get_encoding.__wrapped__(name).encode_ordinary("hello world")
+        assert load_encoding(name).encode_ordinary("hello world")
 
 
 def test_loader_rejects_a_table_whose_hash_does_not_match(tmp_path):
@@ -513,3 +514,68 @@ def test_any_json_gets_an_estimate(messages, tools, items):
     assert count_chat_request({"messages": messages, "tools": tools, "functions": tools,
                                "response_format": {"type": "json_schema", "json_schema": tools}}, "gpt-4o").total >= 3
     assert count_responses_request({"input": items, "tools": tools, "instructions": messages}, "o4-mini").total >= 3
+
+
+def _config(upstreams: str, extra: str = ""):
+    from relay.config import parse_config
+    return parse_config("upstreams:\n" + upstreams + extra, {})
+
+
+def test_the_tables_loaded_at_start_up_are_those_of_the_configured_models():
+    four_o = _config("  - {name: a, base_url: 'http://x/v1', keys: [k], models: [gpt-4o, gpt-4.1-mini]}\n")
+    assert four_o.named_models() == {"gpt-4o", "gpt-4.1-mini"}
+    assert encodings.encodings_for_models(four_o.named_models()) == {O200K}, "no cl100k: 24 MB spared"
+    mapped = _config("  - {name: a, base_url: 'http://x/v1', keys: [k], models: [gpt-4o],"
+                     " model_map: {gpt-4o: gpt-35-turbo-deploy}}\n", "model_map: {gpt-3.5-turbo: gpt-4o}\n")
+    assert mapped.named_models() == {"gpt-4o", "gpt-35-turbo-deploy", "gpt-3.5-turbo"}
+    assert encodings.encodings_for_models(mapped.named_models()) == {O200K, CL100K}
+    for anything in ("  - {name: a, base_url: 'http://x/v1', keys: [k]}\n",
+                     "  - {name: a, base_url: 'http://x/v1', keys: [k], models: ['gpt-4o*']}\n"):
+        assert _config(anything).named_models() is None
+        assert encodings.encodings_for_models(None) == encodings.ENCODINGS, "any model may come: every table"
+    assert encodings.encodings_for_models(["gpt-4o"], {"gpt-4o": CL100K}) == {CL100K}, "an override decides"
+    assert encodings.encodings_for_models([]) == {CL100K}
+
+
+def test_a_table_is_loaded_once_however_many_threads_ask(monkeypatch):
+    import threading
+    import time
+    loads = []
+
+    def slow_load(name):
+        loads.append(name)
+        time.sleep(0.05)
+        return object()
+    monkeypatch.setattr(encodings, "_loaded", {})
+    monkeypatch.setattr(encodings, "load_encoding", slow_load)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(encodings.get_encoding(O200K))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [O200K] and len({id(g) for g in got}) == 1
+    assert encodings.loaded_encodings() == {O200K}
+
+
+async def test_a_reload_that_names_a_new_family_loads_its_table_off_the_loop(monkeypatch, io_loop):
+    import asyncio
+    import threading
+
+    from relay import reload
+    threads = []
+
+    def record(name):
+        threads.append((name, threading.current_thread() is threading.main_thread()))
+    monkeypatch.setattr(reload, "get_encoding", record)
+    monkeypatch.setattr(reload, "loaded_encodings", lambda: frozenset({O200K}))
+    reload.load_tables(_config("  - {name: a, base_url: 'http://x/v1', keys: [k], models: [gpt-4o, gpt-3.5-turbo]}\n"))
+    for _ in range(100):
+        if threads:
+            break
+        await asyncio.sleep(0.01)
+    assert threads == [(CL100K, False)], "cl100k only, loaded in a thread"
+    threads.clear()
+    reload.load_tables(_config("  - {name: a, base_url: 'http://x/v1', keys: [k], models: [gpt-4o]}\n"))
+    await asyncio.sleep(0.05)
+    assert threads == [], "nothing missing: nothing loaded"

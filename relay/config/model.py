@@ -150,6 +150,19 @@ class Config:
     site: Site = Site()
     routing: Routing = Routing()
 
+    def named_models(self) -> frozenset[str] | None:
+        """Every model name a request may be served and counted under: the upstreams' models and
+        both sides of every model map. None when an upstream serves any model, or a pattern of
+        them: then any name may come."""
+        names: set[str] = set(self.model_map) | set(self.model_map.values())
+        for u in self.upstreams:
+            if u.models is None or any(is_pattern(m) for m in u.models):
+                return None
+            names.update(u.models)
+            names.update(u.model_map)
+            names.update(u.model_map.values())
+        return frozenset(names)
+
     def map_model(self, model: str) -> str:
         return self.model_map.get(model, model)
 

@@ -1,17 +1,20 @@
 """The BPE tables relay counts with, cl100k_base and o200k_base, and which model uses which.
 
 Tables are read from files that installed packages ship, checked against OpenAI's published
-SHA-256, and loaded once per process on first use; nothing is downloaded."""
+SHA-256, and loaded once per process; nothing is downloaded. relay loads at start-up the tables
+its configured models need (``encodings_for_models``; o200k's is 47 MB in memory, cl100k's 24),
+and any other on first use."""
 from __future__ import annotations
 
 import binascii
 import gzip
 import hashlib
 import importlib.util
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
@@ -84,9 +87,35 @@ O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "o1", "o3", "o4", "gpt-5", "ch
                   "omni-moderation", "gpt-oss", "gpt-realtime", "gpt-audio", "codex")
 
 
-@cache
+_loaded: dict[str, tiktoken.Encoding] = {}
+_loading = threading.Lock()  # each table is loaded once, whichever thread asks first
+
+
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """The encoding named (cl100k_base or o200k_base), loaded on first use."""
+    """The encoding named (cl100k_base or o200k_base), loaded on first use (~0.3 s)."""
+    enc = _loaded.get(name)
+    if enc is None:
+        with _loading:
+            enc = _loaded.get(name)
+            if enc is None:
+                enc = _loaded[name] = load_encoding(name)
+    return enc
+
+
+def loaded_encodings() -> frozenset[str]:
+    return frozenset(_loaded)
+
+
+def encodings_for_models(models: Iterable[str] | None, overrides: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The tables requests for these models are counted with: every table when ``models`` is
+    None (any model may come), and cl100k_base, the default, when none is named."""
+    if models is None:
+        return ENCODINGS
+    return frozenset(encoding_for(m, overrides) for m in models) or frozenset({DEFAULT_ENCODING})
+
+
+def load_encoding(name: str) -> tiktoken.Encoding:
+    """The encoding named, read from its file and checked (not kept: ``get_encoding`` keeps it)."""
     spec = SPECS.get(name)
     if spec is None:
         raise ValueError(f"unknown encoding {name!r}; known: {sorted(SPECS)}")
