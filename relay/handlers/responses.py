@@ -14,7 +14,7 @@ from relay.errors import InvalidRequest, PreviousResponseNotFound
 from relay.handlers.proxy import OFF_LOOP_REPLY_BYTES, ProxyHandler
 from relay.handlers.stored_responses import MAX_ID_CHARS, UnbilledHandler
 from relay.metering.bounds import MAX_TOKENS
-from relay.metering.quote import quote_responses
+from relay.metering.quote import Quote, quote_responses
 from relay.metering.usage import Usage
 from relay.owners import Owner
 from relay.proxy.request import UpstreamRequest
@@ -67,17 +67,23 @@ def validate_responses(body: dict[str, Any], socket: bool = False) -> None:
                              param="conversation")
 
 
+async def quoted_response(handler: ProxyHandler, body: dict[str, Any]) -> tuple[str, Owner | None, Quote]:
+    """A response request's served model, the response it continues (its owner) and its quote:
+    what creating a response and compacting one both start with."""
+    served = handler.resolve_model(body)
+    validate_responses(body)
+    owner = await previous_owner(handler.services, body, handler.key.key_hash)
+    return served, owner, quote_responses(handler.services.config, served, body, owner.history if owner else 0)
+
+
 class ResponsesHandler(ProxyHandler):
     upstream_path = "/responses"
     route = "responses"
 
     async def post(self) -> None:
         body = self.parsed_body()
-        served = self.resolve_model(body)
-        validate_responses(body)
-        owner = await previous_owner(self.services, body, self.key.key_hash)
+        served, owner, quote = await quoted_response(self, body)
         config = self.services.config
-        quote = quote_responses(config, served, body, owner.history if owner else 0)
         extra = {"max_output_tokens": quote.allowance} \
             if not quote.limited and config.quota.forward_max_tokens else None
         request = replace(self.upstream_request(body, served, extra), pinned=owner.pinned if owner else None)
@@ -129,10 +135,7 @@ class CompactHandler(ProxyHandler):
 
     async def post(self) -> None:
         body = self.parsed_body()
-        served = self.resolve_model(body)
-        validate_responses(body)
-        owner = await previous_owner(self.services, body, self.key.key_hash)
-        quote = quote_responses(self.services.config, served, body, owner.history if owner else 0)
+        served, owner, quote = await quoted_response(self, body)
         request = replace(self.upstream_request(body, served), pinned=owner.pinned if owner else None)
         await self.forward(request, quote, False, body)
 
