@@ -47,13 +47,10 @@ def wav(seconds: float) -> bytes:
 
 class TranscriptionsHandler(_ImagesHandler):
     async def post(self) -> None:
-        parsed = self.form()
+        parsed = await self.upload()
         if parsed is None:
             return
         fields, files = parsed
-        self.record_upload(fields, files)
-        if not await self.check():
-            return
         audio = files.get("file")
         if not audio:
             return self.write_json(error_body("Missing required parameter: 'file'.", "invalid_request_error",

@@ -34,21 +34,23 @@ IMAGE = png()
 
 
 class _ImagesHandler(FakeHandler):
-    def form(self) -> tuple[dict[str, Any], dict[str, list[HTTPFile]]] | None:
-        """A multipart body's fields and files, or None when answered with a 400."""
+    async def upload(self) -> tuple[dict[str, Any], dict[str, list[HTTPFile]]] | None:
+        """A multipart body's fields and files, recorded and checked as any request is; None
+        when answered (a 400 for a body that is not multipart, or what ``check`` answered)."""
         args: dict[str, list[bytes]] = {}
         files: dict[str, list[HTTPFile]] = {}
         parse_body_arguments(self.request.headers.get("Content-Type", ""), self.request.body, args, files)
         if not args and not files:
             self.write_json(error_body("Invalid multipart form data.", "invalid_request_error", None), 400)
             return None
-        return {k: v[0].decode() for k, v in args.items()}, files
-
-    def record_upload(self, fields: dict[str, Any], files: dict[str, list[HTTPFile]]) -> None:
+        fields = {k: v[0].decode() for k, v in args.items()}
         self.record(fields)
         self.rec.update(fields=fields, files={k: [len(f.body) for f in v] for k, v in files.items()},
                         body_sha256=hashlib.sha256(self.request.body).hexdigest(),
                         content_type=self.request.headers.get("Content-Type"))
+        if not await self.check():
+            return None
+        return fields, files
 
     def answer(self, body: dict[str, Any], input_images: int = 0) -> None:
         b = self.state.behaviour
@@ -96,13 +98,10 @@ class UploadsHandler(_ImagesHandler):
     """Edits and variations: an image (or several) and the fields, as multipart/form-data."""
 
     async def post(self) -> None:
-        parsed = self.form()
+        parsed = await self.upload()
         if parsed is None:
             return
         fields, files = parsed
-        self.record_upload(fields, files)
-        if not await self.check():
-            return
         images = files.get("image", []) + files.get("image[]", [])
         if not images:
             return self.write_json(error_body("Missing required parameter: 'image'.", "invalid_request_error",
