@@ -13,6 +13,7 @@ from typing import Any, cast
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
+from relay.fake_upstream.base import HangUpRecorded
 from relay.fake_upstream.images import _ImagesHandler
 from relay.fake_upstream.state import error_body
 from relay.metering.tokens import count_text
@@ -88,7 +89,7 @@ class TranscriptionsHandler(_ImagesHandler):
         self.write_json(reply)
 
 
-class SpeechHandler(_ImagesHandler):
+class SpeechHandler(HangUpRecorded, _ImagesHandler):
     async def post(self) -> None:
         body = self.parse()
         self.record(body)
@@ -128,8 +129,4 @@ class SpeechHandler(_ImagesHandler):
                 sent_at.append(time.monotonic())
             self.finish()
         except StreamClosedError:
-            self.rec["aborted"] = True
-
-    def on_connection_close(self) -> None:
-        if hasattr(self, "rec"):
             self.rec["aborted"] = True

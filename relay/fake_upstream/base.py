@@ -99,3 +99,12 @@ class FakeHandler(tornado.web.RequestHandler):
             self.finish()
         except StreamClosedError:
             self.rec["aborted"] = True  # relay hung up: the upstream's work stops
+
+
+class HangUpRecorded(FakeHandler):
+    """A streaming route: relay hanging up mid-answer is recorded (``aborted``). Not on
+    FakeHandler itself: the WebSocket handler's own on_connection_close must stay."""
+
+    def on_connection_close(self) -> None:
+        if hasattr(self, "rec"):
+            self.rec["aborted"] = True

@@ -9,12 +9,12 @@ from typing import Any, cast
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from relay.fake_upstream.base import FakeHandler
+from relay.fake_upstream.base import HangUpRecorded
 from relay.fake_upstream.state import MODELS, chat_usage, error_body, reply_pieces
 from relay.metering.tokens import count_chat_prompt, count_text
 
 
-class ChatHandler(FakeHandler):
+class ChatHandler(HangUpRecorded):
     async def post(self) -> None:
         body = self.parse()
         self.record(body)
@@ -101,8 +101,4 @@ class ChatHandler(FakeHandler):
             self.finish()
         except StreamClosedError:
             self.rec["aborted"] = True  # relay hung up: the upstream's work stops
-
-    def on_connection_close(self) -> None:
-        if hasattr(self, "rec"):
-            self.rec["aborted"] = True
 

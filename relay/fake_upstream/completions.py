@@ -5,7 +5,7 @@ import json
 import time
 from typing import Any
 
-from relay.fake_upstream.base import FakeHandler
+from relay.fake_upstream.base import HangUpRecorded
 from relay.fake_upstream.state import MODELS, error_body, reply_pieces
 from relay.metering.completions import DEFAULT_MAX_TOKENS, count_completion_prompt
 from relay.metering.tokens import count_text, encoder
@@ -22,7 +22,7 @@ def prompts_of(prompt: Any) -> list[str]:
     return [""]
 
 
-class CompletionsHandler(FakeHandler):
+class CompletionsHandler(HangUpRecorded):
     async def post(self) -> None:
         body = self.parse()
         self.record(body)
@@ -88,7 +88,3 @@ class CompletionsHandler(FakeHandler):
             events.append(chunk([], usage))
         events.append(b"data: [DONE]\n\n")
         await self.send_events(events)
-
-    def on_connection_close(self) -> None:
-        if hasattr(self, "rec"):
-            self.rec["aborted"] = True

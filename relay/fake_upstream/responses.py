@@ -12,7 +12,7 @@ from typing import Any, cast
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from relay.fake_upstream.base import FakeHandler
+from relay.fake_upstream.base import FakeHandler, HangUpRecorded
 from relay.fake_upstream.responses_model import (
     Turn,
     compaction,
@@ -44,7 +44,7 @@ def store_turn(handler: FakeHandler, body: dict[str, Any], turn: Turn) -> None:
             "key": handler._key(), "response": turn.finished(), "input_items": input_items(body)}
 
 
-class ResponsesHandler(FakeHandler):
+class ResponsesHandler(HangUpRecorded):
     async def post(self) -> None:
         body = self.parse()
         self.record(body)
@@ -87,10 +87,6 @@ class ResponsesHandler(FakeHandler):
                 sent_at.append(time.monotonic())
             self.finish()
         except StreamClosedError:
-            self.rec["aborted"] = True
-
-    def on_connection_close(self) -> None:
-        if hasattr(self, "rec"):
             self.rec["aborted"] = True
 
 
