@@ -8,6 +8,7 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.web
 
+from relay import http_server
 from relay.handlers import (
     admin,
     audio,
@@ -40,6 +41,9 @@ def _api(path: str) -> str:
 def _billing(path: str) -> str:
     """ChatGPT-Next-Web calls {base}/dashboard/billing/... with no /v1; others add it."""
     return rf"/(?:openai/)?(?:v1/)?dashboard/billing{path}"
+
+
+Server = tornado.httpserver.HTTPServer | http_server.HTTPServer
 
 
 def make_app(services: Services, metrics: bool = True, **settings: Any) -> tornado.web.Application:
@@ -98,16 +102,22 @@ def make_metrics_app(services: Services) -> tornado.web.Application:
 
 def make_server(app: tornado.web.Application, ssl_options: ssl.SSLContext | dict[str, Any] | None = None,
                 max_body: int = 0, client_timeout_s: float = 60.0,
-                body_timeout_s: float = 120.0) -> tornado.httpserver.HTTPServer:
+                body_timeout_s: float = 120.0) -> Server:
     """The HTTP server, with the limits that protect it from slow and idle clients.
 
     ``client_timeout_s`` bounds both reading a request's headers (slow-header clients) and an
     idle keep-alive connection; ``body_timeout_s`` bounds reading a body. The handlers enforce
-    the configured body size limit themselves, with an OpenAI-shaped 413; Tornado's own cap is
-    a backstop far above it.
+    the configured body size limit themselves, with an OpenAI-shaped 413; the server's own cap
+    is a backstop far above it. Plain HTTP is served by relay's own server
+    (``relay/http_server.py``); TLS by Tornado's.
     """
+    backstop = max(max_body * 4, 64 << 20)
+    if ssl_options is None:
+        return http_server.HTTPServer(app, idle_timeout=client_timeout_s, body_timeout=body_timeout_s,
+                                      max_body_size=backstop)
     return _NoDelayServer(app, ssl_options=ssl_options, idle_connection_timeout=client_timeout_s,
-                          body_timeout=body_timeout_s, max_body_size=max(max_body * 4, 64 << 20))
+                          body_timeout=body_timeout_s, max_body_size=backstop)
+
 
 
 class _NoDelayServer(tornado.httpserver.HTTPServer):

@@ -36,6 +36,7 @@ from relay.store.embedded import die_with_parent
 # with --workers, PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported.
 
 if TYPE_CHECKING:
+    from relay.app import Server
     from relay.services import Services
     from relay.store.mongo import MongoStore
 
@@ -75,7 +76,7 @@ def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 def listen(app: tornado.web.Application, port: int, host: str,
            ssl_options: ssl.SSLContext | dict[str, Any] | None = None, max_body: int = 0,
            sockets: list[socket.socket] | None = None, client_timeout_s: float = 60.0,
-           body_timeout_s: float = 120.0) -> tornado.httpserver.HTTPServer:
+           body_timeout_s: float = 120.0) -> Server:
     from relay.app import make_server
     server = make_server(app, ssl_options, max_body, client_timeout_s, body_timeout_s)
     if sockets is not None:
@@ -114,7 +115,7 @@ async def _serve(args: argparse.Namespace, store_uri: str, sockets: list[socket.
     return summary
 
 
-async def graceful_stop(servers: list[tornado.httpserver.HTTPServer], services: Services, drain_timeout: float) -> str:
+async def graceful_stop(servers: list[Server], services: Services, drain_timeout: float) -> str:
     """Stop accepting, let requests in flight finish (streams included) within the drain
     timeout, settle them and hand back leased slices, then close connections. The embedded
     store stops after this (last). Returns what happened to the requests in flight."""

@@ -121,8 +121,8 @@ async def test_access_line_has_prefix_model_upstream_and_no_content(http_server_
 
 
 async def test_client_connections_keep_tcp_nodelay_across_requests(io_loop, fake):
-    """Tornado turns Nagle back on after each request; a stream's later events would then
-    wait for the client's delayed ACK."""
+    """Nagle stays off for the connection's whole life (Tornado's server turned it back on
+    after each request; a stream's later events would then wait for the client's delayed ACK)."""
     from tests.helpers import add_key, mock_store, serve
     store = mock_store()
     await add_key(store)
@@ -138,7 +138,7 @@ async def test_client_connections_keep_tcp_nodelay_across_requests(io_loop, fake
                           if line.lower().startswith(b"content-length")))
         await reader.readexactly(length)
     [conn] = server._connections
-    assert conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     writer.close()
     server.stop()
     await services.close()

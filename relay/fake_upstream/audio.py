@@ -8,14 +8,14 @@ import io
 import math
 import time
 import wave
-from typing import Any, cast
+from typing import Any
 
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.fake_upstream.base import HangUpRecorded
 from relay.fake_upstream.images import _ImagesHandler
 from relay.fake_upstream.state import error_body
+from relay.http_server import hang_up
 from relay.metering.tokens import count_text
 
 TRANSCRIPT = "Hello from the fake upstream, relay says hi!"
@@ -122,7 +122,7 @@ class SpeechHandler(HangUpRecorded, _ImagesHandler):
                 if b.stall_after_chunks is not None and sent >= b.stall_after_chunks:
                     await asyncio.sleep(3600)
                 if b.truncate_after_chunks is not None and sent >= b.truncate_after_chunks:
-                    cast(HTTP1Connection, self.request.connection).stream.close()
+                    hang_up(self.request.connection)
                     return
                 self.write(data[i:i + SPEECH_CHUNK])
                 await self.flush()

@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, cast
+from typing import Any
 
 import tornado.web
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.fake_upstream.state import FakeState, error_body
+from relay.http_server import hang_up
 
 
 class FakeHandler(tornado.web.RequestHandler):
@@ -90,8 +90,7 @@ class FakeHandler(tornado.web.RequestHandler):
                 if b.stall_after_chunks is not None and content_sent >= b.stall_after_chunks:
                     await asyncio.sleep(3600)
                 if b.truncate_after_chunks is not None and content_sent >= b.truncate_after_chunks:
-                    # Tornado's HTTPServer serves every request on an HTTP1Connection.
-                    cast(HTTP1Connection, self.request.connection).stream.close()
+                    hang_up(self.request.connection)
                     return
                 self.write(event)
                 await self.flush()

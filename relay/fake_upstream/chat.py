@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, cast
+from typing import Any
 
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.fake_upstream.base import HangUpRecorded
 from relay.fake_upstream.state import MODELS, chat_usage, error_body, reply_pieces
+from relay.http_server import hang_up
 from relay.metering.tokens import count_chat_prompt, count_text
 
 
@@ -92,8 +92,7 @@ class ChatHandler(HangUpRecorded):
                 if b.stall_after_chunks is not None and content_sent >= b.stall_after_chunks:
                     await asyncio.sleep(3600)
                 if b.truncate_after_chunks is not None and content_sent >= b.truncate_after_chunks:
-                    # Tornado's HTTPServer serves every request on an HTTP1Connection.
-                    cast(HTTP1Connection, self.request.connection).stream.close()
+                    hang_up(self.request.connection)
                     return
                 self.write(event)
                 await self.flush()

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, cast
+from typing import Any
 
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.fake_upstream.base import FakeHandler, HangUpRecorded
@@ -23,6 +22,7 @@ from relay.fake_upstream.responses_model import (
     sse,
 )
 from relay.fake_upstream.state import MODELS, error_body
+from relay.http_server import hang_up
 from relay.metering.prompt import count_responses_request
 
 
@@ -77,7 +77,7 @@ class ResponsesHandler(HangUpRecorded):
                     if b.stall_after_chunks is not None and deltas >= b.stall_after_chunks:
                         await asyncio.sleep(3600)
                     if b.truncate_after_chunks is not None and deltas >= b.truncate_after_chunks:
-                        cast(HTTP1Connection, self.request.connection).stream.close()
+                        hang_up(self.request.connection)
                         return
                     deltas += 1
                 self.write(sse(event))

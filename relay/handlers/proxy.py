@@ -6,16 +6,16 @@ import asyncio
 import json
 import time
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import tornado.web
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from relay.balancer.affinity import affinity_key
 from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound, UpstreamError
 from relay.handlers.base import AuthenticatedHandler
+from relay.http_server import hang_up
 from relay.metering.encodings import encoding_for
 from relay.metering.quote import Quote, price_served
 from relay.metering.tokens import MAX_SLICE_CHARS, TokenTally, count_long_text
@@ -77,8 +77,7 @@ class ProxyHandler(AuthenticatedHandler):
         self._chunks = []
         self.flag = Flag.BODY_TOO_LARGE
         self.send_relay_error(BodyTooLarge(f"The request body exceeds the limit of {limit} bytes."))
-        # Tornado's HTTPServer serves every request on an HTTP1Connection.
-        cast(HTTP1Connection, self.request.connection).stream.close()
+        hang_up(self.request.connection)
 
     def on_connection_close(self) -> None:
         self._client_gone = True

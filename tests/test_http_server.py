@@ -1,0 +1,239 @@
+"""relay's HTTP/1.1 server (relay/http_server.py) over real sockets: what Tornado's server did and
+the handlers rely on (keep-alive, pipelining, streamed request bodies, 100-continue, HTTP/1.0,
+the limits, the client-gone signals, the WebSocket hand-off)."""
+import asyncio
+
+import tornado.web
+import tornado.websocket
+
+from relay.http_server import HTTPServer
+from tests.helpers import eventually, unused_port
+
+EVENTS: list[str] = []
+
+
+class Echo(tornado.web.RequestHandler):
+    def get(self):
+        self.write({"path": self.request.path, "query": self.get_query_argument("q", ""),
+                    "ip": self.request.remote_ip, "host": self.request.host})
+
+    def post(self):
+        self.write({"got": len(self.request.body), "type": self.request.headers.get("Content-Type", "")})
+
+    def head(self):
+        self.set_header("Content-Length", "12")
+
+
+class Streamed(tornado.web.RequestHandler):
+    """Chunks of the answer flushed one by one: chunked on the wire."""
+
+    async def get(self):
+        for i in range(3):
+            self.write(f"part{i};")
+            await self.flush()
+
+
+@tornado.web.stream_request_body
+class Upload(tornado.web.RequestHandler):
+    def prepare(self):
+        self.size = 0
+        self.pieces = 0
+        if self.request.headers.get("Authorization") != "yes":
+            self.set_status(401)
+            self.finish("no")
+
+    async def data_received(self, chunk):
+        await asyncio.sleep(0.001)  # a handler that waits: reading pauses meanwhile
+        self.size += len(chunk)
+        self.pieces += 1
+
+    def put(self):
+        self.write({"size": self.size})
+
+    def on_connection_close(self):
+        EVENTS.append("upload gone")
+
+
+class Slow(tornado.web.RequestHandler):
+    async def get(self):
+        self.request.connection.set_close_callback(lambda: EVENTS.append("slow gone"))
+        await asyncio.sleep(10)
+
+    def on_connection_close(self):
+        EVENTS.append("slow handler told")
+
+
+class EchoSocket(tornado.websocket.WebSocketHandler):
+    def on_message(self, message):
+        self.write_message("echo:" + message)
+
+
+def serve(**limits) -> tuple[HTTPServer, int]:
+    app = tornado.web.Application([(r"/echo", Echo), (r"/streamed", Streamed), (r"/upload", Upload),
+                                   (r"/slow", Slow), (r"/ws", EchoSocket)])
+    server = HTTPServer(app, **limits)
+    port = unused_port()
+    server.listen(port, "127.0.0.1")
+    return server, port
+
+
+async def exchange(port: int, raw: bytes, until_close: bool = True, wait: float = 2.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    got = b""
+    try:
+        while True:
+            piece = await asyncio.wait_for(reader.read(65536), wait)
+            if not piece:
+                break
+            got += piece
+    except TimeoutError:
+        assert not until_close, f"the connection stayed open; got {got!r}"
+    writer.close()
+    await writer.wait_closed()
+    return got
+
+
+async def test_keep_alive_and_pipelined_requests_are_answered_in_order(io_loop):
+    server, port = serve()
+    two = (b"GET /echo?q=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+           b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Type: text/x\r\nContent-Length: 5\r\n\r\nhello"
+           b"GET /echo?q=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    got = await exchange(port, two)
+    answers = got.split(b"HTTP/1.1 200 OK")
+    assert len(answers) == 4, got
+    assert b'"query": "1"' in answers[1] and b'"ip": "127.0.0.1"' in answers[1]
+    assert b'"got": 5' in answers[2] and b'"type": "text/x"' in answers[2]
+    assert b'"query": "3"' in answers[3] and b"Connection: close" in answers[3]
+    await eventually(lambda: not server._connections, message="closed connections are forgotten")
+    server.stop()
+
+
+async def test_an_answer_without_length_is_chunked_and_a_head_answer_has_no_body(io_loop):
+    server, port = serve()
+    got = await exchange(port, b"GET /streamed HTTP/1.1\r\nHost: a\r\n\r\nHEAD /echo HTTP/1.1\r\nHost: a\r\n\r\n",
+                         until_close=False, wait=0.5)
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert rest.startswith(b"6\r\npart0;\r\n6\r\npart1;\r\n6\r\npart2;\r\n0\r\n\r\nHTTP/1.1 200 OK"), rest
+    second_head, _, after = rest.split(b"0\r\n\r\n", 1)[1].partition(b"\r\n\r\n")
+    assert b"Content-Length: 12" in second_head and after == b"", "HEAD: headers only, and the connection stays"
+    server.stop()
+
+
+async def test_a_chunked_body_streams_to_the_handler_with_flow_control(io_loop):
+    server, port = serve()
+    pieces = b"".join(b"%x\r\n%s\r\n" % (1000, b"x" * 1000) for _ in range(300))
+    got = await exchange(port, b"PUT /upload HTTP/1.1\r\nHost: a\r\nAuthorization: yes\r\n"
+                               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + pieces + b"0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b'{"size": 300000}'), got[-200:]
+    server.stop()
+
+
+async def test_expect_continue_is_answered_after_the_handler_accepts_the_headers(io_loop):
+    server, port = serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /upload HTTP/1.1\r\nHost: a\r\nAuthorization: yes\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: 4\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2) == b"HTTP/1.1 100 (Continue)\r\n\r\n"
+    writer.write(b"abcd")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    writer.close()
+    await writer.wait_closed()
+    # Refused in prepare(): no 100, the refusal, and the connection closes (the body is never read).
+    got = await exchange(port, b"PUT /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 401 Unauthorized") and b"100 (Continue)" not in got
+    assert b"Connection: close" in got
+    server.stop()
+
+
+async def test_http_1_0_closes_unless_asked_to_keep_alive(io_loop):
+    server, port = serve()
+    got = await exchange(port, b"GET /echo HTTP/1.0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"}")
+    got = await exchange(port, b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", until_close=False, wait=0.3)
+    assert b"Connection: Keep-Alive" in got
+    got = await exchange(port, b"GET /streamed HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert b"Transfer-Encoding" not in got and got.endswith(b"part0;part1;part2;"), "no length: the close ends it"
+    server.stop()
+
+
+async def test_malformed_requests_get_400_and_oversized_heads_431(io_loop):
+    server, port = serve(max_header_size=4096, max_body_size=1000)
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /echo HTTP/2.0\r\nHost: a\r\n\r\n",
+                b"GET /echo HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
+                b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n"):
+        got = await exchange(port, raw)
+        assert got.startswith(b"HTTP/1.1 400 Bad Request"), (raw, got)
+    got = await exchange(port, b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 5000)
+    assert got.startswith(b"HTTP/1.1 431"), got
+    got = await exchange(port, b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Fine: " + b"y" * 3000 + b"\r\n\r\n",
+                         until_close=False, wait=0.3)
+    assert got.startswith(b"HTTP/1.1 200 OK")
+    server.stop()
+
+
+async def test_slow_heads_and_slow_bodies_are_cut(io_loop):
+    server, port = serve(idle_timeout=0.3, body_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await exchange(port, b"GET /echo HTTP/1.1\r\nHost: a\r\n") == b""
+    cut_body = b"PUT /upload HTTP/1.1\r\nHost: a\r\nAuthorization: yes\r\nContent-Length: 9\r\n\r\nab"
+    assert await exchange(port, cut_body) == b""
+    assert loop.time() - t0 < 1.5
+    await eventually(lambda: "upload gone" in EVENTS, message="the handler reading the body hears of the cut")
+    server.stop()
+
+
+async def test_a_client_that_leaves_is_reported_to_the_handler(io_loop):
+    server, port = serve()
+    EVENTS.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: EVENTS == ["slow gone"], message="the close callback runs once")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /upload HTTP/1.1\r\nHost: a\r\nAuthorization: yes\r\nContent-Length: 100\r\n\r\nabc")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: "upload gone" in EVENTS, message="a body cut short: on_connection_close")
+    await eventually(lambda: not server._connections, message="closed connections are forgotten")
+    server.stop()
+
+
+async def test_a_websocket_is_handed_to_tornado_after_its_handshake(io_loop):
+    server, port = serve()
+    ws = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws")
+    for word in ("one", "two"):
+        await ws.write_message(word)
+        assert await asyncio.wait_for(ws.read_message(), 2) == "echo:" + word
+    ws.close()
+    await eventually(lambda: not server._connections, message="the detached connection is not the server's")
+    server.stop()
+
+
+async def test_stop_refuses_new_connections_and_close_all_ends_the_open_ones(io_loop):
+    server, port = serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"}"), 2)).startswith(b"HTTP/1.1 200 OK")
+    server.stop()
+    await asyncio.sleep(0.05)
+    try:
+        await asyncio.open_connection("127.0.0.1", port)
+        refused = False
+    except OSError:
+        refused = True
+    assert refused
+    await asyncio.wait_for(server.close_all_connections(), 2)
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+    await writer.wait_closed()
