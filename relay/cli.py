@@ -10,6 +10,7 @@ import sys
 from relay import serve
 from relay.codes_cli import add_codes_parser
 from relay.config import ConfigError, load_config
+from relay.observability.access_log import LOG_FORMAT
 from relay.policy import add_policy_options
 from relay.redact import mask_userinfo
 from relay.store.connect import CLIENTS, DEFAULT_CLIENT, StoreLocation, locate_store
@@ -23,7 +24,7 @@ MAX_DELAY_MS = 3_600_000
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+                        format=LOG_FORMAT)
 
 
 def _check_config(args: argparse.Namespace) -> int:

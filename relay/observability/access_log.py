@@ -6,11 +6,12 @@ client_disconnected, ...
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import re
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay.errors import RelayError
 from relay.redact import redact_keys, redact_path
@@ -110,11 +111,68 @@ def log_request(handler: Logged) -> None:
         return
     status = handler.get_status()
     latency_ms = (time.perf_counter() - getattr(handler, "started", time.perf_counter())) * 1000
-    access_log.info(
-        "%s %s %s %s key=%s model=%s upstream=%s status=%d latency_ms=%.1f flag=%s",
-        getattr(handler, "request_id", "-"), printable(handler.request.method or "-", METHOD_CHARS),
-        printable(redact_path(handler.request.path), PATH_CHARS),
-        printable(getattr(handler, "client_ip", handler.request.remote_ip) or "-", ADDRESS_CHARS),
-        getattr(handler, "key_prefix", "-"), printable(redact_keys(getattr(handler, "model", "-")), MODEL_CHARS),
-        getattr(handler, "upstream_name", "-"), status, latency_ms,
-        getattr(handler, "flag", "-"))
+    method = printable(handler.request.method or "-", METHOD_CHARS)
+    path = printable(redact_path(handler.request.path), PATH_CHARS)
+    address = printable(getattr(handler, "client_ip", handler.request.remote_ip) or "-", ADDRESS_CHARS)
+    model = printable(redact_keys(getattr(handler, "model", "-")), MODEL_CHARS)
+    request_id = getattr(handler, "request_id", "-")
+    line = (f"{request_id} {method} {path} {address} key={getattr(handler, 'key_prefix', '-')} model={model} "
+            f"upstream={getattr(handler, 'upstream_name', '-')} status={status:d} "
+            f"latency_ms={latency_ms:.1f} flag={getattr(handler, 'flag', '-')}")
+    if not DIRECT.write(line):
+        access_log.info("%s", line)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"  # relay's (relay/cli.py)
+
+
+class DirectLine:
+    """The access line written straight to the stream of the one handler ``relay serve`` sets up,
+    byte for byte what ``logging`` would write there.
+
+    Through ``logging`` the line cost a tenth of relay's CPU per proxied chat (a ``LogRecord``,
+    its dict, ``formatTime`` with ``strftime`` and the handler chain; bench/proxy_compare.py with
+    py-spy). Whenever logging is set up otherwise (another handler, a filter, a formatter, a
+    level on the way: tests' ``caplog``, an embedding application), ``write`` says no and the
+    line goes through ``logging``."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+
+    def _handler(self) -> logging.StreamHandler[Any] | None:
+        root = logging.getLogger()
+        if access_log.handlers or access_log.filters or not access_log.propagate or len(root.handlers) != 1:
+            return None
+        parent = access_log.parent
+        while parent is not None and parent is not root:
+            if parent.handlers or parent.filters or not parent.propagate:
+                return None
+            parent = parent.parent
+        handler = root.handlers[0]
+        if (type(handler) is not logging.StreamHandler or handler.filters or root.filters
+                or handler.level > logging.INFO or handler.formatter is None
+                or type(handler.formatter) is not logging.Formatter
+                or handler.formatter._fmt != LOG_FORMAT or handler.formatter.datefmt is not None):
+            return None
+        return handler
+
+    def write(self, message: str) -> bool:
+        handler = self._handler()
+        if handler is None:
+            return False
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        text = f"{self._stamp},{int((now - second) * 1000):03d} INFO relay.access {message}\n"
+        with handler.lock or contextlib.nullcontext():
+            try:
+                handler.stream.write(text)
+                handler.flush()
+            except Exception:
+                handler.handleError(access_log.makeRecord(access_log.name, logging.INFO, "", 0, message, (), None))
+        return True
+
+
+DIRECT = DirectLine()
