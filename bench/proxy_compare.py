@@ -182,6 +182,7 @@ class Cell:
     cpu: float
     store_cpu: float
     peak: float
+    own: dict[float, float] | None = None  # relay rows: relay_overhead_seconds, cumulative count by bound
 
 
 async def measure(target: Target, mode: Mode, conc: int, seconds: float, headers: dict,
@@ -200,6 +201,7 @@ async def measure(target: Target, mode: Mode, conc: int, seconds: float, headers
             await asyncio.sleep(0.25)
 
     sampler = asyncio.ensure_future(sample())
+    own0 = buckets(target.port, OWN_TIME) if target.name in RELAY_ROWS else None
     if GENERATOR["name"] == "wrk":
         result = await run_wrk(target.url(mode), body, headers, conc, seconds)
     else:
@@ -209,7 +211,30 @@ async def measure(target: Target, mode: Mode, conc: int, seconds: float, headers
     n = max(len(result.latencies), 1)
     cpu = proc_cpu_seconds(*pids) - cpu0
     store = proc_cpu_seconds(store_pid) - store0 if store_pid and target.name in RELAY_ROWS else float("nan")
-    return Cell(result, cpu / n * 1000, store / n * 1000, peak[0])
+    own = None
+    if own0 is not None:
+        own = {le: count - own0.get(le, 0.0) for le, count in buckets(target.port, OWN_TIME).items()}
+    return Cell(result, cpu / n * 1000, store / n * 1000, peak[0], own)
+
+
+OWN_TIME = "relay_overhead_seconds"  # relay's own time per request: all of it but the upstream's
+
+
+def buckets(port: int, name: str) -> dict[float, float]:
+    """A histogram without labels from relay's /metrics: cumulative count by upper bound."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    prefix = name + '_bucket{le="'
+    return {float(line[len(prefix):].split('"', 1)[0]): float(line.split()[-1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def quantile_bound(counts: dict[float, float] | None, q: float) -> float:
+    """The upper bound (ms) of the bucket where quantile ``q`` falls; nan without counts."""
+    if not counts or max(counts.values()) <= 0:
+        return float("nan")
+    total = counts[float("inf")] if float("inf") in counts else max(counts.values())
+    return next(le * 1000 for le, count in sorted(counts.items()) if count >= q * total)
 
 
 async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: float, cores: str = OTHER_CORE) -> Result:
@@ -233,8 +258,11 @@ def merge(cells: list[Cell]) -> Cell:
     lat = [x for c in cells for x in c.result.latencies]
     ttfb = [x for c in cells for x in c.result.ttfbs]
     res = Result(lat, ttfb, sum(c.result.wall for c in cells), sum(c.result.errors for c in cells))
+    own = None
+    if all(c.own is not None for c in cells):
+        own = {le: sum((c.own or {}).get(le, 0.0) for c in cells) for le in (cells[0].own or {})}
     return Cell(res, statistics.median(c.cpu for c in cells), statistics.median(c.store_cpu for c in cells),
-                max(c.peak for c in cells))
+                max(c.peak for c in cells), own)
 
 
 def loadavg() -> str:
@@ -424,17 +452,21 @@ async def scaling(args, cfg: str, uri: str, headers: dict, others: list[int], wo
 
 
 def print_table(rows) -> None:
-    print(f"{'mode':9} {'conc':>4} {'target':7} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'ttfb p50':>8} "
-          f"{'added p50':>9} | {'cpu/req ms':>10} {'store ms':>8} {'peak RSS MB':>11} {'errors':>6}")
+    print(f"{'mode':9} {'conc':>4} {'target':7} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'own p99':>7} "
+          f"{'ttfb p50':>8} {'added p50':>9} | {'cpu/req ms':>10} {'store ms':>8} {'peak RSS MB':>11} {'errors':>6}")
     for mode, conc, name, cell, direct in rows:
         res = cell.result
         added = res.p50 - direct.result.p50 if name != "direct" else 0.0
         store = f"{cell.store_cpu:8.3f}" if cell.store_cpu == cell.store_cpu else f"{'':8}"
+        own = quantile_bound(cell.own, 0.99)
+        own_p99 = f"{'<=' + format(own, 'g'):>7}" if own == own else f"{'':7}"
         print(f"{mode.upstream if mode.upstream != 'rstream' else 'responses':9} {conc:>4} {name:7} | "
-              f"{res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} {res.ttfb50:8.2f} {added:9.2f} | {cell.cpu:10.3f} "
-              f"{store} {cell.peak:11.1f} {res.errors:6d}")
+              f"{res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} {own_p99} {res.ttfb50:8.2f} {added:9.2f} | "
+              f"{cell.cpu:10.3f} {store} {cell.peak:11.1f} {res.errors:6d}")
     print("direct = the lean fake upstream itself (its cpu/req is the fake's own cost); cpu/req for nginx and relay "
-          "is the proxy's process tree on core 0; store ms = the store server's CPU per request of that row")
+          "is the proxy's process tree on core 0; store ms = the store server's CPU per request of that row; "
+          "own p99 = relay's own time (all but the wait for the upstream), from its relay_overhead_seconds "
+          "histogram: the bucket bound p99 falls under")
 
 
 async def soak(target: Target, headers: dict, seconds: float, pid: int, modes: list[Mode], budget: float) -> int:

@@ -87,6 +87,19 @@ async def test_healthz(http_server_client):
     assert json.loads(resp.body) == {"status": "ok", "store": "up", "store_down_s": 0.0}
 
 
+async def test_every_answer_has_a_current_date_server_and_type_even_after_an_error(http_server_client, auth):
+    """relay's handlers reset headers themselves (Tornado's clear(), with the Date made once a second)."""
+    import email.utils
+    ok = await http_server_client.fetch("/healthz")
+    refused = await http_server_client.fetch("/v1/models", headers={"Authorization": "Bearer ak-nope"},
+                                             raise_error=False)
+    assert refused.code == 401 and refused.headers["Content-Type"].startswith("application/json")
+    for resp in (ok, refused):
+        when = email.utils.parsedate_to_datetime(resp.headers["Date"]).timestamp()
+        assert abs(when - time.time()) < 3 and resp.headers["Date"].endswith(" GMT")
+        assert resp.headers["Server"].startswith("TornadoServer/") and resp.headers["X-Request-Id"]
+
+
 async def test_any_host_header_is_served(http_server_client, auth):
     resp = await http_server_client.fetch("/v1/models", headers={**auth, "Host": "backup.example.org"})
     assert resp.code == 200

@@ -9,8 +9,10 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import tornado
 import tornado.web
 from pymongo.errors import PyMongoError
+from tornado import httputil
 
 from relay import bounded_json
 from relay.auth import FailedAuthThrottle
@@ -38,6 +40,19 @@ log = logging.getLogger("relay.app")
 ALLOWED_HEADERS = "Authorization, Content-Type"
 
 
+SERVER_HEADER = f"TornadoServer/{tornado.version}"
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """Now, as HTTP's Date header says it (the same string for a whole second)."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, httputil.format_timestamp(second))
+    return _date[1]
+
+
 class RelayHandler(tornado.web.RequestHandler):
     route = "other"  # the route label in metrics
 
@@ -52,6 +67,16 @@ class RelayHandler(tornado.web.RequestHandler):
         self.model = "-"
         self.upstream_name = "-"
         self.flag: str = Flag.NONE  # why a request failed, in Envoy's spirit (see observability.access_log)
+
+    def clear(self) -> None:
+        """Tornado's ``clear()`` (tornado is pinned), but with the Date header made once a second
+        rather than per response: email.utils' formatdate was 3% of a proxied chat's CPU."""
+        self._headers = httputil.HTTPHeaders({"Server": SERVER_HEADER, "Content-Type": "text/html; charset=UTF-8",
+                                              "Date": http_date()})
+        self.set_default_headers()
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = "OK"
 
     def set_default_headers(self) -> None:
         # Runs before initialize() and again on every clear(): the id is made once.
