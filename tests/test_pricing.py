@@ -135,7 +135,7 @@ def test_cost_in_integers_is_the_ceiling_of_the_exact_sum_for_any_price_and_usag
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from relay.metering.pricing import exact
+    from relay.metering.pricing import exact, highest_output, reservation
 
     rate = st.fractions(min_value=0, max_value=1000, max_denominator=10**6)
     maybe = st.none() | rate
@@ -162,9 +162,11 @@ def test_cost_in_integers_is_the_ceiling_of_the_exact_sum_for_any_price_and_usag
                      image_kind=draw(st.sampled_from(["", "1024x1024", "1024x1024/hd", "512x512/low"])))
 
     @settings(max_examples=400, deadline=None)
-    @given(prices(), usages())
-    def check(price, usage):
+    @given(prices(), usages(), st.integers(min_value=0, max_value=2**31 - 1))
+    def check(price, usage, allowance):
         assert cost(price, usage) == ceil(exact(price, usage))
+        tier = price.for_prompt(usage.prompt_tokens)
+        assert reservation(price, usage, allowance) == ceil(exact(price, usage) + allowance * highest_output(tier))
     check()
 
 

@@ -70,6 +70,12 @@ class Price:
         d = math.lcm(*(v.denominator for v in values))
         return d, tuple(v.numerator * (d // v.denominator) for v in values)
 
+    @cached_property
+    def dearest_output(self) -> Fraction:
+        """The dearest an output token can be under this price, its tiers' included."""
+        return max(self.output, _or(self.reasoning, self.output), _or(self.audio_output, self.output),
+                   *(max(t.output, _or(t.reasoning, t.output)) for _, t in self.tiers))
+
     @property
     def most_per_image(self) -> Fraction:
         return max(self.per_image.values(), default=Fraction(0))

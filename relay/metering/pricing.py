@@ -14,13 +14,31 @@ def cost(price: Price, usage: Usage) -> int:
     in integers over the prices' common denominator (``Price.scaled``)."""
     p = price.for_prompt(usage.prompt_tokens)
     d, r = p.scaled
-    total = (r[0] * usage.text_input + r[1] * usage.cached_tokens + r[2] * usage.image_tokens
-             + r[3] * usage.audio_input_tokens + r[4] * usage.text_output + r[5] * usage.reasoning_tokens
-             + r[6] * usage.audio_output_tokens + r[7] * usage.seconds + r[8] * usage.characters)
+    total = _scaled_total(r, usage)
     if usage.images:
         size, _, quality = usage.image_kind.partition("/")
         return ceil(Fraction(total, d) + p.image(size, quality) * usage.images)
     return -(-total // d)
+
+
+def reservation(price: Price, prompt: Usage, allowance: int) -> int:
+    """What a quote reserves: ``ceil(exact(price, prompt) + allowance × highest_output(tier))``,
+    the prompt at its prices and the allowance at the dearest an output token can be, in
+    integers like ``cost`` (with Fractions it was 5 % of relay's CPU per chat)."""
+    p = price.for_prompt(prompt.prompt_tokens)
+    dearest = p.dearest_output
+    if prompt.images:
+        return ceil(exact(price, prompt) + allowance * dearest)
+    d, r = p.scaled
+    over = d * dearest.denominator
+    return -(-(_scaled_total(r, prompt) * dearest.denominator + allowance * dearest.numerator * d) // over)
+
+
+def _scaled_total(r: tuple[int, ...], usage: Usage) -> int:
+    """The usage's parts but images at ``Price.scaled``'s prices: the cost times their denominator."""
+    return (r[0] * usage.text_input + r[1] * usage.cached_tokens + r[2] * usage.image_tokens
+            + r[3] * usage.audio_input_tokens + r[4] * usage.text_output + r[5] * usage.reasoning_tokens
+            + r[6] * usage.audio_output_tokens + r[7] * usage.seconds + r[8] * usage.characters)
 
 
 def exact(price: Price, usage: Usage) -> Fraction:
@@ -36,8 +54,7 @@ def exact(price: Price, usage: Usage) -> Fraction:
 
 def highest_output(price: Price) -> Fraction:
     """The dearest an output token can be: what a completion allowance is reserved at."""
-    return max(price.output, _or(price.reasoning, price.output), _or(price.audio_output, price.output),
-               *(max(t.output, _or(t.reasoning, t.output)) for _, t in price.tiers))
+    return price.dearest_output
 
 
 def _or(value: Fraction | None, default: Fraction) -> Fraction:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from math import ceil
 from typing import Any
 
 from relay.config import Config, Price
 from relay.errors import InvalidRequest
 from relay.metering.bounds import MAX_UNITS
-from relay.metering.pricing import cost, exact, highest_output
+from relay.metering.pricing import cost, reservation
 from relay.metering.prompt import (
     PromptEstimate,
     count_chat_request,
@@ -96,8 +95,7 @@ def quote_tokens(model: str, price: Price, prompt: Usage, allowance: int, limite
 
     Units are capped at ``MAX_UNITS``: no balance holds more, so a larger reservation could
     only ever hold what is left, and the cap keeps every amount stored a 64-bit integer."""
-    tier = price.for_prompt(prompt.prompt_tokens)
-    full = ceil(exact(price, prompt) + allowance * highest_output(tier))
+    full = reservation(price, prompt, allowance)
     return Quote(model, price, prompt, allowance, minimum=min(cost(price, prompt), MAX_UNITS),
                  full=min(full, MAX_UNITS), limited=limited)
 
