@@ -151,6 +151,7 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._waiting: Awaitable[Any] | None = None  # a handler's future the next event waits for
         self._paused = False
         self._upgraded: bytes | None = None  # the bytes after an upgrade request's head
+        self._broken = False  # unparseable bytes came after whole requests: close once they are answered
         self._detached = False
         # The request being read and answered.
         self._delegate: httputil.HTTPMessageDelegate | None = None
@@ -197,7 +198,7 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._arm(self.server.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self._upgraded is not None:
+        if self.closed or self._upgraded is not None or self._broken:
             return
         try:
             self.parser.feed_data(data)
@@ -206,8 +207,14 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
         except httptools.HttpParserError as exc:
             if self._disconnect_on_finish and not self._reading:
                 return  # bytes after a request that closes the connection: ignored
-            self._malformed(str(exc) or type(exc).__name__)
-            return
+            if self._reading or not (self._responding or self._ends_queued):
+                self._malformed(str(exc) or type(exc).__name__)
+                return
+            # Garbage pipelined behind whole requests: they are answered, then the connection closes.
+            log.info("Malformed HTTP request from %s: %s", self.context, exc)
+            self._broken = True
+            while self._events and self._events[-1][0] != _END:
+                self._events.pop()
         if self._in_head:  # headers still incomplete: bounded, like Tornado's max_header_size
             self._header_bytes += len(data)
             if self._header_bytes > self.server.max_header_size:
@@ -409,7 +416,7 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
 
     def _next_request(self) -> None:
         self._delegate = None
-        if self._disconnect_on_finish or self._upgraded is not None:
+        if self._disconnect_on_finish or self._upgraded is not None or self._broken and not self._events:
             self.close()
             return
         self._arm(self.server.idle_timeout)

@@ -168,6 +168,9 @@ async def test_malformed_requests_get_400_and_oversized_heads_431(io_loop):
                 b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n"):
         got = await exchange(port, raw)
         assert got.startswith(b"HTTP/1.1 400 Bad Request"), (raw, got)
+    # Garbage behind a whole request: the request is answered, then the connection closes.
+    got = await exchange(port, b"GET /echo?q=ok HTTP/1.1\r\nHost: a\r\n\r\nGARBAGE\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"}") and b'"query": "ok"' in got, got
     got = await exchange(port, b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 5000)
     assert got.startswith(b"HTTP/1.1 431"), got
     got = await exchange(port, b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Fine: " + b"y" * 3000 + b"\r\n\r\n",
@@ -191,19 +194,18 @@ async def test_slow_heads_and_slow_bodies_are_cut(io_loop):
 async def test_a_client_that_leaves_is_reported_to_the_handler(io_loop):
     server, port = serve()
     EVENTS.clear()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.1)
-    writer.close()
-    await writer.wait_closed()
+
+    async def send_and_leave(raw: bytes) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        await writer.wait_closed()
+
+    await send_and_leave(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
     await eventually(lambda: EVENTS == ["slow gone"], message="the close callback runs once")
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"PUT /upload HTTP/1.1\r\nHost: a\r\nAuthorization: yes\r\nContent-Length: 100\r\n\r\nabc")
-    await writer.drain()
-    await asyncio.sleep(0.1)
-    writer.close()
-    await writer.wait_closed()
+    await send_and_leave(b"PUT /upload HTTP/1.1\r\nHost: a\r\nAuthorization: yes\r\nContent-Length: 100\r\n\r\nabc")
     await eventually(lambda: "upload gone" in EVENTS, message="a body cut short: on_connection_close")
     await eventually(lambda: not server._connections, message="closed connections are forgotten")
     server.stop()

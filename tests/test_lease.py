@@ -114,6 +114,22 @@ async def test_commit_is_idempotent_when_an_answer_is_lost(store):
     await conserved_now(store, settled=False)
 
 
+async def test_a_large_batch_is_inserted_in_chunks_each_entry_once(store):
+    """A commit behind a slow store carries many entries: they go in inserts of LEDGER_CHUNK (so
+    relay never builds them all at once), and a repeat after a lost answer inserts none twice."""
+    from relay.store.leases import LEDGER_CHUNK
+    await add_key(store, quota=10**6)
+    held = await store.open_lease(H, "lease-x", 0, 100_000)
+    batch = [entry(f"e{i}", 10) for i in range(2 * LEDGER_CHUNK + 10)]
+    trips = store.round_trips
+    assert await store.commit_lease(H, "lease-x", held, 0, batch, 0, 0) == held - 10 * len(batch)
+    assert store.round_trips - trips == 3 + 1, "three inserts and the key's update"
+    assert await store.commit_lease(H, "lease-x", held, 0, batch, 0, 0) == held - 10 * len(batch)
+    assert await store.ledger.count_documents({"key_hash": H}) == len(batch)
+    assert (await store.key_doc(H))["used"] == 10 * len(batch)
+    await conserved_now(store, settled=False)
+
+
 class LostAnswer(Exception):
     """The store applied the write; the answer never came back."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # ~200 bytes, not ~1.3 KB: a group commit can hold thousands
 class LedgerEntry:
     request_id: str
     key_hash: str

@@ -7,6 +7,9 @@ from relay.store.core import Document, _op
 from relay.store.holds import HoldsMixin
 
 TOMBSTONE_SEQ = -1           # a returned lease: no batch can apply to it
+# Ledger documents per insert: a commit behind a slow store carries a second or more of
+# entries, and building and encoding them all at once raised relay's peak memory (RSS) for good.
+LEDGER_CHUNK = 256
 
 
 def unapplied_filter(rid: str, seq: int) -> Document:
@@ -59,10 +62,11 @@ class LeasesMixin(HoldsMixin):
         """
         spent = sum(e.cost for e in entries)
         new_amount = amount - spent - returned + extra
-        if entries:
+        for start in range(0, len(entries), LEDGER_CHUNK):
             self.round_trips += 1
             # Some may be there from an attempt whose answer was lost.
-            await self._insert_ledger([ledger_doc(e, lease=rid, lseq=seq) for e in entries])
+            chunk = entries[start:start + LEDGER_CHUNK]
+            await self._insert_ledger([ledger_doc(e, lease=rid, lseq=seq) for e in chunk])
         inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **day_counts(entries)}
         flt: Document = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
