@@ -380,36 +380,6 @@ def test_slice_size_follows_the_rate_and_a_pause_does_not_reset_it():
     assert 90_000 <= w.rate <= 110_000, "the pause says nothing about the traffic that resumes"
     w.holds = {f"r{i}": 100 for i in range(600)}
     assert w.target(100) == 120_000  # twice the requests in flight, when that is more
-    w.holds = {}
-    w.committed_in(0.4)  # the store answers a commit in 0.4 s: the slice covers three of them
-    assert w.target(100) == int(w.rate * 1.2)
-    w.committed_in(0.01)
-    assert w.commit_s > 0.35, "one quick answer barely lowers it"
-    w.committed_in(60.0)
-    assert w.target(100) == int(w.rate * 5.0), "never more than five seconds' worth"
-
-
-async def test_a_slow_store_makes_the_slice_cover_its_commit_time(store):
-    """A commit's round trip is timed (the book's clock) and widens the slice the next top-up aims for."""
-    await add_key(store, quota=10**9)
-    now = [0.0]
-    book = LeaseBook(store, clock=lambda: now[0])
-    slow = store.commit_lease
-
-    async def commit_in_two_seconds(*args, **kwargs):
-        now[0] += 2.0
-        return await slow(*args, **kwargs)
-
-    store.commit_lease = commit_in_two_seconds
-    await book.reserve(H, "r1", 100, 100)
-    w = book.wallets[H]
-    book.settle(H, "r1", entry("r1", 100))
-    await book.commit_all(return_idle=False)
-    assert w.commit_s == 2.0
-    w.rate = 1000.0
-    assert w.target(100) == 5000  # five seconds' worth (the cap), not half a second's
-    await book.commit_all(return_idle=True, hand_back=True)
-    await assert_conserved(store)
 
 
 async def test_a_slice_being_handed_back_cannot_be_spent_twice(store):

@@ -40,8 +40,6 @@ IDLE_RETURN_S = 2.0
 SLICE_REQUESTS = 8     # a slice covers at least this many requests like the one that asked for it,
 SLICE_SECONDS = 0.5    # and at least this long of the key's recent reservations in this process
 RATE_WINDOW_S = 0.5    # the recent rate is measured over windows this long
-RUNWAY_COMMITS = 3     # ... and at least this many of the store's recent commit times: a top-up
-MAX_RUNWAY_S = 5.0     # asked at half the slice then lands before the slice runs dry
 EXHAUSTED_RECHECK_S = 1.0  # after the balance could not grow a slice, ask the store again only this late
 
 
@@ -91,7 +89,6 @@ class Wallet:
     rate: float = 0.0           # units reserved per second, over the last window
     window_units: int = 0
     window_start: float = 0.0
-    commit_s: float = 0.0       # how long the store took to answer a commit, lately (decays slowly)
     topping_up: asyncio.Task[None] | None = None
     top_up_after: float = float("-inf")
     orphans: dict[str, str] = field(default_factory=dict)  # request id -> swept lease it reserved from
@@ -99,15 +96,8 @@ class Wallet:
 
     def target(self, full: int) -> int:
         """The slice size to aim for: several requests like this one (twice as many as are in
-        flight, when that is more), or half a second's worth, or more when the store is slow to
-        answer: requests waited for a top-up when its commit took longer than the half slice
-        left lasted (bench/proxy_compare.py at concurrency 64, the store's commits at 0.25-1 s)."""
-        runway = min(max(SLICE_SECONDS, RUNWAY_COMMITS * self.commit_s), MAX_RUNWAY_S)
-        return min(max(full * max(SLICE_REQUESTS, 2 * len(self.holds)), int(self.rate * runway)), MAX_UNITS)
-
-    def committed_in(self, seconds: float) -> None:
-        # At once when slower, slowly when faster: one quick answer says little about the next.
-        self.commit_s = seconds if seconds > self.commit_s else 0.9 * self.commit_s + 0.1 * seconds
+        flight, when that is more), or half a second's worth."""
+        return min(max(full * max(SLICE_REQUESTS, 2 * len(self.holds)), int(self.rate * SLICE_SECONDS)), MAX_UNITS)
 
     def known_short(self, minimum: int, now: float) -> bool:
         """The balance was found lacking what this request needs beyond the slice, a moment ago."""
@@ -275,11 +265,9 @@ class LeaseBook:
 
     async def _send(self, key_hash: str, w: Wallet, a: Attempt) -> int | None:
         w.inflight = a
-        sent = self.clock()
         try:
             new_amount = await self.store.commit_lease(key_hash, w.rid, w.amount, w.seq, a.entries, a.returned,
                                                        a.extra)
-            w.committed_in(self.clock() - sent)
         except LeaseGone as gone:
             self._swept(w, a, gone.unapplied_from)
             return None
