@@ -285,25 +285,13 @@ class Http1Response:
         length = self.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise self._too_large(limit)
-        conn = self._conn
         parts: list[bytes] = []
         size = 0
-        while True:
-            if conn.parts:
-                chunk = conn.take()
-                size += len(chunk)
-                if size > limit:
-                    raise self._too_large(limit)
-                parts.append(chunk)
-            if conn.complete:
-                break
-            if conn.error is not None:
-                raise UpstreamError(f"upstream {self._name} broke off its reply", upstream=self._name)
-            try:
-                await conn.wait(self._idle_s)
-            except _Expired:
-                raise UpstreamTimeout(f"upstream {self._name} stalled while sending its reply",
-                                      upstream=self._name) from None
+        while (chunk := await self._arrived("broke off its reply", "stalled while sending its reply")) is not None:
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(limit)
+            parts.append(chunk)
         self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         self.close()  # complete: the connection goes back to the pool
         return self._body
@@ -315,20 +303,24 @@ class Http1Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (all that arrived since the last); each wait is bounded by the idle timeout."""
+        while (chunk := await self._arrived("broke off the stream", "went silent mid-stream")) is not None:
+            yield chunk
+        self.close()
+
+    async def _arrived(self, broke_off: str, stalled: str) -> bytes | None:
+        """All body bytes that arrived since the last call, waiting for some (each wait bounded by
+        the idle timeout); None once the body is complete. The two phrases name the failures."""
         conn = self._conn
-        while True:
-            if conn.parts:
-                yield conn.take()
-                continue
+        while not conn.parts:
             if conn.complete:
-                self.close()
-                return
+                return None
             if conn.error is not None:
-                raise UpstreamError(f"upstream {self._name} broke off the stream", upstream=self._name)
+                raise UpstreamError(f"upstream {self._name} {broke_off}", upstream=self._name)
             try:
                 await conn.wait(self._idle_s)
             except _Expired:
-                raise UpstreamTimeout(f"upstream {self._name} went silent mid-stream", upstream=self._name) from None
+                raise UpstreamTimeout(f"upstream {self._name} {stalled}", upstream=self._name) from None
+        return conn.take()
 
     def close(self) -> None:
         """Release the connection: back to the pool when the reply was read whole, else closed
