@@ -4,7 +4,7 @@ from fractions import Fraction as F
 import pytest
 
 from relay.config import ConfigError, Price, parse_config
-from relay.metering.pricing import cost, highest_output
+from relay.metering.pricing import cost
 from relay.metering.quote import quote_chat
 from relay.metering.usage import Usage, parse_usage
 
@@ -26,7 +26,7 @@ def test_reasoning_tokens_are_part_of_the_completion_at_their_price():
     # 10 prompt; 100 completion of which 70 reasoning: 10 + 30 × 2 + 70 × 3 = 280.
     assert cost(dear, Usage(prompt_tokens=10, completion_tokens=100, reasoning_tokens=70)) == 280
     assert cost(O3, Usage(prompt_tokens=3, completion_tokens=3, reasoning_tokens=2)) == 20  # ceil(4 + 16) = 20
-    assert highest_output(dear) == 3, "an allowance is reserved at the dearest output price"
+    assert dear.dearest_output == 3, "an allowance is reserved at the dearest output price"
 
 
 def test_a_tier_prices_the_whole_request_once_the_prompt_passes_it():
@@ -135,7 +135,7 @@ def test_cost_in_integers_is_the_ceiling_of_the_exact_sum_for_any_price_and_usag
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from relay.metering.pricing import exact, highest_output, reservation
+    from relay.metering.pricing import exact, reservation
 
     rate = st.fractions(min_value=0, max_value=1000, max_denominator=10**6)
     maybe = st.none() | rate
@@ -166,7 +166,7 @@ def test_cost_in_integers_is_the_ceiling_of_the_exact_sum_for_any_price_and_usag
     def check(price, usage, allowance):
         assert cost(price, usage) == ceil(exact(price, usage))
         tier = price.for_prompt(usage.prompt_tokens)
-        assert reservation(price, usage, allowance) == ceil(exact(price, usage) + allowance * highest_output(tier))
+        assert reservation(price, usage, allowance) == ceil(exact(price, usage) + allowance * tier.dearest_output)
     check()
 
 

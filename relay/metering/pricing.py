@@ -22,7 +22,7 @@ def cost(price: Price, usage: Usage) -> int:
 
 
 def reservation(price: Price, prompt: Usage, allowance: int) -> int:
-    """What a quote reserves: ``ceil(exact(price, prompt) + allowance × highest_output(tier))``,
+    """What a quote reserves: ``ceil(exact(price, prompt) + allowance × tier.dearest_output)``,
     the prompt at its prices and the allowance at the dearest an output token can be, in
     integers like ``cost`` (with Fractions it was 5 % of relay's CPU per chat)."""
     p = price.for_prompt(prompt.prompt_tokens)
@@ -50,11 +50,6 @@ def exact(price: Price, usage: Usage) -> Fraction:
              (_or(p.audio_output, p.output), usage.audio_output_tokens), (p.image(size, quality), usage.images),
              (p.per_second, usage.seconds), (p.per_character, usage.characters))
     return sum((rate * count for rate, count in parts if count), Fraction(0))
-
-
-def highest_output(price: Price) -> Fraction:
-    """The dearest an output token can be: what a completion allowance is reserved at."""
-    return price.dearest_output
 
 
 def _or(value: Fraction | None, default: Fraction) -> Fraction:
