@@ -332,11 +332,16 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
         if self.closed:
             return
         self._check_result(future)
+        self._continue_if_expected()
+        self._drain()
+
+    def _continue_if_expected(self) -> None:
+        """``Expect: 100-continue`` is answered once the handler has taken the headers, unless it
+        has answered the request already."""
         if self._expect_continue:
             self._expect_continue = False
             if not self._write_finished and self.transport is not None and not self.closed:
                 self.transport.write(_CONTINUE)
-        self._drain()
 
     def _check_result(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
@@ -384,10 +389,8 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
             self._arm(self._body_timeout, body=True)
         self._expect_continue = headers.get("Expect") == "100-continue"
         self._wait_for(result)
-        if self._waiting is None and self._expect_continue:
-            self._expect_continue = False
-            if not self._write_finished and self.transport is not None:
-                self.transport.write(_CONTINUE)
+        if self._waiting is None:
+            self._continue_if_expected()
 
     def _on_body(self, chunk: bytes) -> None:
         if self._write_finished or self._delegate is None:
