@@ -222,8 +222,7 @@ OWN_TIME = "relay_overhead_seconds"  # relay's own time per request: all of it b
 
 def buckets(port: int, name: str) -> dict[float, float]:
     """A histogram without labels from relay's /metrics: cumulative count by upper bound."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = metrics_text(port)
     prefix = name + '_bucket{le="'
     return {float(line[len(prefix):].split('"', 1)[0]): float(line.split()[-1])
             for line in text.splitlines() if line.startswith(prefix)}
@@ -375,10 +374,14 @@ async def main(args) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def metrics_text(port: int) -> str:
+    import urllib.request
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def metric_value(port: int, name: str) -> float:
     """One unlabelled sample from relay's /metrics."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = metrics_text(port)
     return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), float("nan"))
 
 
