@@ -40,7 +40,10 @@ import tornado.netutil
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
+from relay.observability.access_log import printable
+
 log = logging.getLogger("relay.http")
+MALFORMED_CHARS = 120
 
 _HEADERS, _BODY, _END = 1, 2, 3
 _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
@@ -211,7 +214,7 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
                 self._malformed(str(exc) or type(exc).__name__)
                 return
             # Garbage pipelined behind whole requests: they are answered, then the connection closes.
-            log.info("Malformed HTTP request from %s: %s", self.context, exc)
+            log.info("Malformed HTTP request from %s: %s", self.context, printable(str(exc), MALFORMED_CHARS))
             self._broken = True
             while self._events and self._events[-1][0] != _END:
                 self._events.pop()
@@ -551,7 +554,8 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
     # --- errors and timers ----------------------------------------------------------
 
     def _malformed(self, why: str) -> None:
-        log.info("Malformed HTTP request from %s: %s", self.context, why)
+        # ``why`` may quote what the client sent (a Content-Length, a Host): escaped and cut short.
+        log.info("Malformed HTTP request from %s: %s", self.context, printable(why, MALFORMED_CHARS))
         self._refuse(_BAD_REQUEST)
 
     def _refuse(self, answer: bytes) -> None:

@@ -160,8 +160,13 @@ async def test_http_1_0_closes_unless_asked_to_keep_alive(io_loop):
     server.stop()
 
 
-async def test_malformed_requests_get_400_and_oversized_heads_431(io_loop):
+async def test_malformed_requests_get_400_and_oversized_heads_431(io_loop, caplog):
+    caplog.set_level("INFO", logger="relay.http")
     server, port = serve(max_header_size=4096, max_body_size=1000)
+    got = await exchange(port, b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 9" + b"9" * 3000 + b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 400 Bad Request")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "relay.http"]
+    assert len(line) < 250, "what the client sent is cut short in the log line"
     for raw in (b"GARBAGE\r\n\r\n", b"GET /echo HTTP/2.0\r\nHost: a\r\n\r\n",
                 b"GET /echo HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
                 b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
