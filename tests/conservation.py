@@ -22,6 +22,8 @@ async def conserved_now(store: MongoStore, settled: bool) -> list[dict]:
     docs = await store.keys.find({}).to_list(length=None)
     for doc in docs:
         ledger = await store.ledger_total(doc["_id"])
+        ids = [e["_id"] for e in await store.ledger_entries(doc["_id"])]
+        assert len(ids) == len(set(ids)), (doc["prefix"], "an entry is in the ledger twice")
         grants = await store.grants.find({"key_hash": doc["_id"]}).to_list(length=None)
         assert doc["granted"] == sum(g["amount"] for g in grants), doc["prefix"]
         leased = sum(lease["amount"] for lease in doc.get("leases", {}).values())

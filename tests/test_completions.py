@@ -72,7 +72,7 @@ def client(io_loop):
 
 async def ledger(store, services) -> list[dict]:
     await settled(store, services)
-    return sorted(await store.ledger.find({}).to_list(None), key=lambda e: e["at"])
+    return sorted(await store.ledger_entries(), key=lambda e: e["at"])
 
 
 async def post(http_server_client, path: str, body: dict, key: str = TEST_KEY):

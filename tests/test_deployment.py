@@ -123,7 +123,7 @@ def codes(results: list) -> list[int]:
 
 async def ledger_ids(store: MongoStore, key: str) -> list[str]:
     await store.flush_ledger()
-    return [d["_id"] for d in await store.ledger.find({"key_hash": hash_key(key)}, {"_id": 1}).to_list(None)]
+    return [d["_id"] for d in await store.ledger_entries(hash_key(key))]
 
 
 PROMPT = 160  # what the prompt of COST's chat costs (8 tokens at 20): what a request must be able to hold

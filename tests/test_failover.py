@@ -130,7 +130,7 @@ async def test_stall_mid_stream_ends_within_the_idle_timeout_and_charges_what_ar
                if e.startswith(b"data: {")]
     assert "".join(x for x in content if x) == "Hello from the"
     await settled(store, services)
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 3, 8 * 20 + 3 * 40)
     assert (await chat(c, url)).code == 200  # relay keeps serving
     await settled(store, services)

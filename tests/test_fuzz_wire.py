@@ -150,7 +150,7 @@ async def money_problems(store, run: Run, services) -> list[str]:
     async def committed() -> bool:
         for key in KEYS:
             h = hash_key(key)
-            ids = {e["_id"] for e in await store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+            ids = {e["_id"] for e in await store.ledger_entries(h)}
             doc = await store.key_doc(h)
             if ids != run.ok[h] or doc["used"] != await store.ledger_total(h):
                 return False
@@ -164,7 +164,7 @@ async def money_problems(store, run: Run, services) -> list[str]:
     for key in KEYS:
         h = hash_key(key)
         doc = await store.key_doc(h)
-        ids = {e["_id"] for e in await store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+        ids = {e["_id"] for e in await store.ledger_entries(h)}
         ledger = await store.ledger_total(h)
         summary = (f"{key[-1]}: granted {doc['granted']} balance {doc['balance']} reserved {doc['reserved']} "
                    f"used {doc['used']} Σledger {ledger}; {len(run.ok[h])} answered 200, {len(ids)} in the ledger, "

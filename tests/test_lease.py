@@ -8,7 +8,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from relay.errors import InsufficientQuota
 from relay.keys import hash_key
-from relay.metering.ledger import LedgerEntry, ledger_doc, utc_now
+from relay.metering.ledger import LedgerEntry, entries_of, ledger_page, utc_now
 from relay.observability import metrics
 from relay.quota.lease_book import LeaseBook
 from relay.store.leases import TOMBSTONE_SEQ
@@ -110,13 +110,14 @@ async def test_commit_is_idempotent_when_an_answer_is_lost(store):
     again = await store.commit_lease(H, "lease-x", held, 0, [entry("e1", 300)], 0, 0)
     assert first == again == 4_700
     doc = await store.key_doc(H)
-    assert doc["used"] == 300 and await store.ledger.count_documents({"key_hash": H}) == 1
+    assert doc["used"] == 300 and len(await store.ledger_entries(H)) == 1
     await conserved_now(store, settled=False)
 
 
-async def test_a_large_batch_is_inserted_in_chunks_each_entry_once(store):
-    """A commit behind a slow store carries many entries: they go in inserts of LEDGER_CHUNK (so
-    relay never builds them all at once), and a repeat after a lost answer inserts none twice."""
+async def test_a_large_batch_is_inserted_in_pages_each_entry_once(store):
+    """A commit behind a slow store carries many entries: they go in pages of LEDGER_CHUNK, one
+    insert each (so relay never builds them all at once), and a repeat after a lost answer
+    inserts none twice."""
     from relay.store.leases import LEDGER_CHUNK
     await add_key(store, quota=10**6)
     held = await store.open_lease(H, "lease-x", 0, 100_000)
@@ -125,9 +126,50 @@ async def test_a_large_batch_is_inserted_in_chunks_each_entry_once(store):
     assert await store.commit_lease(H, "lease-x", held, 0, batch, 0, 0) == held - 10 * len(batch)
     assert store.round_trips - trips == 3 + 1, "three inserts and the key's update"
     assert await store.commit_lease(H, "lease-x", held, 0, batch, 0, 0) == held - 10 * len(batch)
-    assert await store.ledger.count_documents({"key_hash": H}) == len(batch)
+    pages = await store.ledger.find({"key_hash": H}).sort("_id", 1).to_list(None)
+    assert [len(p["entries"]) for p in pages] == [LEDGER_CHUNK, LEDGER_CHUNK, 10]
+    assert [p["at"] for p in pages] == [max(e["at"] for e in p["entries"]) for p in pages]
+    assert sorted(e["_id"] for e in await store.ledger_entries(H)) == sorted(e.request_id for e in batch)
     assert (await store.key_doc(H))["used"] == 10 * len(batch)
     await conserved_now(store, settled=False)
+
+
+async def test_a_batch_the_balance_could_not_top_up_leaves_no_page_behind(store):
+    """A commit asking for more than the balance has is not applied, but its pages were
+    inserted first; the next commit at that version carries those entries and newer ones in
+    new pages. The first pages go, or the ledger would hold those entries twice."""
+    await add_key(store, quota=1_000)
+    held = await store.open_lease(H, "lease-x", 0, 500)
+    first = [entry("a", 100), entry("b", 100)]
+    assert await store.commit_lease(H, "lease-x", held, 0, first, 0, 10_000) is None
+    assert await store.ledger_entries(H) == []
+    more = [*first, entry("c", 100)]
+    assert await store.commit_lease(H, "lease-x", held, 0, more, 0, 100) == held - 300 + 100
+    assert sorted(e["_id"] for e in await store.ledger_entries(H)) == ["a", "b", "c"]
+    await conserved_now(store, settled=False)
+
+
+async def test_the_newest_entries_are_read_across_interleaved_pages(store):
+    """Two processes' leases on one key commit pages whose times interleave: the usage page's
+    newest entries and the speed panel's recent timings are the newest across all pages."""
+    import datetime as dt
+    await add_key(store, quota=10**6)
+    t0 = utc_now()
+
+    def at(second, status=200):
+        return LedgerEntry(f"s{second}", H, "gpt-4", "p", 8, 10, 1, status, 1.0, float(second), True,
+                           t0 + dt.timedelta(seconds=second))
+    pages = {"lease-a": [[0, 2, 4], [6, 8, 10]], "lease-b": [[1, 3, 5, 7], [9, 11]]}
+    for rid, batches in pages.items():
+        held = await store.open_lease(H, rid, 0, 1000)
+        for seq, seconds in enumerate(batches):
+            batch = [at(s, status=500 if s == 9 else 200) for s in seconds]
+            held = await store.commit_lease(H, rid, held, seq, batch, 0, 0)
+    assert [e["_id"] for e in await store.recent_ledger(H, 5)] == ["s11", "s10", "s9", "s8", "s7"]
+    assert [e["_id"] for e in await store.recent_ledger(H, 50)] == [f"s{s}" for s in range(11, -1, -1)]
+    timings = await store.recent_timings(t0 + dt.timedelta(seconds=3.5))
+    assert [t["ttfb_ms"] for t in timings] == [11.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0], "answered, since then"
+    assert [t["ttfb_ms"] for t in await store.recent_timings(t0, limit=3)] == [11.0, 10.0, 8.0]
 
 
 class LostAnswer(Exception):
@@ -174,7 +216,7 @@ async def test_entries_of_a_batch_that_never_applied_leave_the_ledger_with_the_l
     await spend(book, "unpaid", 160, 560, 300)
     w = book.wallets[H]
     # The commit's insert lands; the process dies before the charge.
-    await store.ledger.insert_many([ledger_doc(e, lease=w.rid, lseq=w.seq) for e in w.batch])
+    await store.ledger.insert_one(ledger_page(w.batch, w.rid, w.seq, 0))
     assert await store.ledger_total(H) == 700, "the insert landed, the charge did not"
     assert await p.sweep_after(DEAD_AFTER_S + 1) == 1
     assert await store.ledger_total(H) == 400
@@ -197,7 +239,8 @@ async def test_a_stalled_process_bills_its_late_batch_once(io_loop):
     await book.commit_all()  # ... charged to the balance
     assert book.wallets[H].rid == "" and not book.wallets[H].late
     await store.flush_ledger()
-    assert [d.get("lease") for d in await store.ledger.find({"_id": "late"}).to_list(None)] == [None]
+    holding = [d for d in await store.ledger.find({}).to_list(None) if "late" in {e["_id"] for e in entries_of(d)}]
+    assert [d.get("lease") for d in holding] == [None], "in the ledger once, as charged through the outbox"
     doc = await store.key_doc(H)
     assert (doc["used"], doc["balance"], doc["reserved"]) == (700, 100_000 - 700, 0)
     await p.sweep_after(1)  # the sweeper's next pass deletes unapplied entries: not this one

@@ -68,7 +68,7 @@ def make_wav(seconds: float, rate: int = 16000) -> bytes:
 
 async def ledger(store) -> list[dict]:
     await store.flush_ledger()
-    return await store.ledger.find({}).sort("at", 1).to_list(length=None)
+    return sorted(await store.ledger_entries(), key=lambda e: e["at"])
 
 
 async def charged(store, services) -> list[dict]:

@@ -49,7 +49,7 @@ async def test_cached_and_reasoning_tokens_are_billed_at_their_prices(io_loop):
     fake.state.behaviour.cached_tokens = fake.state.behaviour.reasoning_tokens = 0
     assert (await chat(c, url)).code == 200
     await settled(store, services)
-    entries = sorted(await store.ledger.find({}).to_list(None), key=lambda e: e["at"])
+    entries = sorted(await store.ledger_entries(), key=lambda e: e["at"])
     # 2 text + 6 cached prompt tokens, 10 text + 30 reasoning completion tokens:
     # 2 × 5/3 + 6 × 5/6 + 10 × 20/3 + 30 × 10 = 10/3 + 5 + 200/3 + 300 = 375 (exactly)
     assert [(e["prompt_tokens"], e["cached_tokens"], e["completion_tokens"], e["reasoning_tokens"], e["cost"])

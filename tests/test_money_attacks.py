@@ -85,7 +85,7 @@ class Relay:
     async def state(self, key: str) -> str:
         h = hash_key(key)
         doc = await self.store.key_doc(h)
-        ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+        ids = {e["_id"] for e in await self.store.ledger_entries(h)}
         w = self.services.quota.book.wallets.get(h) if not self.closed else None
         return (f"key ..{key[-1]}: granted {doc['granted']} balance {doc['balance']} reserved {doc['reserved']} "
                 f"used {doc['used']} Σledger {await self.store.ledger_total(h)}; {len(self.ok[h])} answered 200, "
@@ -98,7 +98,7 @@ class Relay:
         for key in keys:
             h = hash_key(key)
             doc = await self.store.key_doc(h)
-            ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+            ids = {e["_id"] for e in await self.store.ledger_entries(h)}
             if ids != self.ok[h] or doc["used"] != await self.store.ledger_total(h):
                 return False
         return True
@@ -126,7 +126,7 @@ class Relay:
         await self.close()
         for doc in await self.store.keys.find({}).to_list(None):
             h = doc["_id"]
-            ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+            ids = {e["_id"] for e in await self.store.ledger_entries(h)}
             assert doc["reserved"] == 0 and ids == self.ok[h], \
                 f"after close: {await self.state_of(doc)} leases {doc.get('leases')}"
         docs = await assert_conserved(self.store)
@@ -135,7 +135,7 @@ class Relay:
 
     async def state_of(self, doc: dict) -> str:
         h = doc["_id"]
-        ids = {e["_id"] for e in await self.store.ledger.find({"key_hash": h}, {"_id": 1}).to_list(None)}
+        ids = {e["_id"] for e in await self.store.ledger_entries(h)}
         return (f"{doc['prefix']}: granted {doc['granted']} balance {doc['balance']} reserved {doc['reserved']} "
                 f"used {doc['used']} Σledger {await self.store.ledger_total(h)}; {len(self.ok[h])} answered 200, "
                 f"{len(self.ok[h] - ids)} of them not in the ledger")
@@ -293,7 +293,7 @@ async def test_an_upstream_reporting_huge_usage_does_not_poison_the_group_commit
             await relay.chat(TEST_KEY, stream=i % 2 == 0)
             await relay.chat(OTHER_KEY, stream=i % 2 == 1)
         await relay.settles(TEST_KEY, OTHER_KEY)
-        for e in await relay.store.ledger.find({}).to_list(None):
+        for e in await relay.store.ledger_entries():
             assert 0 <= e["cost"] <= INT64_MAX
         await relay.assert_exact()
 
@@ -315,7 +315,7 @@ async def test_usage_reporting_more_than_was_delivered_is_not_charged_beyond_the
         assert resp.code == 200
         relay.fake.state.behaviour.usage_override = None
         await relay.settles(TEST_KEY)
-        [entry] = await relay.store.ledger.find({}).to_list(None)
+        [entry] = await relay.store.ledger_entries()
         docs = await relay.assert_exact()
         print(f"\nusage {usage}: charged {entry['cost']} units ({entry['prompt_tokens']} + "
               f"{entry['completion_tokens']} tokens); balance {docs[0]['balance']}")
@@ -341,7 +341,7 @@ async def test_usage_that_is_not_a_count_is_not_taken_for_one(usage, embedded, i
         for stream in (False, True):
             assert (await relay.chat(stream=stream)).code == 200
         await relay.settles(TEST_KEY)
-        entries = await relay.store.ledger.find({}).to_list(None)
+        entries = await relay.store.ledger_entries()
         await relay.assert_exact()
         for e in entries:
             assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 10, COST), \
@@ -386,7 +386,7 @@ async def test_clients_hanging_up_mid_stream_pay_for_what_they_received_and_noth
         await relay.settles(TEST_KEY)
         await eventually(lambda: all(r["aborted"] for r in relay.fake.requests), timeout=3,
                          message="every upstream request was cancelled")
-        entries = {e["_id"]: e for e in await relay.store.ledger.find({}).to_list(None)}
+        entries = {e["_id"]: e for e in await relay.store.ledger_entries()}
         for rid, content_seen in ids.items():
             e = entries[rid]
             assert content_seen <= e["completion_tokens"] < 10, (content_seen, e["completion_tokens"])
@@ -406,6 +406,6 @@ async def test_an_upstream_failing_mid_stream_is_charged_for_what_was_delivered_
         assert [r.code for r in failed] == [502] * 4
         relay.fake.state.behaviour.status = None
         await relay.settles(TEST_KEY)
-        entries = await relay.store.ledger.find({}).to_list(None)
+        entries = await relay.store.ledger_entries()
         assert sorted((e["completion_tokens"], e["cost"]) for e in entries) == [(3, PROMPT_COST + 3 * 40)] * 5
         await relay.assert_exact()

@@ -55,7 +55,7 @@ async def key_doc(store, key=TEST_KEY):
 async def test_prices_match_hand_computed_costs(http_server_client, auth, store):
     await chat(http_server_client, auth, "gpt-4")
     await chat(http_server_client, auth, "gpt-3.5-turbo")  # mapped to gpt-3.5-turbo-1106
-    ledger = sorted(await store.ledger.find({}).to_list(None), key=lambda e: e["model"])
+    ledger = sorted(await store.ledger_entries(), key=lambda e: e["model"])
     assert [(e["model"], e["prompt_tokens"], e["completion_tokens"], e["cost"]) for e in ledger] == [
         ("gpt-3.5-turbo-1106", 8, 10, 19),  # ceil(8 × 2/3 + 10 × 4/3) = ceil(56/3)
         ("gpt-4", 8, 10, 560),              # 8 × 20 + 10 × 40
@@ -72,7 +72,7 @@ async def test_prices_match_hand_computed_costs(http_server_client, auth, store)
 async def test_streams_are_charged_from_upstream_usage(http_server_client, auth, store, fake):
     resp = await chat(http_server_client, auth, "gpt-4", stream=True)
     assert resp.body.endswith(b"data: [DONE]\n\n") and b'"usage":{' not in resp.body
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"], e["stream"]) == (8, 10, 560, True)
     await settle()
     await assert_conserved(store)
@@ -82,7 +82,7 @@ async def test_streams_are_charged_from_upstream_usage(http_server_client, auth,
 async def test_without_upstream_usage_relay_counts_with_tiktoken(http_server_client, auth, store, fake, stream):
     fake.state.behaviour.omit_usage = True
     await chat(http_server_client, auth, "gpt-4", stream=stream)
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 10, 560)
 
 
@@ -91,7 +91,7 @@ async def test_embeddings_are_charged_by_input(http_server_client, auth, store):
     resp = await http_server_client.fetch("/v1/embeddings", method="POST", body=body, headers=auth)
     assert resp.code == 200
     await settle()
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (16, 0, 2)  # ceil(16/15)
 
 
@@ -100,7 +100,7 @@ async def test_upstream_failure_before_output_is_refunded(http_server_client, au
     for stream in (False, True):
         assert (await chat(http_server_client, auth, stream=stream)).code == 502
     doc = await key_doc(store)
-    assert doc["balance"] == 1_000_000 and await store.ledger.count_documents({}) == 0
+    assert doc["balance"] == 1_000_000 and len(await store.ledger_entries()) == 0
     await settle()
     await assert_conserved(store)
 
@@ -118,7 +118,7 @@ async def test_stream_cut_by_upstream_is_charged_for_what_was_delivered(http_ser
     fake.state.behaviour.chunk_delay = 0.02  # chunks reach relay before the connection drops
     resp = await chat(http_server_client, auth, stream=True)
     assert b"[DONE]" not in resp.body
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["prompt_tokens"], e["completion_tokens"], e["cost"]) == (8, 3, 8 * 20 + 3 * 40)
     await settle()
     await assert_conserved(store)
@@ -141,8 +141,8 @@ async def test_client_hanging_up_mid_stream_cancels_upstream_and_pays_for_delive
     fake.state.behaviour.chunk_delay = 0.1
     port = int(http_server_client.get_url("/").split(":")[2].split("/")[0])
     seen = await asyncio.get_running_loop().run_in_executor(None, _read_some_then_hang_up, port, TEST_KEY, 4)
-    await eventually(lambda: store.ledger.count_documents({}), timeout=5, message="the cut stream is settled")
-    [e] = await store.ledger.find({}).to_list(None)
+    await eventually(lambda: store.ledger_entries(), timeout=5, message="the cut stream is settled")
+    [e] = await store.ledger_entries()
     content_seen = seen.count(b'"content":"') - 1  # the role chunk carries empty content
     assert content_seen <= e["completion_tokens"] < 10
     assert e["cost"] == 8 * 20 + e["completion_tokens"] * 40
@@ -185,7 +185,7 @@ async def test_billing_endpoints_report_granted_and_usage(http_server_client, au
     costs = 0
     for model in ("gpt-4", "gpt-3.5-turbo", "gpt-4"):
         await chat(http_server_client, auth, model)
-    costs = sum(e["cost"] for e in await store.ledger.find({}).to_list(None))
+    costs = sum(e["cost"] for e in await store.ledger_entries())
     assert costs == 560 + 19 + 560
     sub = json.loads((await http_server_client.fetch(f"{prefix}/dashboard/billing/subscription",
                                                      headers=auth)).body)
@@ -366,7 +366,7 @@ async def test_charge_uses_the_price_of_the_model_an_upstream_map_serves(fake, i
                                          body=json.dumps({"model": "gpt-3.5-turbo", "messages": HI}))
     assert resp.code == 200 and fake.requests[-1]["model"] == "gpt-4"
     await settled(store, services)
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["model"], e["cost"]) == ("gpt-4", COST_GPT4)
     server.stop()
     await services.close()

@@ -30,7 +30,7 @@ def sdk(io_loop, base_url):
 
 
 async def ledger(store):
-    return await store.ledger.find({}).sort("at", 1).to_list(None)
+    return sorted(await store.ledger_entries(), key=lambda e: e["at"])
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/openai/v1"])

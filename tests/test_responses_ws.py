@@ -35,7 +35,7 @@ async def until_done(conn) -> list:
 
 
 async def ledger(store):
-    return await store.ledger.find({}).sort("at", 1).to_list(None)
+    return sorted(await store.ledger_entries(), key=lambda e: e["at"])
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/openai/v1"])

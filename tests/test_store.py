@@ -195,6 +195,6 @@ async def test_ledger_outbox_moves_each_entry_exactly_once(store):
     # A flush that crashed after inserting but before pulling: the next one inserts nothing twice.
     await store.ledger.insert_one(dict(doc["pending"][0]))
     assert await store.flush_ledger() == 2
-    assert sorted(e["_id"] for e in await store.ledger.find({}).to_list(None)) == ["r1", "r2"]
+    assert sorted(e["_id"] for e in await store.ledger_entries()) == ["r1", "r2"]
     assert (await store.key_doc(h))["pending"] == []
     await assert_conserved(store)

@@ -67,7 +67,7 @@ async def test_a_relay_cut_from_the_store_bills_every_answer_exactly_once(embedd
     await a.stop()
     await b.stop()
     await store.flush_ledger()
-    ledger = {d["_id"] for d in await store.ledger.find({"key_hash": hash_key(TEST_KEY)}).to_list(None)}
+    ledger = {d["_id"] for d in await store.ledger_entries(hash_key(TEST_KEY))}
     answered = {rid for _, code, _, rid in results if code == 200}
     refused = [latency for _, code, latency, _ in results if code == 503]
     unanswered = [r for r in results if r[1] == 599]

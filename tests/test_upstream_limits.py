@@ -228,7 +228,7 @@ async def ledger(store, n: int, timeout: float = 30.0) -> list[dict]:
     """The ledger once it holds n entries (settlement follows the response; leases commit in groups)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while len(docs := await store.ledger.find({}).to_list(None)) < n:
+    while len(docs := await store.ledger_entries()) < n:
         assert loop.time() < deadline, f"{n} ledger entries expected"
         await asyncio.sleep(0.02)
     return docs

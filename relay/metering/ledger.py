@@ -1,4 +1,5 @@
-"""The ledger entry: one per settled request, never content; and the day it counts on. Pure."""
+"""The ledger entry: one per settled request, never content; the documents that hold entries
+(pages of a group commit, or one entry alone); and the day an entry counts on. Pure."""
 from __future__ import annotations
 
 import datetime as dt
@@ -44,17 +45,32 @@ def day_of(at: dt.datetime) -> str:
 _ENTRY_FIELDS = tuple(f for f in LedgerEntry.__dataclass_fields__ if f != "request_id")
 
 
-def ledger_doc(entry: LedgerEntry, lease: str | None = None, lseq: int | None = None) -> dict[str, Any]:
-    """A ledger entry as stored: its request id is the document's _id; entries settled under a
-    lease carry the lease and the batch (``lseq``) that charges them."""
+def ledger_doc(entry: LedgerEntry) -> dict[str, Any]:
+    """A ledger entry as stored, alone or in a page: its request id is its _id."""
     # Not dataclasses.asdict: it deep-copies every field, 15 µs an entry, paid inside the event
     # loop for every entry of every group commit.
     doc: dict[str, Any] = {"_id": entry.request_id}
     for name in _ENTRY_FIELDS:
         doc[name] = getattr(entry, name)
-    if lease is not None:
-        doc["lease"], doc["lseq"] = lease, lseq
     return doc
+
+
+def ledger_page(entries: list[LedgerEntry], lease: str, lseq: int, part: int) -> dict[str, Any]:
+    """One key's entries of one lease batch in one ledger document, newest time as ``at``.
+
+    A document per entry cost the embedded store 0.23 ms of CPU for the document and 0.07 to
+    0.15 ms more for each index (0.37 ms an entry with the ledger's three); a page of 256
+    costs it 0.017 ms an entry. The id names the batch and the part, so a repeated commit
+    (the same batch, see ``LeasesMixin.commit_lease``) inserts nothing twice."""
+    return {"_id": f"{lease}:{lseq}:{part}", "key_hash": entries[0].key_hash, "at": max(e.at for e in entries),
+            "lease": lease, "lseq": lseq, "entries": [ledger_doc(e) for e in entries]}
+
+
+def entries_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries a ledger document holds: a page's, or the document itself (an entry settled
+    through a key's outbox, and every entry stored before pages)."""
+    entries: list[dict[str, Any]] | None = doc.get("entries")
+    return [doc] if entries is None else entries
 
 
 def day_counts(entries: list[LedgerEntry]) -> dict[str, int]:

@@ -277,7 +277,7 @@ class LeaseBook:
             await self._reject(key_hash, w, a, exc)
             return None
         w.inflight = None
-        if new_amount is None:  # the balance lacked ``extra``: the entries wait, inserted, for this seq
+        if new_amount is None:  # the balance lacked ``extra``: the entries wait for this seq, their pages gone
             w.batch[:0] = a.entries
             w.available += a.returned
             return None

@@ -75,8 +75,8 @@ class HoldsMixin(KeysMixin):
         return False
 
     async def _insert_ledger(self, docs: list[Document]) -> None:
-        """Insert ledger documents, each exactly once: those already there (same request id,
-        the _id) are skipped, any other failure is raised."""
+        """Insert ledger documents, each exactly once: those already there (same _id: an
+        entry's request id, a page's batch) are skipped, any other failure is raised."""
         try:
             await self.ledger.insert_many(docs, ordered=False)
         except BulkWriteError as exc:

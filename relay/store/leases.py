@@ -2,18 +2,18 @@
 charged in batches whose ledger entries are inserted first and charged second."""
 from __future__ import annotations
 
-from relay.metering.ledger import LedgerEntry, day_counts, ledger_doc
+from relay.metering.ledger import LedgerEntry, day_counts, ledger_doc, ledger_page
 from relay.store.core import Document, _op
 from relay.store.holds import HoldsMixin
 
 TOMBSTONE_SEQ = -1           # a returned lease: no batch can apply to it
-# Ledger documents per insert: a commit behind a slow store carries a second or more of
-# entries, and building and encoding them all at once raised relay's peak memory (RSS) for good.
+# Entries per ledger page: a commit behind a slow store carries a second or more of entries, and
+# building and encoding them all at once raised relay's peak memory (RSS) for good.
 LEDGER_CHUNK = 256
 
 
 def unapplied_filter(rid: str, seq: int) -> Document:
-    """The ledger entries of lease ``rid``'s batches from ``seq`` on (the index ``lease_1_lseq_1``)."""
+    """The ledger pages of lease ``rid``'s batches from ``seq`` on (the index ``lease_1_lseq_1``)."""
     return {"lease": rid, "lseq": {"$gte": seq}}
 
 
@@ -44,15 +44,17 @@ class LeasesMixin(HoldsMixin):
 
         The lease ``rid`` holds ``amount`` (at version ``seq``). The batch charges the entries'
         costs, gives ``returned`` units back to the balance and takes ``extra`` more from it.
-        Returns the lease's new amount, or None when the balance lacks ``extra``.
+        Returns the lease's new amount, or None when the balance lacks ``extra`` (and the batch's
+        pages are deleted again).
 
-        The entries go straight into ``ledger``, tagged with the lease and ``seq`` (``lease``,
-        ``lseq``), before the key's document is charged in one atomic update filtered on the
-        lease as it was at ``seq``. An entry thus exists before its cost leaves the lease, and
-        a crash in between leaves entries of a batch that was never charged: the sweeper
-        deletes them when it returns the lease (``lseq >= `` the lease's last ``seq``). No
-        outbox: the ledger is written once per entry (with outbox, flush and pull the embedded
-        store spent 1.14 ms of CPU per relay request in bench/proxy_compare.py; this way 0.24).
+        The entries go straight into ``ledger``, in pages of up to ``LEDGER_CHUNK`` tagged with
+        the lease and ``seq`` (``lease``, ``lseq``; see ``ledger_page``), before the key's
+        document is charged in one atomic update filtered on the lease as it was at ``seq``. An
+        entry thus exists before its cost leaves the lease, and a crash in between leaves pages
+        of a batch that was never charged: the sweeper deletes them when it returns the lease
+        (``lseq >= `` the lease's last ``seq``). No outbox: the ledger is written once per page
+        (with outbox, flush and pull the embedded store spent 1.14 ms of CPU per relay request in
+        bench/proxy_compare.py).
 
         Idempotent when repeated with the same arguments: the insert skips what is there, and
         the update applies only to the hold as it was at ``seq``; a repeat after a lost answer
@@ -62,11 +64,10 @@ class LeasesMixin(HoldsMixin):
         """
         spent = sum(e.cost for e in entries)
         new_amount = amount - spent - returned + extra
-        for start in range(0, len(entries), LEDGER_CHUNK):
+        for part, start in enumerate(range(0, len(entries), LEDGER_CHUNK)):
             self.round_trips += 1
-            # Some may be there from an attempt whose answer was lost.
-            chunk = entries[start:start + LEDGER_CHUNK]
-            await self._insert_ledger([ledger_doc(e, lease=rid, lseq=seq) for e in chunk])
+            # It may be there from an attempt whose answer was lost.
+            await self._insert_ledger([ledger_page(entries[start:start + LEDGER_CHUNK], rid, seq, part)])
         inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **day_counts(entries)}
         flt: Document = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
@@ -85,7 +86,10 @@ class LeasesMixin(HoldsMixin):
         if lease.get("seq") == seq + 1:
             return new_amount
         if extra and lease.get("seq") == seq and lease.get("amount") == amount:
-            return None  # the entries wait, inserted, for this ``seq`` to apply with a smaller ``extra``
+            # The entries wait for this ``seq`` to apply with a smaller ``extra``, in a batch that
+            # may hold more of them by then: its pages are new, and these must not stay beside them.
+            await self.ledger.delete_many(unapplied_filter(rid, seq))
+            return None
         raise LeaseGone(rid, lease.get("unapplied_from") if lease.get("seq") == TOMBSTONE_SEQ else None)
 
     @_op("commit_late")
@@ -112,8 +116,8 @@ class LeasesMixin(HoldsMixin):
 
     @_op("discard_unapplied")
     async def discard_unapplied(self, key_hash: str, rid: str, seq: int) -> int:
-        """Delete ledger entries of lease ``rid``'s batches from ``seq`` on, which were never
-        charged (the lease was returned before they applied).
+        """Delete the ledger pages of lease ``rid``'s batches from ``seq`` on, which were never
+        charged (the lease was returned before they applied); returns how many pages.
 
         Found by the ledger's (lease, lseq) index alone: the sweeper repeats this for every
         tombstone on every pass for as long as the tombstone lives, so it must cost what the

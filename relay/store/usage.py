@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
+from relay.metering.ledger import entries_of
 from relay.store.core import Document, StoreCore, _op
 
 
@@ -16,20 +18,39 @@ class UsageMixin(StoreCore):
 
     @_op("recent_ledger")
     async def recent_ledger(self, key_hash: str, limit: int = 50) -> list[Document]:
-        return await self.ledger.find({"key_hash": key_hash}).sort("at", -1).to_list(length=limit)
+        """The key's ``limit`` newest entries, newest first."""
+        return await self._newest({"key_hash": key_hash}, limit, lambda e: True)
 
     @_op("recent_timings")
     async def recent_timings(self, since: dt.datetime, limit: int = 5000) -> list[Document]:
-        """Model and time to first byte of recent requests of every key, for the speed panel."""
-        cursor = self.ledger.find({"at": {"$gte": since}, "status": 200},
-                                  {"model": 1, "ttfb_ms": 1, "stream": 1, "_id": 0})
-        return await cursor.sort("at", -1).to_list(length=limit)
+        """Model and time to first byte of recent answered requests of every key, for the speed
+        panel, newest first."""
+        newest = await self._newest({"at": {"$gte": since}}, limit, lambda e: e["status"] == 200 and e["at"] >= since)
+        return [{"model": e["model"], "ttfb_ms": e["ttfb_ms"], "stream": e["stream"]} for e in newest]
+
+    async def _newest(self, flt: Document, limit: int, wanted: Callable[[Document], bool]) -> list[Document]:
+        """The ``limit`` newest wanted entries of the ledger documents matching ``flt``.
+
+        A document's ``at`` is its newest entry's, so once ``limit`` entries are newer than the
+        next document's ``at``, no later document holds a newer one."""
+        found: list[Document] = []
+        async for doc in self.ledger.find(flt).sort("at", -1):
+            if len(found) >= limit and doc["at"] < found[limit - 1]["at"]:
+                break
+            found.extend(e for e in entries_of(doc) if wanted(e))
+            found.sort(key=lambda e: e["at"], reverse=True)
+        return found[:limit]
+
+    async def ledger_entries(self, key_hash: str | None = None) -> list[Document]:
+        """Every ledger entry (of one key), pages unfolded; for audits and tests."""
+        flt = {} if key_hash is None else {"key_hash": key_hash}
+        return [e for doc in await self.ledger.find(flt).to_list(length=None) for e in entries_of(doc)]
 
     async def ledger_total(self, key_hash: str) -> int:
         """Σ cost of the key's ledger entries, flushed or still in its outbox (an entry a flush
         inserted but has not yet pulled is in both, and counts once)."""
-        costs = {d["_id"]: d["cost"] for d in await self.ledger.find({"key_hash": key_hash}, {"cost": 1}).to_list(
-            length=None)}
+        costs = {e["_id"]: e["cost"] for e in await self.ledger_entries(key_hash)}
         key = await self.keys.find_one({"_id": key_hash}, {"pending": 1}) or {}
         costs.update({e["_id"]: e["cost"] for e in key.get("pending", [])})
         return sum(costs.values())
+
