@@ -230,7 +230,6 @@ async def test_a_slow_reader_does_not_make_relay_buffer_without_bound(embedded, 
     store = await open_store(uri)
     await add_key(store, quota=10**9)
     fake = start_fake()
-    fake.state.behaviour.reply_tokens = 60_000  # a ~10 MB stream, sent as fast as the fake can
     relay = await RelayProcess(one_upstream_config(fake.base_url), tmp_path, "--mongodb-uri", uri).start()
 
     def rss_mb() -> float:
@@ -243,9 +242,13 @@ async def test_a_slow_reader_does_not_make_relay_buffer_without_bound(embedded, 
     c = client()
     fake.state.behaviour.reply_tokens = 10
     assert (await chat(c, relay.url, stream=True)).code == 200  # warm: token tables, connections
-    fake.state.behaviour.reply_tokens = 60_000
+    # A ~25 MB stream, sent as fast as the fake can: more than the kernel's buffers on the way
+    # can hold (relay's upstream socket bounded at 1 MiB, the fake's and relay's send buffers
+    # up to tcp_wmem's 4 MiB each; ~7 MB was sent here), so the fake finishing means relay
+    # read it all.
+    fake.state.behaviour.reply_tokens = 150_000
     baseline = rss_mb()
-    body = json.dumps({"model": "gpt-4", "stream": True, "messages": HI, "max_tokens": 60_000}).encode()
+    body = json.dumps({"model": "gpt-4", "stream": True, "messages": HI, "max_tokens": 150_000}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port, limit=1024)
     writer.transport.set_write_buffer_limits(0)
     sock = writer.get_extra_info("socket")
@@ -261,7 +264,7 @@ async def test_a_slow_reader_does_not_make_relay_buffer_without_bound(embedded, 
         peak = max(peak, rss_mb())
         await asyncio.sleep(0.05)  # the slow reading is the point of the test
     sent = len(fake.requests[-1]["chunks_sent_at"])
-    assert got < 1_000_000 and sent < 60_000, "the upstream is held back, not buffered in relay"
+    assert got < 1_000_000 and sent < 150_000, "the upstream is held back, not buffered in relay"
     assert peak - baseline < 30, f"relay's memory grew {peak - baseline:.1f} MB for a slow reader"
     writer.close()
     await relay.stop()
@@ -339,7 +342,7 @@ async def test_sse_garbage_is_filtered_and_the_stream_charged_right(io_loop):
         model="gpt-4", messages=HI, stream=True) if ch.choices and ch.choices[0].delta.content]
     assert "".join(parts) == "Hello from the fake upstream, relay says hi!"
     await settled(store, services)
-    [e] = await store.ledger.find({}).to_list(None)
+    [e] = await store.ledger_entries()
     assert (e["completion_tokens"], e["cost"]) == (10, 560)
     await sdk.close()
     server.stop()

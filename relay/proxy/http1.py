@@ -37,6 +37,10 @@ from relay.proxy.transport import ERROR_BODY_BYTES
 
 KEEPALIVE_S = 15.0          # an idle pooled connection is closed after this long (aiohttp's default too)
 READ_HIGH_WATER = 1 << 16   # bytes received and not yet read that pause reading from the upstream
+# The kernel's receive buffer per upstream connection. Left to autotuning it grew to 32 MiB here
+# (tcp_rmem's max), so a client reading slowly let an upstream push a whole 10 MB stream into
+# relay's host; 1 MiB still carries ~10 MB/s at a 100 ms round trip.
+UPSTREAM_RCVBUF = 1 << 20
 DNS_TTL_S = 300.0
 _SAFE_PATH = "/:@!$&'()*+,;=-._~%?"  # what a path and query keep as they are; CR, LF and spaces are escaped
 
@@ -100,6 +104,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RCVBUF)
 
     def data_received(self, data: bytes) -> None:
         try:
