@@ -173,7 +173,8 @@ async def test_a_killed_store_comes_back_on_its_port_and_the_key_works_again(lea
         assert codes[-1] == 503 and time.monotonic() - t0 < 15, codes
     for _ in range(5):
         codes.append((await post_chat(c, relay.url, key)).code)
-    assert codes[-6:] == [200] * 6, codes
+    # Seen once, with other tests loading the machine: [200, 200, 503, 503, 503, 503]; the log says why.
+    assert codes[-6:] == [200] * 6, (codes, relay.log()[-6000:])
 
     store = await open_store(f"mongodb://127.0.0.1:{before['port']}/relay?directConnection=true")
     h = hash_key(key)

@@ -39,7 +39,8 @@ class UsageMixin(StoreCore):
                 break
             found.extend(e for e in entries_of(doc) if wanted(e))
             found.sort(key=lambda e: e["at"], reverse=True)
-        return found[:limit]
+            del found[limit:]  # an entry not among the newest now never will be
+        return found
 
     async def ledger_entries(self, key_hash: str | None = None) -> list[Document]:
         """Every ledger entry (of one key), pages unfolded; for audits and tests."""
@@ -53,4 +54,3 @@ class UsageMixin(StoreCore):
         key = await self.keys.find_one({"_id": key_hash}, {"pending": 1}) or {}
         costs.update({e["_id"]: e["cost"] for e in key.get("pending", [])})
         return sum(costs.values())
-
