@@ -8,7 +8,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from relay.errors import InsufficientQuota
 from relay.keys import hash_key
-from relay.metering.ledger import LedgerEntry, entries_of, ledger_page, utc_now
+from relay.metering.ledger import LedgerEntry, entries_of, ledger_doc, ledger_page, utc_now
 from relay.observability import metrics
 from relay.quota.lease_book import LeaseBook
 from relay.store.leases import TOMBSTONE_SEQ
@@ -134,19 +134,38 @@ async def test_a_large_batch_is_inserted_in_pages_each_entry_once(store):
     await conserved_now(store, settled=False)
 
 
-async def test_a_batch_the_balance_could_not_top_up_leaves_no_page_behind(store):
-    """A commit asking for more than the balance has is not applied, but its pages were
-    inserted first; the next commit at that version carries those entries and newer ones in
-    new pages. The first pages go, or the ledger would hold those entries twice."""
+async def test_a_batch_whose_extra_the_balance_lacks_applies_without_it(store):
+    """A commit asking for more than the balance has still charges its batch (the lease moves
+    to the next version), so a version never carries two different batches: a page of the
+    first landing late, executed after the client gave up on it, cannot stand in for a page of
+    the second. A repeat after a lost answer says the same: applied, the extra not granted."""
     await add_key(store, quota=1_000)
     held = await store.open_lease(H, "lease-x", 0, 500)
     first = [entry("a", 100), entry("b", 100)]
     assert await store.commit_lease(H, "lease-x", held, 0, first, 0, 10_000) is None
-    assert await store.ledger_entries(H) == []
-    more = [*first, entry("c", 100)]
-    assert await store.commit_lease(H, "lease-x", held, 0, more, 0, 100) == held - 300 + 100
+    assert await store.commit_lease(H, "lease-x", held, 0, first, 0, 10_000) is None, "the repeat"
+    lease = (await store.key_doc(H))["leases"]["lease-x"]
+    assert (lease["seq"], lease["amount"]) == (1, held - 200)
+    assert sorted(e["_id"] for e in await store.ledger_entries(H)) == ["a", "b"]
+    late = await store.ledger.find_one({"lease": "lease-x", "lseq": 0})
+    await store._insert_ledger([late])  # the first attempt's insert, landing late: skipped, the same page
+    assert await store.commit_lease(H, "lease-x", held - 200, 1, [entry("c", 100)], 0, 100) == held - 300 + 100
     assert sorted(e["_id"] for e in await store.ledger_entries(H)) == ["a", "b", "c"]
+    assert (await store.key_doc(H))["used"] == 300
     await conserved_now(store, settled=False)
+
+
+async def test_a_slice_the_balance_cannot_grow_charges_what_it_served(store):
+    """Through the lease book: requests beyond what the slice and the balance hold are refused,
+    what was served is charged at once, each entry in the ledger once."""
+    await add_key(store, quota=1_000)
+    book = LeaseBook(store)
+    assert await spend(book, "r1", 160, 560, 560) == 560
+    assert await spend(book, "r2", 160, 560, 300) == 440
+    assert (await store.key_doc(H))["used"] == 560, "the grow that found the balance short charged r1"
+    await book.release_all()
+    assert sorted(e["_id"] for e in await store.ledger_entries(H)) == ["r1", "r2"]
+    await assert_conserved(store)
 
 
 async def test_the_newest_entries_are_read_across_interleaved_pages(store):
@@ -170,6 +189,12 @@ async def test_the_newest_entries_are_read_across_interleaved_pages(store):
     timings = await store.recent_timings(t0 + dt.timedelta(seconds=3.5))
     assert [t["ttfb_ms"] for t in timings] == [11.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0], "answered, since then"
     assert [t["ttfb_ms"] for t in await store.recent_timings(t0, limit=3)] == [11.0, 10.0, 8.0]
+    # Entries charged through the outbox are a document each, beside the pages.
+    await store._insert_ledger([ledger_doc(at(s)) for s in (12, 3.5)])
+    assert [e["_id"] for e in await store.recent_ledger(H, 4)] == ["s12", "s11", "s10", "s9"]
+    every = ["s12", *(f"s{s}" for s in range(11, 3, -1)), "s3.5", "s3", "s2", "s1", "s0"]
+    assert [e["_id"] for e in await store.recent_ledger(H, 50)] == every
+    assert await store.recent_ledger(H, 0) == []
 
 
 class LostAnswer(Exception):

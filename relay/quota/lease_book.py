@@ -246,7 +246,8 @@ class LeaseBook:
 
     async def _commit(self, key_hash: str, w: Wallet, extra: int = 0, return_rest: bool = False) -> int | None:
         """Send the batch (and any change to the slice) in one update; None if ``extra`` is not
-        there, or if the slice turned out to be swept (``w.rid`` is then "").
+        there (the batch applied without it), or if the slice turned out to be swept (``w.rid``
+        is then "").
 
         An attempt whose outcome is unknown (the store did not answer) is repeated exactly,
         same entries and amounts, before anything new is sent: the store can tell whether a
@@ -277,9 +278,8 @@ class LeaseBook:
             await self._reject(key_hash, w, a, exc)
             return None
         w.inflight = None
-        if new_amount is None:  # the balance lacked ``extra``: the entries wait for this seq, their pages gone
-            w.batch[:0] = a.entries
-            w.available += a.returned
+        if new_amount is None:  # the balance lacked ``extra``: the batch applied without it
+            w.amount, w.seq = w.amount - sum(e.cost for e in a.entries) - a.returned, w.seq + 1
             return None
         w.amount, w.seq = new_amount, w.seq + 1
         w.available += a.extra

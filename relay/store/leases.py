@@ -44,8 +44,8 @@ class LeasesMixin(HoldsMixin):
 
         The lease ``rid`` holds ``amount`` (at version ``seq``). The batch charges the entries'
         costs, gives ``returned`` units back to the balance and takes ``extra`` more from it.
-        Returns the lease's new amount, or None when the balance lacks ``extra`` (and the batch's
-        pages are deleted again).
+        Returns the lease's new amount; or None when the balance lacks ``extra``: the batch is
+        then applied without it (the lease holds ``amount - Σ costs - returned`` at ``seq + 1``).
 
         The entries go straight into ``ledger``, in pages of up to ``LEDGER_CHUNK`` tagged with
         the lease and ``seq`` (``lease``, ``lseq``; see ``ledger_page``), before the key's
@@ -58,9 +58,12 @@ class LeasesMixin(HoldsMixin):
 
         Idempotent when repeated with the same arguments: the insert skips what is there, and
         the update applies only to the hold as it was at ``seq``; a repeat after a lost answer
-        finds the lease at ``seq + 1`` and reports the same result. A repeat must carry exactly
-        the same batch (see ``LeaseBook``): the lease's version says that batch ``seq`` applied,
-        not which entries it held.
+        finds the lease at ``seq + 1`` and reports the same result (its amount says whether
+        ``extra`` was granted). A repeat must carry exactly the same batch (see ``LeaseBook``):
+        a page's id names its lease, ``seq`` and part, not the entries it holds. That is why a
+        version never carries a second batch, not even when ``extra`` is refused: a page of
+        the first batch landing late (a write the client gave up on, executed after all) would
+        otherwise stand in for the second batch's page of the same id.
         """
         spent = sum(e.cost for e in entries)
         new_amount = amount - spent - returned + extra
@@ -68,6 +71,24 @@ class LeasesMixin(HoldsMixin):
             self.round_trips += 1
             # It may be there from an attempt whose answer was lost.
             await self._insert_ledger([ledger_page(entries[start:start + LEDGER_CHUNK], rid, seq, part)])
+        if await self._apply(key_hash, rid, amount, seq, entries, spent, returned, extra):
+            return new_amount
+        # Not applied now: applied before (an answer lost on the way), the balance is short,
+        # or the lease is gone (the sweeper returned it).
+        lease = await self._lease(key_hash, rid)
+        if lease.get("seq") == seq + 1:
+            return new_amount if lease.get("amount") == new_amount else None
+        if extra and lease.get("seq") == seq and lease.get("amount") == amount:
+            if await self._apply(key_hash, rid, amount, seq, entries, spent, returned, 0):
+                return None
+            lease = await self._lease(key_hash, rid)
+        raise LeaseGone(rid, lease.get("unapplied_from") if lease.get("seq") == TOMBSTONE_SEQ else None)
+
+    async def _apply(self, key_hash: str, rid: str, amount: int, seq: int, entries: list[LedgerEntry], spent: int,
+                     returned: int, extra: int) -> bool:
+        """The batch's one atomic update of the key, if the lease is still at ``amount`` and
+        ``seq`` and the balance has ``extra``."""
+        new_amount = amount - spent - returned + extra
         inc = {"reserved": new_amount - amount, "balance": returned - extra, "used": spent, **day_counts(entries)}
         flt: Document = {"_id": key_hash, f"leases.{rid}.amount": amount, f"leases.{rid}.seq": seq}
         if extra:
@@ -77,20 +98,12 @@ class LeasesMixin(HoldsMixin):
                                        f"leases.{rid}.at": self.now()}}
         self.round_trips += 1
         res = await self.keys.update_one(flt, update)
-        if res.modified_count == 1:
-            return new_amount
-        # Not applied now: applied before (an answer lost on the way), the balance is short,
-        # or the lease is gone (the sweeper returned it).
+        return res.modified_count == 1
+
+    async def _lease(self, key_hash: str, rid: str) -> Document:
         doc = await self.keys.find_one({"_id": key_hash}, {f"leases.{rid}": 1})
-        lease = ((doc or {}).get("leases") or {}).get(rid) or {}
-        if lease.get("seq") == seq + 1:
-            return new_amount
-        if extra and lease.get("seq") == seq and lease.get("amount") == amount:
-            # The entries wait for this ``seq`` to apply with a smaller ``extra``, in a batch that
-            # may hold more of them by then: its pages are new, and these must not stay beside them.
-            await self.ledger.delete_many(unapplied_filter(rid, seq))
-            return None
-        raise LeaseGone(rid, lease.get("unapplied_from") if lease.get("seq") == TOMBSTONE_SEQ else None)
+        lease: Document = ((doc or {}).get("leases") or {}).get(rid) or {}
+        return lease
 
     @_op("commit_late")
     async def commit_late(self, key_hash: str, rid: str, seq: int, entries: list[LedgerEntry]) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 from collections.abc import Callable
 
 from relay.metering.ledger import entries_of
@@ -29,18 +30,29 @@ class UsageMixin(StoreCore):
         return [{"model": e["model"], "ttfb_ms": e["ttfb_ms"], "stream": e["stream"]} for e in newest]
 
     async def _newest(self, flt: Document, limit: int, wanted: Callable[[Document], bool]) -> list[Document]:
-        """The ``limit`` newest wanted entries of the ledger documents matching ``flt``.
+        """The ``limit`` newest wanted entries of the ledger documents matching ``flt``, newest first.
 
         A document's ``at`` is its newest entry's, so once ``limit`` entries are newer than the
-        next document's ``at``, no later document holds a newer one."""
-        found: list[Document] = []
+        next document's ``at``, no later document holds a newer one. The newest so far are kept
+        in a heap (documents of one entry each, as the outbox writes them, would otherwise cost a
+        sort of the whole result per document)."""
+        if limit <= 0:
+            return []
+        newest: list[tuple[dt.datetime, int, Document]] = []  # a min-heap: the oldest kept on top
+        order = 0
         async for doc in self.ledger.find(flt).sort("at", -1):
-            if len(found) >= limit and doc["at"] < found[limit - 1]["at"]:
+            if len(newest) == limit and doc["at"] < newest[0][0]:
                 break
-            found.extend(e for e in entries_of(doc) if wanted(e))
-            found.sort(key=lambda e: e["at"], reverse=True)
-            del found[limit:]  # an entry not among the newest now never will be
-        return found
+            for entry in entries_of(doc):
+                if not wanted(entry):
+                    continue
+                order -= 1  # of entries at the same time, the one read first counts as newer
+                item = (entry["at"], order, entry)
+                if len(newest) < limit:
+                    heapq.heappush(newest, item)
+                elif item[:2] > newest[0][:2]:
+                    heapq.heapreplace(newest, item)
+        return [entry for _, _, entry in sorted(newest, key=lambda item: item[:2], reverse=True)]
 
     async def ledger_entries(self, key_hash: str | None = None) -> list[Document]:
         """Every ledger entry (of one key), pages unfolded; for audits and tests."""
