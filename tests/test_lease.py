@@ -155,6 +155,20 @@ async def test_a_batch_whose_extra_the_balance_lacks_applies_without_it(store):
     await conserved_now(store, settled=False)
 
 
+async def test_a_page_of_other_entries_never_passes_for_the_batchs_own(store):
+    """A batch the store refused for good is dropped (unbilled) and its pages deleted; the next
+    batch goes out at the same version. Should a page of the dropped batch land after the
+    delete (a write the client gave up on, executed after all), the next batch's page, of other
+    entries, is still inserted: a page's id carries a digest of its entries' ids."""
+    await add_key(store, quota=10_000)
+    held = await store.open_lease(H, "lease-x", 0, 5_000)
+    await store._insert_ledger([ledger_page([entry("dropped", 300)], "lease-x", 0, 0)])  # landing late
+    assert await store.commit_lease(H, "lease-x", held, 0, [entry("charged", 200)], 0, 0) == held - 200
+    assert "charged" in {e["_id"] for e in await store.ledger_entries(H)}
+    assert await store.ledger_total(H) == 500 and (await store.key_doc(H))["used"] == 200, \
+        "the late page of the dropped batch is the only excess: outside the charge, and visible"
+
+
 async def test_a_slice_the_balance_cannot_grow_charges_what_it_served(store):
     """Through the lease book: requests beyond what the slice and the balance hold are refused,
     what was served is charged at once, each entry in the ledger once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +61,12 @@ def ledger_page(entries: list[LedgerEntry], lease: str, lseq: int, part: int) ->
 
     A document per entry cost the embedded store 0.23 ms of CPU for the document and 0.07 to
     0.15 ms more for each index (0.37 ms an entry with the ledger's three); a page of 256
-    costs it 0.017 ms an entry. The id names the batch and the part, so a repeated commit
-    (the same batch, see ``LeasesMixin.commit_lease``) inserts nothing twice."""
-    return {"_id": f"{lease}:{lseq}:{part}", "key_hash": entries[0].key_hash, "at": max(e.at for e in entries),
-            "lease": lease, "lseq": lseq, "entries": [ledger_doc(e) for e in entries]}
+    costs it 0.017 ms an entry. The id names the batch, the part and the entries' ids (a
+    digest), so a repeated commit (the same batch, see ``LeasesMixin.commit_lease``) inserts
+    nothing twice, and a page of other entries never passes for one already there."""
+    digest = hashlib.blake2b("\n".join(e.request_id for e in entries).encode(), digest_size=8).hexdigest()
+    return {"_id": f"{lease}:{lseq}:{part}:{digest}", "key_hash": entries[0].key_hash,
+            "at": max(e.at for e in entries), "lease": lease, "lseq": lseq, "entries": [ledger_doc(e) for e in entries]}
 
 
 def entries_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
