@@ -149,47 +149,50 @@ async def test_a_killed_store_comes_back_on_its_port_and_the_key_works_again(lea
     config = one_upstream_config(fake.base_url, extra=f"quota:\n  leases: {str(leases).lower()}\n")
     relay = await RelayProcess(config, tmp_path, "--data-dir", str(data), "--workers", str(workers),
                                env=ENV).start()
-    key = await create_key(data, 100 * COST)
-    c = AsyncHTTPClient(force_instance=True, defaults={"request_timeout": 30})
-    codes = [(await post_chat(c, relay.url, key)).code for _ in range(3)]
-    assert codes == [200] * 3
+    try:
+        key = await create_key(data, 100 * COST)
+        c = AsyncHTTPClient(force_instance=True, defaults={"request_timeout": 30})
+        codes = [(await post_chat(c, relay.url, key)).code for _ in range(3)]
+        assert codes == [200] * 3
 
-    before = kill_store(data)
-    during = [asyncio.ensure_future(post_chat(c, relay.url, key)) for _ in range(3)]
-    listing = asyncio.ensure_future(cli("keys", "list", "--data-dir", str(data)))
-    took = await store_back(data, before)
-    print(f"\nstore answering again {took:.2f} s after kill -9 ({workers} process(es))")
-    listed = await listing
-    assert listed.returncode == 0, listed.stderr
-    assert key[:10] in listed.stdout
-    codes += [r.code for r in await asyncio.gather(*during)]
-    assert set(codes[3:]) <= {200, 503}, codes  # during the outage: served from a slice, or refused
+        before = kill_store(data)
+        during = [asyncio.ensure_future(post_chat(c, relay.url, key)) for _ in range(3)]
+        listing = asyncio.ensure_future(cli("keys", "list", "--data-dir", str(data)))
+        took = await store_back(data, before)
+        print(f"\nstore answering again {took:.2f} s after kill -9 ({workers} process(es))")
+        listed = await listing
+        assert listed.returncode == 0, listed.stderr
+        assert key[:10] in listed.stdout
+        codes += [r.code for r in await asyncio.gather(*during)]
+        assert set(codes[3:]) <= {200, 503}, codes  # during the outage: served from a slice, or refused
 
-    async def served_again() -> bool:
-        codes.append((await post_chat(c, relay.url, key)).code)
-        return codes[-1] == 200
-    t0 = time.monotonic()
-    while not await served_again():
-        assert codes[-1] == 503 and time.monotonic() - t0 < 15, codes
-    for _ in range(5):
-        codes.append((await post_chat(c, relay.url, key)).code)
-    # Seen once, with other tests loading the machine: [200, 200, 503, 503, 503, 503]; the log says why.
-    assert codes[-6:] == [200] * 6, (codes, relay.log()[-6000:])
+        async def served_again() -> bool:
+            codes.append((await post_chat(c, relay.url, key)).code)
+            return codes[-1] == 200
+        t0 = time.monotonic()
+        while not await served_again():
+            assert codes[-1] == 503 and time.monotonic() - t0 < 15, codes
+        for _ in range(5):
+            codes.append((await post_chat(c, relay.url, key)).code)
+        # Seen once, with other tests loading the machine: [200, 200, 503, 503, 503, 503]; the log says why.
+        assert codes[-6:] == [200] * 6, (codes, relay.log()[-6000:])
 
-    store = await open_store(f"mongodb://127.0.0.1:{before['port']}/relay?directConnection=true")
-    h = hash_key(key)
-    await quiet(store, h)
-    await assert_conserved(store)
-    doc = await store.key_doc(h)
-    assert doc["used"] == codes.count(200) * COST, codes
-    assert len(await store.ledger_entries(h)) == codes.count(200)
-    await close_client(store.client)
-    c.close()
-    log = relay.log()
-    assert log.count("the embedded store (pid %d, port %d) died after" % (before["pid"], before["port"])) == 1
-    assert log.count(f"the embedded store is back on port {before['port']}") == 1
-    await relay.stop()
-    assert relay.proc.returncode == 0, relay.log()
+        store = await open_store(f"mongodb://127.0.0.1:{before['port']}/relay?directConnection=true")
+        h = hash_key(key)
+        await quiet(store, h)
+        await assert_conserved(store)
+        doc = await store.key_doc(h)
+        assert doc["used"] == codes.count(200) * COST, codes
+        assert len(await store.ledger_entries(h)) == codes.count(200)
+        await close_client(store.client)
+        c.close()
+        log = relay.log()
+        assert log.count("the embedded store (pid %d, port %d) died after" % (before["pid"], before["port"])) == 1
+        assert log.count(f"the embedded store is back on port {before['port']}") == 1
+        await relay.stop()
+        assert relay.proc.returncode == 0, relay.log()
+    finally:
+        await relay.stop()  # after a failure above: not left running into the next test
 
 
 @pytest.mark.timeout(seconds=120)
