@@ -170,8 +170,9 @@ async def test_a_page_of_other_entries_never_passes_for_the_batchs_own(store):
 
 
 async def test_a_slice_the_balance_cannot_grow_charges_what_it_served(store):
-    """Through the lease book: requests beyond what the slice and the balance hold are refused,
-    what was served is charged at once, each entry in the ledger once."""
+    """Through the lease book: a request the slice cannot cover, whose top-up the balance cannot
+    give in full, gets what is left; the refused top-up still charged what was served, and each
+    entry is in the ledger once."""
     await add_key(store, quota=1_000)
     book = LeaseBook(store)
     assert await spend(book, "r1", 160, 560, 560) == 560
