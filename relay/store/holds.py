@@ -76,7 +76,7 @@ class HoldsMixin(KeysMixin):
 
     async def _insert_ledger(self, docs: list[Document]) -> None:
         """Insert ledger documents, each exactly once: those already there (same _id: an
-        entry's request id, a page's batch) are skipped, any other failure is raised."""
+        entry's request id, a page's batch and entries) are skipped, any other failure is raised."""
         try:
             await self.ledger.insert_many(docs, ordered=False)
         except BulkWriteError as exc:

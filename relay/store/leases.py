@@ -60,10 +60,10 @@ class LeasesMixin(HoldsMixin):
         the update applies only to the hold as it was at ``seq``; a repeat after a lost answer
         finds the lease at ``seq + 1`` and reports the same result (its amount says whether
         ``extra`` was granted). A repeat must carry exactly the same batch (see ``LeaseBook``):
-        a page's id names its lease, ``seq`` and part, not the entries it holds. That is why a
-        version never carries a second batch, not even when ``extra`` is refused: a page of
-        the first batch landing late (a write the client gave up on, executed after all) would
-        otherwise stand in for the second batch's page of the same id.
+        the lease's version says that batch ``seq`` applied, not which pages it wrote. That is
+        why a version never carries a second batch, not even when ``extra`` is refused: a page
+        of the first batch landing late (a write the client gave up on, executed after all)
+        would otherwise stay in the ledger beside the second batch's pages.
         """
         spent = sum(e.cost for e in entries)
         new_amount = amount - spent - returned + extra

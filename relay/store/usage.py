@@ -50,9 +50,9 @@ class UsageMixin(StoreCore):
                 item = (entry["at"], order, entry)
                 if len(newest) < limit:
                     heapq.heappush(newest, item)
-                elif item[:2] > newest[0][:2]:
+                elif item > newest[0]:  # ``order`` is unique: tuples never compare their entries
                     heapq.heapreplace(newest, item)
-        return [entry for _, _, entry in sorted(newest, key=lambda item: item[:2], reverse=True)]
+        return [entry for _, _, entry in sorted(newest, reverse=True)]
 
     async def ledger_entries(self, key_hash: str | None = None) -> list[Document]:
         """Every ledger entry (of one key), pages unfolded; for audits and tests."""
