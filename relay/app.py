@@ -29,6 +29,7 @@ from relay.handlers.moderations import ModerationsHandler
 from relay.handlers.upgrade import WebSocketUpgrade
 from relay.observability import recorder
 from relay.services import Services, build_services
+from relay.tornado_fastpath import RelayApplication
 
 __all__ = ["Services", "build_services", "make_app", "make_metrics_app", "make_server"]
 
@@ -88,7 +89,7 @@ def make_app(services: Services, metrics: bool = True, **settings: Any) -> torna
         (r"/healthz", HealthzHandler, kw),
         (r"/readyz", ReadyzHandler, kw),
     ]
-    return tornado.web.Application(
+    return RelayApplication(
         routes, default_handler_class=NotFoundHandler, default_handler_args=kw,
         log_function=recorder.on_request_end, compress_response=False, **settings)
 

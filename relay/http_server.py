@@ -268,8 +268,15 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._headers is not None
-        self._headers.add(name.decode("latin1"), value.decode("latin1").strip())
+        # httptools (llhttp) refuses what Tornado's ``add`` checks for (a name that is not a token, a
+        # control character in a value), so its two regular expressions per header are skipped.
+        headers = self._headers
+        assert headers is not None
+        text_name, text = name.decode("latin1"), value.decode("latin1").strip()
+        if text_name in headers:
+            headers.add(text_name, text)  # a repeated field: its values are kept as a list
+        else:
+            headers[text_name] = text
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -56,6 +56,28 @@ def http_date() -> str:
 class RelayHandler(tornado.web.RequestHandler):
     route = "other"  # the route label in metrics
 
+    def __init__(self, application: tornado.web.Application, request: httputil.HTTPServerRequest,
+                 **kwargs: Any) -> None:
+        """Tornado's constructor (tornado is pinned) without the template namespace (``self.ui``,
+        two objects per request): relay renders no templates."""
+        self.application = application
+        self.request = request
+        self._headers_written = False
+        self._finished = False
+        self._auto_finish = True
+        self._prepared_future = None
+        self.clear()
+        assert request.connection is not None
+        request.connection.set_close_callback(self.on_connection_close)  # type: ignore[attr-defined]
+        self.initialize(**kwargs)
+
+    def set_header(self, name: str, value: Any) -> None:
+        # Tornado's check, in C for the common case: printable ASCII is a valid field value.
+        if value.__class__ is str and value.isascii() and value.isprintable():
+            self._headers[name] = value
+        else:
+            super().set_header(name, value)
+
     def initialize(self, services: Services) -> None:
         self.services = services
         self.started = time.perf_counter()
@@ -71,8 +93,10 @@ class RelayHandler(tornado.web.RequestHandler):
     def clear(self) -> None:
         """Tornado's ``clear()`` (tornado is pinned), but with the Date header made once a second
         rather than per response: email.utils' formatdate was 3% of a proxied chat's CPU."""
-        self._headers = httputil.HTTPHeaders({"Server": SERVER_HEADER, "Content-Type": "text/html; charset=UTF-8",
-                                              "Date": http_date()})
+        headers = self._headers = httputil.HTTPHeaders()
+        headers["Server"] = SERVER_HEADER
+        headers["Content-Type"] = "text/html; charset=UTF-8"
+        headers["Date"] = http_date()
         self.set_default_headers()
         self._write_buffer = []
         self._status_code = 200

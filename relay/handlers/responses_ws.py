@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import tornado.web
 import tornado.websocket
+from tornado import httputil
 
 from relay.balancer.pool import Endpoint
 from relay.errors import InvalidRequest, PreviousResponseNotFound, RelayError
@@ -68,6 +70,11 @@ class SocketTurn:
 
 class ResponsesSocketHandler(AuthenticatedHandler, tornado.websocket.WebSocketHandler):
     route = "responses"
+
+    def __init__(self, application: tornado.web.Application, request: httputil.HTTPServerRequest,
+                 **kwargs: Any) -> None:
+        # The WebSocket's own constructor (Tornado's whole one under it), not RelayHandler's lean one.
+        tornado.websocket.WebSocketHandler.__init__(self, application, request, **kwargs)
 
     async def prepare(self) -> None:
         await super().prepare()  # a bad key is a 401 before the upgrade
