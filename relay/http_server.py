@@ -41,6 +41,7 @@ from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
 from relay.observability.access_log import printable
+from relay.tornado_fastpath import Headers
 
 log = logging.getLogger("relay.http")
 MALFORMED_CHARS = 120
@@ -260,7 +261,7 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = httputil.HTTPHeaders()
+        self._headers = Headers()
         self._in_head = True
         self._header_bytes = 0
 

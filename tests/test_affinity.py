@@ -139,6 +139,18 @@ def test_rendezvous_ranking_shares_keys_by_weight_and_a_removed_endpoint_moves_o
             assert a.rank(rest, k)[0] is first, "keys of the endpoints that stay do not move"
 
 
+def test_the_first_choice_is_the_rankings_first_ties_included():
+    tier = _tier()
+    for i in range(2000):
+        k = a.affinity_key("chat", chat_body(user=f"k{i}"), "gpt-4o", CLIENT)
+        assert a.first_choice(tier, k) is a.rank(tier, k)[0]
+    # Equal scores (the same seed twice): the first name wins, as in the ranking.
+    twins = [replace(tier[1], seed=tier[0].seed), replace(tier[0])]
+    k = a.affinity_key("chat", chat_body(), "gpt-4o", CLIENT)
+    assert a.score(k, twins[0]) == a.score(k, twins[1]) and twins[0].name != twins[1].name
+    assert a.first_choice(twins, k) is a.rank(twins, k)[0] is min(twins, key=lambda ep: ep.name)
+
+
 def test_the_ranking_is_the_same_in_another_process():
     tier = _tier()
     keys = [a.affinity_key("chat", chat_body(user=f"c{i}"), "gpt-4o", CLIENT) for i in range(50)]

@@ -183,3 +183,33 @@ async def test_access_line_flags_say_why_a_request_failed(caplog, io_loop):
     await services.close()
     fake.stop()
     c.close()
+
+
+def test_relays_histogram_buckets_every_value_as_prometheus_client_does():
+    import random
+
+    import prometheus_client
+    from prometheus_client import CollectorRegistry
+
+    from relay.observability.metrics import LATENCY_BUCKETS, Histogram
+
+    theirs_registry, ours_registry = CollectorRegistry(), CollectorRegistry()
+    theirs = prometheus_client.Histogram("h", "h", ["x"], buckets=LATENCY_BUCKETS, registry=theirs_registry)
+    ours = Histogram("h", "h", ["x"], buckets=LATENCY_BUCKETS, registry=ours_registry)
+    rng = random.Random(7)
+    values = [*LATENCY_BUCKETS, 0.0, -1.0, 1e9, float("inf")] + [rng.uniform(0, 150) ** rng.choice((1, 0.2, 3))
+                                                                for _ in range(5000)]
+    values += [b * (1 + 1e-12) for b in LATENCY_BUCKETS] + [b * (1 - 1e-12) for b in LATENCY_BUCKETS]
+    for v in values:
+        theirs.labels("a").observe(v)
+        ours.labels("a").observe(v)
+    def samples(registry):  # all but the creation times
+        return [line for line in prometheus_client.generate_latest(registry).decode().splitlines()
+                if "_created" not in line]
+    assert samples(ours_registry) == samples(theirs_registry) and len(samples(ours_registry)) > 15
+    try:
+        ours.observe(1.0)  # the labelled parent: the library's own error
+    except ValueError as exc:
+        assert "missing label values" in str(exc)
+    else:
+        raise AssertionError("observing a labelled histogram's parent must fail")

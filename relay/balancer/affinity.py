@@ -137,6 +137,17 @@ def _first_two(item: tuple[float, str, Endpoint]) -> tuple[float, str]:
     return item[0], item[1]
 
 
+def first_choice(endpoints: Sequence[Endpoint], key: bytes) -> Endpoint:
+    """``rank(endpoints, key)[0]`` without ranking the rest: the key's first choice is all a
+    request needs unless that endpoint is overloaded (one pass, no sort, per request)."""
+    best, best_score = endpoints[0], -1.0
+    for ep in endpoints:
+        s = score(key, ep)
+        if s > best_score or (s == best_score and ep.name < best.name):
+            best, best_score = ep, s
+    return best
+
+
 def pick_affine(tier: Sequence[Endpoint], ready: Sequence[Endpoint], key: bytes,
                 overload_factor: float) -> tuple[Endpoint | None, bool]:
     """The first endpoint in the key's ranking of ``tier`` that is ``ready`` (available, not
@@ -162,10 +173,10 @@ def pick_affine(tier: Sequence[Endpoint], ready: Sequence[Endpoint], key: bytes,
         return (everyone or ep in ready_set) and \
             ep.in_flight + 1 <= math.ceil(overload_factor * total * ep.weight / weights)
 
-    ranked = rank(tier, key)
-    first = ranked[0]
+    first = first_choice(tier, key)
     if takes(first):
         return first, True
+    ranked = rank(tier, key)
     home = first.upstream.name
     for ep in [ep for ep in ranked if ep.upstream.name == home] + [ep for ep in ranked if ep.upstream.name != home]:
         if ep is not first and takes(ep):
