@@ -2,6 +2,7 @@
 the handlers rely on (keep-alive, pipelining, streamed request bodies, 100-continue, HTTP/1.0,
 the limits, the client-gone signals, the WebSocket hand-off)."""
 import asyncio
+import json
 
 import tornado.web
 import tornado.websocket
@@ -244,3 +245,42 @@ async def test_stop_refuses_new_connections_and_close_all_ends_the_open_ones(io_
     assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
     await writer.wait_closed()
+
+
+class Attributes(tornado.web.RequestHandler):
+    def get(self):
+        r = self.request
+        self.write({"host": r.host, "host_name": r.host_name, "path": r.path, "query": r.query,
+                    "arguments": {k: [v.decode() for v in vs] for k, vs in r.arguments.items()},
+                    "remote_ip": r.remote_ip, "lean": type(r).__name__})
+
+
+async def test_relays_application_builds_the_same_request_and_refuses_the_same_hosts(io_loop):
+    from relay import tornado_fastpath
+    app = tornado_fastpath.RelayApplication([(r"/attrs", Attributes)])
+    server = HTTPServer(app)
+    port = unused_port()
+    server.listen(port, "127.0.0.1")
+
+    async def attrs(raw: bytes) -> tuple[int, dict]:
+        got = await exchange(port, raw)
+        head, _, body = got.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), (json.loads(body) if body.startswith(b"{") else {})
+
+    status, seen = await attrs(b"GET /attrs HTTP/1.1\r\nHost: Example.COM:8080\r\nConnection: close\r\n\r\n")
+    assert status == 200 and seen == {"host": "Example.COM:8080", "host_name": "example.com", "path": "/attrs",
+                                      "query": "", "arguments": {}, "remote_ip": "127.0.0.1", "lean": "LeanRequest"}
+    status, seen = await attrs(b"GET /attrs?a=1&a=2&b= HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert status == 200 and seen["arguments"] == {"a": ["1", "2"], "b": [""]} and seen["query"] == "a=1&a=2&b="
+    assert seen["lean"] == "HTTPServerRequest"  # a query: Tornado's own request parses it
+    status, seen = await attrs(b"GET /attrs HTTP/1.0\r\n\r\n")
+    assert status == 200 and seen["host"] == "127.0.0.1"
+    for bad in (b"a b", b"a,b", b"x/y"):
+        for _ in range(2):  # refused each time, never remembered
+            status, _ = await attrs(b"GET /attrs HTTP/1.1\r\nHost: " + bad + b"\r\nConnection: close\r\n\r\n")
+            assert status == 400, bad
+    for i in range(tornado_fastpath.MAX_HOSTS_REMEMBERED + 10):
+        tornado_fastpath._host_name(f"h{i}.example")
+    assert 0 < len(tornado_fastpath._HOST_NAMES) <= tornado_fastpath.MAX_HOSTS_REMEMBERED
+    server.stop()
+    await server.close_all_connections()

@@ -198,3 +198,24 @@ async def test_ledger_outbox_moves_each_entry_exactly_once(store):
     assert sorted(e["_id"] for e in await store.ledger_entries()) == ["r1", "r2"]
     assert (await store.key_doc(h))["pending"] == []
     await assert_conserved(store)
+
+
+def test_day_counts_sum_each_days_entries_in_one_increment_per_field():
+    import datetime as dt
+
+    from relay.metering.ledger import day_counts
+
+    def entry(i, at):
+        return LedgerEntry(request_id=f"r{i}", key_hash="k", model="m", upstream="u", prompt_tokens=10 + i,
+                           completion_tokens=i, cost=100 * i, status=200, latency_ms=1.0, ttfb_ms=1.0,
+                           stream=False, at=at)
+    late, early = dt.datetime(2026, 11, 30, 23, 59, 59, 999999), dt.datetime(2026, 12, 1, 0, 0, 0)
+    entries = [entry(1, late), entry(2, early), entry(3, late), entry(4, dt.datetime(999, 1, 2))]
+    assert day_counts(entries) == {
+        "days.2026-11-30.cost": 400, "days.2026-11-30.requests": 2, "days.2026-11-30.prompt_tokens": 24,
+        "days.2026-11-30.completion_tokens": 4,
+        "days.2026-12-01.cost": 200, "days.2026-12-01.requests": 1, "days.2026-12-01.prompt_tokens": 12,
+        "days.2026-12-01.completion_tokens": 2,
+        "days.0999-01-02.cost": 400, "days.0999-01-02.requests": 1, "days.0999-01-02.prompt_tokens": 14,
+        "days.0999-01-02.completion_tokens": 4}
+    assert day_of(late) == late.strftime("%Y-%m-%d") and day_of(early) == "2026-12-01"

@@ -40,7 +40,7 @@ def utc_now() -> dt.datetime:
 
 
 def day_of(at: dt.datetime) -> str:
-    return at.strftime("%Y-%m-%d")
+    return at.date().isoformat()  # "%Y-%m-%d" without strftime's format parsing
 
 
 _ENTRY_FIELDS = tuple(f for f in LedgerEntry.__dataclass_fields__ if f != "request_id")
@@ -78,10 +78,18 @@ def entries_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def day_counts(entries: list[LedgerEntry]) -> dict[str, int]:
     """``$inc`` fields that count these entries into the key's per-day usage (``days``)."""
-    inc: dict[str, int] = {}
+    by_day: dict[str, list[int]] = {}
     for e in entries:
-        day = f"days.{day_of(e.at)}"
-        for field, value in (("cost", e.cost), ("requests", 1), ("prompt_tokens", e.prompt_tokens),
-                             ("completion_tokens", e.completion_tokens)):
-            inc[f"{day}.{field}"] = inc.get(f"{day}.{field}", 0) + value
+        day = day_of(e.at)
+        sums = by_day.get(day)
+        if sums is None:
+            sums = by_day[day] = [0, 0, 0, 0]
+        sums[0] += e.cost
+        sums[1] += 1
+        sums[2] += e.prompt_tokens
+        sums[3] += e.completion_tokens
+    inc: dict[str, int] = {}
+    for day, sums in by_day.items():
+        for field, value in zip(("cost", "requests", "prompt_tokens", "completion_tokens"), sums, strict=True):
+            inc[f"days.{day}.{field}"] = value
     return inc
