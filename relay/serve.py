@@ -29,6 +29,7 @@ from relay.fake_upstream import Behaviour, FakeState, make_fake_app
 from relay.keys import available, hash_key, is_well_formed
 from relay.metering.encodings import encodings_for_models
 from relay.net import parse_trusted
+from relay.observability import access_log
 from relay.store.connect import StoreLocation, close_client, locate_store, open_store
 from relay.store.embedded import die_with_parent
 
@@ -128,6 +129,7 @@ async def graceful_stop(servers: list[Server], services: Services, drain_timeout
     else:
         log.warning("drain timeout: %d request(s) still in flight are cut", services.active)
         summary = f"{services.active} request(s) in flight cut after the {drain_timeout:.0f} s drain timeout"
+    access_log.DIRECT.flush()  # the drained requests' lines, before what the stop logs next
     for server in servers:
         await server.close_all_connections()
     await services.close()
@@ -137,6 +139,7 @@ async def graceful_stop(servers: list[Server], services: Services, drain_timeout
 def stopped(what: str, summary: str, location: StoreLocation) -> None:
     """The one line a stopped relay prints (after its embedded store stopped, if it ran one)."""
     store = "the embedded store stopped" if location.embedded is not None else "store connection closed"
+    access_log.DIRECT.flush()
     print(f"{what} stopped: {summary}; {store}.", file=sys.stderr, flush=True)
 
 

@@ -1,4 +1,5 @@
 """The access line written straight to the stream is what logging would have written there."""
+import asyncio
 import io
 import logging
 import re
@@ -68,3 +69,41 @@ def test_any_other_logging_setup_gets_the_line_through_logging(caplog):
     assert direct.startswith(time.strftime("%Y-")) and " INFO relay.access r-1 POST " in direct
     log_request(served())  # pytest's own handlers: the line reaches caplog
     assert [r.getMessage().split()[0] for r in caplog.records if r.name == "relay.access"][-1] == "r-1"
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_inside_the_loop_lines_are_written_in_one_batch_soon_after_and_at_exit():
+    from relay.observability import access_log as al
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    stream = CountingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        for _ in range(3):
+            log_request(served())
+        assert stream.writes == 0, "nothing written while the batch is young"
+        await asyncio.sleep(al.FLUSH_S * 3)
+        assert stream.writes == 1 and stream.getvalue().count(" relay.access r-1 POST ") == 3
+        for _ in range(al.FLUSH_LINES):
+            log_request(served())
+        assert stream.writes == 2, "a full batch is written at once"
+        log_request(served())
+        DIRECT.flush()  # what exit does (atexit), before the timer
+        assert stream.writes == 3 and stream.getvalue().count("\n") == 3 + al.FLUSH_LINES + 1
+        assert all(STAMP.match(line) for line in stream.getvalue().splitlines())
+    finally:
+        DIRECT.flush()
+        root.handlers[:] = saved
+        root.setLevel(level)
