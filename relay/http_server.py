@@ -186,6 +186,9 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._done: asyncio.Future[None] = self.loop.create_future()
         self._done.set_result(None)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline: float | None = None  # loop time: when the connection closes unless it moves
+        self._deadline_body = False          # the deadline is the body's (logged when it passes)
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -525,7 +528,7 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
 
     def set_body_timeout(self, timeout: float) -> None:
         self._body_timeout = timeout
-        if self._reading and self._timer is not None:
+        if self._reading and self._deadline is not None:
             self._arm(timeout, body=True)
 
     def set_max_body_size(self, max_body_size: int) -> None:
@@ -585,17 +588,38 @@ class Connection(asyncio.Protocol, httputil.HTTPConnection):
             log.error("Uncaught exception in a close callback", exc_info=exc)
 
     def _arm(self, timeout: float | None, body: bool = False) -> None:
-        self._cancel_timer()
-        if timeout is not None and timeout > 0:
-            self._timer = self.loop.call_later(timeout, self._timed_out, body)
+        """Close the connection ``timeout`` seconds from now (None: no deadline). The connection
+        keeps one timer and moves its deadline: a timer made and cancelled for every request
+        cost more than the deadline it checks. The timer fires no later than the deadline and,
+        when the deadline has moved on since, waits again for the new one."""
+        if timeout is None or timeout <= 0:
+            self._deadline = None
+            return
+        deadline = self.loop.time() + timeout
+        self._deadline, self._deadline_body = deadline, body
+        if self._timer is None or self._timer_at > deadline:
+            self._start_timer(deadline)
+
+    def _start_timer(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = self.loop.call_at(at, self._on_timer), at
 
     def _cancel_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _timed_out(self, body: bool) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if body:
+        deadline = self._deadline
+        if deadline is None or self.closed:
+            return
+        if self.loop.time() < deadline:
+            self._start_timer(deadline)
+            return
+        self._deadline = None
+        if self._deadline_body:
             log.info("Timeout reading body from %s", self.context)
         self.close()

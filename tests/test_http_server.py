@@ -197,6 +197,26 @@ async def test_slow_heads_and_slow_bodies_are_cut(io_loop):
     server.stop()
 
 
+async def test_an_idle_deadline_moves_with_each_request_and_still_closes_on_time(io_loop):
+    server, port = serve(idle_timeout=0.4)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n"
+    for _ in range(3):  # each request inside the idle time: the first deadline has long passed by the last
+        await asyncio.sleep(0.25)
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+    answered = loop.time()
+    assert await asyncio.wait_for(reader.read(1), 2) == b"", "closed once idle"
+    assert 0.35 < loop.time() - answered < 1.0, loop.time() - answered
+    writer.close()
+    server.stop()
+
+
 async def test_a_client_that_leaves_is_reported_to_the_handler(io_loop):
     server, port = serve()
     EVENTS.clear()
