@@ -107,13 +107,14 @@ class RelayHandler(tornado.web.RequestHandler):
         # Runs before initialize() and again on every clear(): the id is made once.
         if not hasattr(self, "request_id"):
             self.request_id = "req_" + secrets.token_hex(8)
-        self.set_header("X-Request-Id", self.request_id)
+        headers = self._headers  # relay's own values, all printable ASCII: no check needed
+        headers["X-Request-Id"] = self.request_id
         # Browser clients (ChatGPT-Next-Web, translators) call from other origins with a bearer
         # header; no cookies are involved, so "*" is safe for the origin.
-        self.set_header("Access-Control-Allow-Origin", "*")
-        self.set_header("Access-Control-Expose-Headers", "X-Request-Id")
+        headers["Access-Control-Allow-Origin"] = "*"
+        headers["Access-Control-Expose-Headers"] = "X-Request-Id"
         for name, value in getattr(self, "limit_headers", {}).items():  # a limited key's, on every answer
-            self.set_header(name, value)
+            headers[name] = value
 
     def on_finish(self) -> None:
         self._uncount()
@@ -142,10 +143,13 @@ class RelayHandler(tornado.web.RequestHandler):
 
     @property
     def client_ip(self) -> str:
-        h = self.request.headers
-        return client_address(self.request.remote_ip or "", h.get("X-Forwarded-For"),
-                              h.get("X-Forwarded-Proto"), self.request.protocol,
-                              self.services.trusted_proxies)[0]
+        known: str | None = getattr(self, "_client_ip", None)  # asked by the policy and the access line
+        if known is None:
+            h = self.request.headers
+            known = self._client_ip = client_address(self.request.remote_ip or "", h.get("X-Forwarded-For"),
+                                                     h.get("X-Forwarded-Proto"), self.request.protocol,
+                                                     self.services.trusted_proxies)[0]
+        return known
 
     async def refuse_guess(self, throttle: FailedAuthThrottle, message: str) -> None:
         """Count a wrong credential from this address; past the throttle's limit, a slow 429."""

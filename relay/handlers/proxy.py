@@ -112,8 +112,9 @@ class ProxyHandler(AuthenticatedHandler):
             return
         ticket = await limits.admit(self.key, quote.prompt_tokens + quote.allowance)
         self.limit_headers = limits.headers(self.key.key_hash)
+        headers = self._headers  # numbers and durations relay wrote: printable ASCII, no check needed
         for name, value in self.limit_headers.items():
-            self.set_header(name, value)
+            headers[name] = value
         self._used_tokens = 0
         try:
             await self._forward(request, quote, stream, body)
