@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from relay.balancer import health as h
@@ -74,6 +73,26 @@ class NoEvents:
         pass
 
 
+class Exchange:
+    """``Router.exchange``'s ``async with``: a class rather than ``@asynccontextmanager``, whose
+    generator and wrapper cost more per request than the exchange's own bookkeeping."""
+
+    __slots__ = ("_router", "_request", "_resp", "_started")
+
+    def __init__(self, router: Router, request: UpstreamRequest) -> None:
+        self._router, self._request = router, request
+
+    async def __aenter__(self) -> UpstreamResponse:
+        self._started = self._router.clock()
+        self._resp = await self._router._send(self._request)
+        return self._resp
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        router, resp = self._router, self._resp
+        router._release(resp)
+        router.events.on_done(resp.endpoint, router.clock() - self._started)
+
+
 class Router:
     def __init__(self, pool: Pool, transport: Transport, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
@@ -112,18 +131,11 @@ class Router:
                              f"(all ejected, cooling or disabled)")
         return choice
 
-    @asynccontextmanager
-    async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+    def exchange(self, request: UpstreamRequest) -> Exchange:
         """A response the client may see (2xx, or its own 4xx), held for the ``async with``
         block: the endpoint counts it in flight until the block ends, and then its connection
         is released (an unfinished body closes it, which cancels the upstream's work)."""
-        started = self.clock()
-        resp = await self._send(request)
-        try:
-            yield resp
-        finally:
-            self._release(resp)
-            self.events.on_done(resp.endpoint, self.clock() - started)
+        return Exchange(self, request)
 
     async def _send(self, request: UpstreamRequest) -> UpstreamResponse:
         max_attempts = self.pool.config.retries.max_attempts
