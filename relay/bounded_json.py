@@ -5,8 +5,9 @@ nested 100k deep would end in RecursionError (a 500); this refuses it as bad inp
 """
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from relay import fast_json
 
 # Real OpenAI bodies are shallow: the envelope of a tool's JSON schema is ~6 levels and each
 # nested object schema adds 2 ("properties", then the object), so even 20 levels of schema
@@ -23,7 +24,7 @@ class TooDeep(ValueError):
 
 def loads(data: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     try:
-        value = json.loads(data)
+        value = fast_json.loads(data)
     except RecursionError:
         raise TooDeep(f"nested deeper than {max_depth} levels") from None
     if deeper_than(value, max_depth):

@@ -203,3 +203,26 @@ def test_ten_megabytes_without_a_space_count_a_slice_at_a_time():
         calls += 1
     assert calls >= (10 << 20) // MAX_SLICE_CHARS - 1
     assert tally.close() > 0 and tally.pending == 0
+
+
+def _event_data_line_by_line(event: bytes) -> bytes:
+    return b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
+def test_an_events_data_is_read_the_same_by_the_shortcut_and_line_by_line():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from relay.proxy.sse import event_data
+    line = st.sampled_from([b"data:", b"data: ", b"data:  ", b"event: x", b"event:", b": ping", b"id: 1", b"",
+                            b"data", b"dat", b"retry: 5"])
+    tail = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"|")) | st.sampled_from([b"{}", b"[DONE]", b""])
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.lists(st.tuples(line, tail), max_size=4), st.sampled_from([b"\n\n", b"\n", b"", b"\n\n\n"]))
+    def check(lines, end):
+        event = b"\n".join(a + b for a, b in lines) + end
+        assert event_data(event) == _event_data_line_by_line(event), event
+    check()
+    assert event_data(b"event: response.output_text.delta\ndata: {\"a\":1}\n\n") == b'{"a":1}'
+    assert event_data(b"data:  [DONE]\n\n") == b"[DONE]"

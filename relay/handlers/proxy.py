@@ -3,7 +3,6 @@ exchange with an upstream, the reply relayed (JSON or server-sent events), and t
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import replace
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import tornado.web
 from tornado.iostream import StreamClosedError
 
+from relay import fast_json
 from relay.balancer.affinity import affinity_key
 from relay.balancer.pool import Endpoint, Pool
 from relay.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound, UpstreamError
@@ -379,7 +379,7 @@ async def _usage_of_small_reply(data: bytes, prompt: Usage, upstream: str, meter
 
 def _parse_reply(data: bytes, upstream: str) -> Any:
     try:
-        return json.loads(data)
+        return fast_json.loads(data)
     except ValueError:
         raise UpstreamError(f"upstream {upstream} sent a reply that is not JSON") from None
 

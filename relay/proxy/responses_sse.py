@@ -6,10 +6,10 @@ until then the delivered text (output text, refusals, tool-call arguments, reaso
 summaries) is counted as it passes, for an upstream that reports none."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
+from relay import fast_json
 from relay.metering.quote import response_output_texts
 from relay.metering.usage import parse_usage
 from relay.proxy.sse import DONE, StreamMeter, event_data
@@ -50,7 +50,7 @@ class ResponsesStreamMeter(StreamMeter):
     def observe(self, data: bytes | str) -> bool:
         """Record one event's JSON; False when it is not a JSON object (garbage, dropped)."""
         try:
-            obj = json.loads(data)
+            obj = fast_json.loads(data)
         except ValueError:
             self.malformed += 1
             return False

@@ -3,9 +3,9 @@ streams. Pure. ``SSEDecoder`` cuts chunks into whole events; ``StreamMeter`` (ch
 ``CompletionStreamMeter`` read each event once."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from relay import fast_json
 from relay.metering.quote import reply_texts
 from relay.metering.tokens import TokenTally
 from relay.metering.usage import Usage, parse_usage
@@ -76,6 +76,11 @@ class SSEDecoder:
 
 def event_data(event: bytes) -> bytes:
     """The joined ``data:`` lines of one event."""
+    end = len(event) - 2
+    if event.endswith(b"\n\n"):  # as SSEDecoder ends every event: one data line, after an event line or not,
+        start = event.find(b"\n") + 1 if event.startswith(b"event:") else 0  # is nearly every event
+        if event.startswith(b"data:", start) and event.find(b"\n", start) == end:
+            return event[start + 5:end].lstrip(b" ")
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
 
@@ -104,10 +109,10 @@ class StreamMeter:
         if data == DONE:
             self.done = True
             return True
-        if all(line.startswith(b":") for line in event.split(b"\n") if line):
+        if not data and all(line.startswith(b":") for line in event.split(b"\n") if line):
             return True  # comments only: keep-alives some upstreams send, which SSE parsers skip
         try:
-            obj = json.loads(data)
+            obj = fast_json.loads(data)
         except ValueError:
             # Garbage from a broken upstream would break the client's JSON parser: drop it.
             self.malformed += 1
