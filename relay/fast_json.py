@@ -11,21 +11,22 @@ longer be an integer): a text with 19 digits in a row goes to ``json.loads`` who
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-_LONG_DIGITS_B = re.compile(rb"\d{19}")
-_LONG_DIGITS_S = re.compile(r"\d{19}")
+# Every digit as "0", everything else as "x": 19 digits in a row are then one substring search
+# (a regular expression for them cost twice orjson's parse).
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
+_LONG_DIGITS = b"0" * 19
 
 
 def loads(data: bytes | str) -> Any:
     """``json.loads(data)``: the same value, or the same error."""
-    long_digits = _LONG_DIGITS_B if isinstance(data, bytes) else _LONG_DIGITS_S
-    if long_digits.search(data) is None:  # type: ignore[arg-type]  # the pattern matches data's type
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if _LONG_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
         try:
-            return orjson.loads(data)
+            return orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
     return json.loads(data)
