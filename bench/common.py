@@ -163,10 +163,48 @@ def idle_priority(pid: int) -> None:
 
 def nice(pid: int, value: int) -> None:
     """This niceness for every thread of ``pid`` (Linux's niceness is per thread; threads it
-    starts later inherit it): under contention it gets a small share of its core, otherwise
-    all the core's idle time."""
+    starts later inherit it).
+
+    It weighs only against the process's own threads where autogroups are on (Debian's
+    kernels: ``kernel.sched_autogroup_enabled``): each child here starts a session, each
+    session is a scheduling group, and groups weigh the same whatever their threads' niceness.
+    The store measured so far ran so, as a normal process beside the generator and the fake;
+    setting the group's niceness too (``/proc/PID/autogroup``) would starve it at concurrency
+    64 as SCHED_IDLE did."""
     for tid in threads(pid):
         os.setpriority(os.PRIO_PROCESS, tid, value)
+
+
+# Linux's EEVDF scheduler (6.6 and later) lets a running task run on to the end of its slice
+# before a task woken on the same core runs (RUN_TO_PARITY). On the bench's shared core that was
+# the tail at concurrency 1: a store thread's group commit ran on for 2-3 ms while the fake
+# upstream (or wrk) woken beside it waited (perf sched timehist: 1-3 ms scheduling delays). Since 6.12 a task may ask
+# for a shorter slice (sched_setattr's sched_runtime for SCHED_OTHER), and a task with a shorter
+# slice preempts at wake-up: the generator and the fake, stand-ins for machines of their own, ask.
+SHORT_SLICE_US = 100
+_SYS_SCHED_SETATTR = 314  # x86-64
+
+
+def short_slice(pid: int, micros: int = SHORT_SLICE_US) -> bool:
+    """A ``micros`` EEVDF slice for every thread of ``pid`` (0: this process); False where the
+    kernel cannot (before 6.12, or not x86-64): the bench then runs as it did."""
+    import ctypes
+    import platform
+    import struct
+    if platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    ok = True
+    for tid in threads(pid or os.getpid()):
+        # struct sched_attr: size, policy (SCHED_OTHER), flags, nice, priority, runtime (the slice), ...
+        attr = struct.pack("IIQiIQQQII", 56, 0, 0, os.getpriority(os.PRIO_PROCESS, tid), 0, micros * 1000, 0, 0, 0, 0)
+        ok = libc.syscall(_SYS_SCHED_SETATTR, tid, ctypes.create_string_buffer(attr, len(attr)), 0) == 0 and ok
+    return ok
+
+
+def with_short_slice(cmd: list[str], micros: int = SHORT_SLICE_US) -> list[str]:
+    """``cmd`` started with a short slice from its first instruction (its threads inherit it)."""
+    return [sys.executable, os.path.abspath(__file__), "--short-slice", str(micros), *cmd]
 
 
 def pin(pid: int, cores: str) -> None:
@@ -183,3 +221,8 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--short-slice"]:
+    short_slice(0, int(sys.argv[2]))
+    os.execvp(sys.argv[3], sys.argv[3:])

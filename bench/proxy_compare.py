@@ -3,9 +3,11 @@
 Layout (2 cores): the proxy under test (relay, or nginx as the floor) alone on core 0; the
 load generator, the upstream fake (bench/lean_upstream.py: canned OpenAI replies from a bare
 asyncio protocol; its own CPU per request is printed as the "direct" row) and relay's store
-server on core 1, the store at a low priority (nice 10: it gets the core's idle time, and a
-small share when the generator and the fake want all of it). Targets are measured
-interleaved, round by round, for each mode and concurrency.
+server on core 1 (its threads at nice 10, which weighs only within its own scheduling group
+where autogroups are on: see common.nice). The generator and the fake ask the scheduler for
+short slices (common.short_slice, Linux 6.12+), so that a group commit of the store's running
+on core 1 does not hold them up for its whole slice. Targets are measured interleaved, round
+by round, for each mode and concurrency.
 
 relay runs as an operator would start it: a minimal upstreams.yaml (upstreams and prices, no
 ``quota:`` section, so the defaults: leases, affinity), at log level info with its access log
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (Result, child_pids, drive, free_port, idle_priority, nice, pin, proc_cpu_seconds,  # noqa
-                    relay_cmd, rss_mb, spawn, stop, wait_port)
+                    relay_cmd, rss_mb, short_slice, spawn, stop, wait_port, with_short_slice)
 
 
 PROXY_CORE, OTHER_CORE = "0", "1"
@@ -241,7 +243,8 @@ async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: floa
     script = os.path.join(os.path.dirname(__file__), "wrk_post.lua")
     env = {**os.environ, "RELAY_BENCH_BODY": body.decode(), "RELAY_BENCH_AUTH": headers["Authorization"]}
     proc = await asyncio.create_subprocess_exec(
-        "taskset", "-c", cores, "wrk", "-t1", f"-c{conc}", f"-d{max(int(seconds), 1)}s", "-s", script, url,
+        "taskset", "-c", cores, *with_short_slice(["wrk"]), "-t1", f"-c{conc}", f"-d{max(int(seconds), 1)}s",
+        "-s", script, url,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
     line = next(x for x in out.decode().splitlines() if x.startswith("RESULT"))
@@ -283,8 +286,8 @@ async def main(args) -> int:
     fake_port, nginx_port, relay_port = free_port(), free_port(), free_port()
     procs = []
     try:
-        fake = spawn([sys.executable, os.path.join(os.path.dirname(__file__), "lean_upstream.py"), str(fake_port)],
-                     cpu=OTHER_CORE)
+        fake = spawn(with_short_slice([sys.executable, os.path.join(os.path.dirname(__file__), "lean_upstream.py"),
+                                       str(fake_port)]), cpu=OTHER_CORE)
         floor = spawn(["nginx", "-c", nginx_conf(workdir, nginx_port, proxy_server_block(nginx_port, fake_port))],
                       cpu=PROXY_CORE)
         procs += [fake, floor]
@@ -292,6 +295,8 @@ async def main(args) -> int:
         store = EmbeddedServer(os.path.join(workdir, "store"))
         os.sched_setaffinity(0, {int(OTHER_CORE)})  # the store server (our child) and the load generator
         uri = store.start()
+        if args.generator == "python":
+            short_slice(0)  # this process is the generator (after the store started: children inherit it)
         # Its bursts of work (each group commit) must not delay the generator and the fake on the
         # same core, nor starve when they keep the core busy (at SCHED_IDLE it did: its answers
         # came too late, and relay's store breaker opened).
