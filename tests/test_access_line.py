@@ -107,3 +107,28 @@ async def test_inside_the_loop_lines_are_written_in_one_batch_soon_after_and_at_
         DIRECT.flush()
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_lines_left_by_a_loop_that_closed_go_out_with_the_next_loop():
+    from relay.observability import access_log as al
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    stream = CountingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+    async def one_line(wait: float) -> None:
+        log_request(served())
+        await asyncio.sleep(wait)
+
+    try:
+        asyncio.run(one_line(0))  # the loop closes with the line's flush still due
+        assert stream.writes == 0
+        asyncio.run(one_line(al.FLUSH_S * 3))
+        assert stream.writes == 1 and stream.getvalue().count(" relay.access r-1 POST ") == 2
+    finally:
+        DIRECT.flush()
+        root.handlers[:] = saved
+        root.setLevel(level)

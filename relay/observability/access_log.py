@@ -150,6 +150,7 @@ class DirectLine:
         self._pending: list[str] = []
         self._to: logging.StreamHandler[Any] | None = None
         self._flush_due: asyncio.TimerHandle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         atexit.register(self.flush)
 
     def _handler(self) -> logging.StreamHandler[Any] | None:
@@ -184,13 +185,14 @@ class DirectLine:
         self._pending.append(text)
         if len(self._pending) >= FLUSH_LINES:
             self.flush()
-        elif self._flush_due is None:
+        elif self._flush_due is None or self._flush_loop is None or self._flush_loop.is_closed():
+            # (A loop that closed with a flush due never ran it: the lines go now, or with this loop.)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop: nothing would flush later
                 self.flush()
             else:
-                self._flush_due = loop.call_later(FLUSH_S, self.flush)
+                self._flush_due, self._flush_loop = loop.call_later(FLUSH_S, self.flush), loop
         return True
 
     def flush(self) -> None:
