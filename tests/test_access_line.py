@@ -1,9 +1,11 @@
 """The access line written straight to the stream is what logging would have written there."""
 import asyncio
+import contextlib
 import io
 import logging
 import re
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 from relay.observability.access_log import DIRECT, LOG_FORMAT, log_request
@@ -81,16 +83,28 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-async def test_inside_the_loop_lines_are_written_in_one_batch_soon_after_and_at_exit():
-    from relay.observability import access_log as al
+@contextlib.contextmanager
+def logging_as_relay_serve_into(stream: io.StringIO) -> Iterator[None]:
+    """The root logger set up as ``relay serve`` sets it, writing to ``stream``; restored after,
+    with any access lines still waiting written first."""
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
-    stream = CountingStream()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     try:
+        yield
+    finally:
+        DIRECT.flush()
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+async def test_inside_the_loop_lines_are_written_in_one_batch_soon_after_and_at_exit():
+    from relay.observability import access_log as al
+    stream = CountingStream()
+    with logging_as_relay_serve_into(stream):
         for _ in range(3):
             log_request(served())
         assert stream.writes == 0, "nothing written while the batch is young"
@@ -103,32 +117,18 @@ async def test_inside_the_loop_lines_are_written_in_one_batch_soon_after_and_at_
         DIRECT.flush()  # what exit does (atexit), before the timer
         assert stream.writes == 3 and stream.getvalue().count("\n") == 3 + al.FLUSH_LINES + 1
         assert all(STAMP.match(line) for line in stream.getvalue().splitlines())
-    finally:
-        DIRECT.flush()
-        root.handlers[:] = saved
-        root.setLevel(level)
 
 
 def test_lines_left_by_a_loop_that_closed_go_out_with_the_next_loop():
     from relay.observability import access_log as al
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
     stream = CountingStream()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
 
     async def one_line(wait: float) -> None:
         log_request(served())
         await asyncio.sleep(wait)
 
-    try:
+    with logging_as_relay_serve_into(stream):
         asyncio.run(one_line(0))  # the loop closes with the line's flush still due
         assert stream.writes == 0
         asyncio.run(one_line(al.FLUSH_S * 3))
         assert stream.writes == 1 and stream.getvalue().count(" relay.access r-1 POST ") == 2
-    finally:
-        DIRECT.flush()
-        root.handlers[:] = saved
-        root.setLevel(level)
