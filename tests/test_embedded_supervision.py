@@ -166,16 +166,21 @@ async def test_a_killed_store_comes_back_on_its_port_and_the_key_works_again(lea
         codes += [r.code for r in await asyncio.gather(*during)]
         assert set(codes[3:]) <= {200, 503}, codes  # during the outage: served from a slice, or refused
 
-        async def served_again() -> bool:
-            codes.append((await post_chat(c, relay.url, key)).code)
-            return codes[-1] == 200
+        # Each process finds the store back on its own (its store breaker closes after its own
+        # cooldown): until all have, a request may still meet one that refuses (503). With one
+        # process, once it served again it serves on; with several, six 200s in a row say all have.
         t0 = time.monotonic()
-        while not await served_again():
-            assert codes[-1] == 503 and time.monotonic() - t0 < 15, codes
-        for _ in range(5):
+        first_back: int | None = None
+        streak = 0
+        while streak < 6:
             codes.append((await post_chat(c, relay.url, key)).code)
-        # Seen once, with other tests loading the machine: [200, 200, 503, 503, 503, 503]; the log says why.
-        assert codes[-6:] == [200] * 6, (codes, relay.log()[-6000:])
+            streak = streak + 1 if codes[-1] == 200 else 0
+            if codes[-1] == 200 and first_back is None:
+                first_back = len(codes) - 1
+            assert codes[-1] in (200, 503) and time.monotonic() - t0 < 15, (codes, relay.log()[-6000:])
+        if workers == 1:
+            # Seen once, with other tests loading the machine: 200 then 503s; the log says why.
+            assert 503 not in codes[first_back:], ("served again, then refused", codes, relay.log()[-6000:])
 
         store = await open_store(f"mongodb://127.0.0.1:{before['port']}/relay?directConnection=true")
         h = hash_key(key)
