@@ -166,9 +166,10 @@ async def test_a_killed_store_comes_back_on_its_port_and_the_key_works_again(lea
         codes += [r.code for r in await asyncio.gather(*during)]
         assert set(codes[3:]) <= {200, 503}, codes  # during the outage: served from a slice, or refused
 
-        # Each process finds the store back on its own (its store breaker closes after its own
-        # cooldown): until all have, a request may still meet one that refuses (503). With one
-        # process, once it served again it serves on; with several, six 200s in a row say all have.
+        # Each process finds the store back on its own (its breaker closes when its own probe gets
+        # an answer, relay/store/breaker.py): until all have, a request may still meet one that
+        # refuses (503). One process serves on once it served again; with several, six 200s in a
+        # row say they all have.
         t0 = time.monotonic()
         first_back: int | None = None
         streak = 0
