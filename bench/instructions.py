@@ -28,8 +28,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, relay_cmd, spawn, stop, wait_port, with_short_slice  # noqa: E402
-from proxy_compare import MODES, POLICY, relay_config  # noqa: E402
+from common import free_port, relay_cmd, spawn, stop, wait_port  # noqa: E402
+from proxy_compare import MODES, bench_key, relay_config, start_fake  # noqa: E402
 
 
 def counted(out_dir: str, pid: int, before: set[str]) -> int:
@@ -105,8 +105,7 @@ def main() -> int:
     trees = [("relay", here)] + [(f"base{i or ''}", os.path.abspath(d)) for i, d in enumerate(args.baseline)]
     workdir = tempfile.mkdtemp(prefix="relay-instructions-bench-")
     fake_port = free_port()
-    fake = spawn(with_short_slice([sys.executable, os.path.join(os.path.dirname(__file__), "lean_upstream.py"),
-                                   str(fake_port)]))
+    fake = start_fake(fake_port)
     from relay.store.embedded import EmbeddedServer
     store = EmbeddedServer(os.path.join(workdir, "store"))
     try:
@@ -115,8 +114,7 @@ def main() -> int:
         cfg = os.path.join(workdir, "upstreams.yaml")
         with open(cfg, "w") as fh:
             fh.write(relay_config(fake_port, True))
-        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *POLICY, "--mongodb-uri", uri),
-                             capture_output=True, text=True, check=True).stdout.strip()
+        key = bench_key(uri)
         results: dict[str, list[float]] = {name: [] for name, _ in trees}
         for run in range(args.runs):
             for name, tree in trees:

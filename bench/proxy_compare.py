@@ -145,6 +145,19 @@ def proxy_server_block(port: int, upstream_port: int) -> str:
     }}"""
 
 
+def start_fake(port: int, cpu: str | None = None) -> subprocess.Popen:
+    """The lean fake upstream on ``port``, on a short scheduler slice (common.short_slice)."""
+    return spawn(with_short_slice([sys.executable, os.path.join(os.path.dirname(__file__), "lean_upstream.py"),
+                                   str(port)]), cpu=cpu)
+
+
+def bench_key(uri: str, policy: bool = True) -> str:
+    """A new relay key on the store at ``uri`` with quota to spare; with the bench's policy
+    (every field set, at values never reached) unless ``policy`` is False."""
+    return subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *(POLICY if policy else ()),
+                                    "--mongodb-uri", uri), capture_output=True, text=True, check=True).stdout.strip()
+
+
 def relay_config(fake_port: int, leases: bool, explicit: bool = False) -> str:
     """A minimal file: each mode's upstream (two keys, so that affinity ranks them) and prices."""
     ups = "".join(f"""
@@ -286,8 +299,7 @@ async def main(args) -> int:
     fake_port, nginx_port, relay_port = free_port(), free_port(), free_port()
     procs = []
     try:
-        fake = spawn(with_short_slice([sys.executable, os.path.join(os.path.dirname(__file__), "lean_upstream.py"),
-                                       str(fake_port)]), cpu=OTHER_CORE)
+        fake = start_fake(fake_port, OTHER_CORE)
         floor = spawn(["nginx", "-c", nginx_conf(workdir, nginx_port, proxy_server_block(nginx_port, fake_port))],
                       cpu=PROXY_CORE)
         procs += [fake, floor]
@@ -323,8 +335,7 @@ async def main(args) -> int:
             ports.append(base_port)
         for port in ports:
             wait_port(port, 60)
-        key = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), *POLICY, "--mongodb-uri", uri),
-                             capture_output=True, text=True, check=True).stdout.strip()
+        key = bench_key(uri)
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         targets = [Target("direct", fake_port, lambda: [fake.pid]),
                    Target("nginx", nginx_port, lambda: [floor.pid] + child_pids(floor.pid)),
@@ -332,8 +343,7 @@ async def main(args) -> int:
         if args.baseline:
             targets.append(Target("base", base_port, lambda: [base.pid]))
         if args.bare_key:  # the same relay, a key without a policy
-            bare = subprocess.run(relay_cmd("keys", "create", "--quota", str(10**15), "--mongodb-uri", uri),
-                                  capture_output=True, text=True, check=True).stdout.strip()
+            bare = bench_key(uri, policy=False)
             targets.append(Target("bare", relay_port, lambda: [relay.pid],
                                   headers={**headers, "Authorization": f"Bearer {bare}"}))
         if args.soak:
