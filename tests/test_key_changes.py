@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 from relay.auth import Authenticator
 from relay.keys import hash_key
 from relay.store.base import KeyRecord
-from relay.store.changes import KeyWatcher
+from relay.store.changes import EMPTY_EVERY_S, KeyWatcher
 from relay.store.connect import close_client, open_store
 from relay.store.embedded import _answers, _server_command
 from tests.conftest import ADMIN_TOKEN
@@ -184,6 +184,38 @@ async def test_the_stream_resumes_after_a_cut_without_missing_a_change(embedded,
         await close_client(direct.client)
         await close_client(watched.client)
         await proxy.stop()
+
+
+async def test_money_writes_do_not_make_the_watcher_ask_many_times_a_second(embedded, io_loop):
+    """The embedded store answers a waiting getMore at once, empty, for every write the filter
+    drops; group commits write ~10 times a second per process. The watcher asks again no sooner
+    than EMPTY_EVERY_S after an empty answer (each ask is a round trip on relay's loop), and a
+    real change made among the money writes still arrives within a second."""
+    db = "paced" + uuid.uuid4().hex[:6]
+    store = await open_store(db_uri(embedded, db))
+    watcher = KeyWatcher(store, lambda key_hash: None)
+    seen: list[float] = []
+    watcher.on_change = lambda key_hash: seen.append(time.monotonic())
+    task = asyncio.ensure_future(watcher.run())
+    try:
+        key = await add_key(store, quota=1000)
+        await eventually(lambda: watcher.watching and seen, message="the stream opens and sees the new key")
+        empty_before, started = watcher.empty, time.monotonic()
+        changed_at = None
+        for i in range(80):  # 40 money writes a second for 2 s, the key disabled halfway
+            await store.keys.update_one({"_id": hash_key(key)}, {"$inc": {"used": 1}})
+            if i == 40:
+                changed_at = time.monotonic()
+                await store.set_status(hash_key(key), "disabled")
+            await asyncio.sleep(0.025)
+        elapsed = time.monotonic() - started
+        asks = watcher.empty - empty_before
+        assert asks <= elapsed / EMPTY_EVERY_S + 2, f"{asks} empty answers in {elapsed:.1f} s"
+        assert len(seen) == 2 and seen[1] - changed_at < APPLIED_WITHIN_S, "the disable arrives within a second"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await close_client(store.client)
 
 
 async def test_a_lookup_that_overlaps_a_change_is_not_trusted_for_long(io_loop):
