@@ -2,13 +2,15 @@
 import asyncio
 import datetime as dt
 import json
+from dataclasses import replace
 
+import bson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from relay.errors import InsufficientQuota
 from relay.keys import hash_key
-from relay.metering.ledger import LedgerEntry, entries_of, ledger_doc, ledger_page, utc_now
+from relay.metering.ledger import ENTRY_FIELDS, LedgerEntry, entries_of, ledger_doc, ledger_page, utc_now
 from relay.observability import metrics
 from relay.quota.lease_book import LeaseBook
 from relay.store.leases import TOMBSTONE_SEQ
@@ -132,6 +134,23 @@ async def test_a_large_batch_is_inserted_in_pages_each_entry_once(store):
     assert sorted(e["_id"] for e in await store.ledger_entries(H)) == sorted(e.request_id for e in batch)
     assert (await store.key_doc(H))["used"] == 10 * len(batch)
     await conserved_now(store, settled=False)
+
+
+def test_a_page_holds_each_entry_as_ledger_doc_makes_it_and_a_changed_copy_is_encoded_anew():
+    """Entries are encoded when settled (``LedgerEntry.encoded``), not in the group commit: the
+    page decodes to the documents ``ledger_doc`` makes, every field, and an entry copied with a
+    change carries no encoding of the one it was copied from."""
+    e = LedgerEntry("r1", H, "gpt-4o", "p", 80, 20, 1234, 200, 3.5, 1.25, True,
+                    dt.datetime(2026, 5, 6, 7, 8, 9, 123000), cached_tokens=64, reasoning_tokens=5,
+                    image_tokens=7, audio_tokens=9, images=1, seconds=2, characters=3,
+                    requested_model="my-4o", api="responses")
+    assert e.encoded() is e.encoded(), "encoded once"
+    page = bson.decode(bson.encode(ledger_page([e, entry("r2", 5)], "lease-x", 0, 0)))
+    assert page["entries"][0] == ledger_doc(e) and list(page["entries"][0]) == ["_id", *ENTRY_FIELDS[1:]]
+    assert [x["_id"] for x in page["entries"]] == ["r1", "r2"]
+    changed = replace(e, cost=99)
+    assert bson.decode(bson.encode(ledger_page([changed], "lease-x", 0, 0)))["entries"][0]["cost"] == 99
+    assert changed == replace(e, cost=99) and changed != e
 
 
 async def test_a_batch_whose_extra_the_balance_lacks_applies_without_it(store):

@@ -13,10 +13,9 @@ import datetime as dt
 import json
 import logging
 import os
-from dataclasses import asdict
 from typing import Any
 
-from relay.metering.ledger import LedgerEntry
+from relay.metering.ledger import ENTRY_FIELDS, LedgerEntry
 from relay.store.mongo import MongoStore
 
 log = logging.getLogger("relay.charging")
@@ -36,7 +35,7 @@ class SettlementQueue:
         return len(self.pending)
 
     def put_settle(self, entry: LedgerEntry, held: int) -> None:
-        doc = asdict(entry)
+        doc = {name: getattr(entry, name) for name in ENTRY_FIELDS}
         doc["at"] = entry.at.isoformat()
         self._put({"op": "settle", "id": entry.request_id, "entry": doc, "held": held})
 

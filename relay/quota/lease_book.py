@@ -234,6 +234,7 @@ class LeaseBook:
             return
         held = w.holds.pop(request_id, 0)
         w.available += held - entry.cost
+        entry.encoded()  # now, not in the group commit (see LedgerEntry._bson)
         w.batch.append(entry)
 
     def refund(self, key_hash: str, request_id: str) -> None:
