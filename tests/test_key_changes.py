@@ -193,9 +193,8 @@ async def test_money_writes_do_not_make_the_watcher_ask_many_times_a_second(embe
     real change made among the money writes still arrives within a second."""
     db = "paced" + uuid.uuid4().hex[:6]
     store = await open_store(db_uri(embedded, db))
-    watcher = KeyWatcher(store, lambda key_hash: None)
-    seen: list[float] = []
-    watcher.on_change = lambda key_hash: seen.append(time.monotonic())
+    seen: list[float] = []  # when each change arrived
+    watcher = KeyWatcher(store, lambda key_hash: seen.append(time.monotonic()))
     task = asyncio.ensure_future(watcher.run())
     try:
         key = await add_key(store, quota=1000)

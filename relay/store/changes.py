@@ -53,7 +53,8 @@ MAX_AWAIT_MS = 500     # a quiet stream answers this often: a broken one is foun
 # Some stores (SecantusDB) answer a waiting getMore at once, empty, for every write the filter
 # dropped: with group commits and the limiter's writes that was 10-40 empty answers a second,
 # each a driver round trip of ~0.2-0.5 ms on relay's loop, in the way of the requests it served
-# (a third of the requests whose own time passed 1 ms at concurrency 1). After an empty answer
+# (in a lab run at concurrency 1, a third of the requests whose own time passed 1 ms; see
+# docs/benchmarks.md, "Relay's own periodic work"). After an empty answer
 # the next getMore waits until this long after the last one was sent: a change still applies
 # within a second, and a burst of changes is read without a pause.
 EMPTY_EVERY_S = 0.25
