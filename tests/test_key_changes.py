@@ -45,11 +45,15 @@ async def admin(c, url: str, path: str, body: dict | None = None) -> dict:
     return json.loads(r.body)
 
 
+POLL_S = 0.05  # between chats: a disabled key's 401s count toward the address's bad-key limit (20 a minute)
+
+
 async def until_code(c, url: str, code: int, within_s: float = 5.0) -> float:
-    """Chats with ``url`` one after another until one gets ``code``; seconds it took."""
+    """Chats with ``url`` every ``POLL_S`` until one gets ``code``; seconds it took."""
     started = time.monotonic()
     while (got := await chat(c, url)) != code:
         assert time.monotonic() - started < within_s, f"still {got} after {within_s} s, not {code}"
+        await asyncio.sleep(POLL_S)
     return time.monotonic() - started
 
 
@@ -71,39 +75,41 @@ def two_relays(embedded, tmp_path, io_loop):
 async def test_a_change_through_one_relay_applies_on_the_other_within_a_second(two_relays, tmp_path, io_loop):
     uri, (a, b) = two_relays
     store = await open_store(uri)
-    await add_key(store, quota=COST * 30)
-    await a.start()
-    await b.start()
     c = AsyncHTTPClient(force_instance=True)
-    assert await chat(c, b.url) == 200  # B has the key cached, and a slice of it
-    assert "following the store's change stream" in b.log()
-    prefix = TEST_KEY[:10]
+    try:
+        await add_key(store, quota=COST * 30)
+        await a.start()
+        await b.start()
+        assert await chat(c, b.url) == 200  # B has the key cached, and a slice of it
+        assert "following the store's change stream" in b.log()
+        prefix = TEST_KEY[:10]
 
-    await admin(c, a.url, prefix + "/disable")
-    disabled = await until_code(c, b.url, 401, within_s=APPLIED_WITHIN_S)
-    await admin(c, a.url, prefix + "/enable")
-    enabled = await until_code(c, b.url, 200, within_s=APPLIED_WITHIN_S)
+        await admin(c, a.url, prefix + "/disable")
+        disabled = await until_code(c, b.url, 401, within_s=APPLIED_WITHIN_S)
+        await admin(c, a.url, prefix + "/enable")
+        enabled = await until_code(c, b.url, 200, within_s=APPLIED_WITHIN_S)
 
-    # The CLI writes to the store and leaves: only the stream tells the relays.
-    done = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: relay_cli("keys", "disable", prefix, "--mongodb-uri", uri))
-    assert done.returncode == 0, done.stderr
-    by_cli = await until_code(c, b.url, 401, within_s=APPLIED_WITHIN_S)
-    await admin(c, a.url, prefix + "/enable")
-    await until_code(c, b.url, 200, within_s=APPLIED_WITHIN_S)
+        # The CLI writes to the store and leaves: only the stream tells the relays.
+        done = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: relay_cli("keys", "disable", prefix, "--mongodb-uri", uri))
+        assert done.returncode == 0, done.stderr
+        by_cli = await until_code(c, b.url, 401, within_s=APPLIED_WITHIN_S)
+        await admin(c, a.url, prefix + "/enable")
+        await until_code(c, b.url, 200, within_s=APPLIED_WITHIN_S)
 
-    # A top-up through A lets B serve a key it had found exhausted, at once.
-    while await chat(c, b.url) == 200:
-        pass
-    await admin(c, a.url, prefix + "/topup", {"quota": COST * 5})
-    topped = await until_code(c, b.url, 200, within_s=APPLIED_WITHIN_S)
-    print(f"\napplied on the other relay: disable {disabled * 1000:.0f} ms, enable {enabled * 1000:.0f} ms, "
-          f"disable by the CLI {by_cli * 1000:.0f} ms, top-up {topped * 1000:.0f} ms")
-    await a.stop()
-    await b.stop()
-    await assert_conserved(store)
-    await close_client(store.client)
-    c.close()
+        # A top-up through A lets B serve a key it had found exhausted, at once.
+        while await chat(c, b.url) == 200:
+            pass
+        await admin(c, a.url, prefix + "/topup", {"quota": COST * 5})
+        topped = await until_code(c, b.url, 200, within_s=APPLIED_WITHIN_S)
+        print(f"\napplied on the other relay: disable {disabled * 1000:.0f} ms, enable {enabled * 1000:.0f} ms, "
+              f"disable by the CLI {by_cli * 1000:.0f} ms, top-up {topped * 1000:.0f} ms")
+        await a.stop()
+        await b.stop()
+        await assert_conserved(store)
+    finally:
+        await close_client(store.client)
+        c.close()
 
 
 async def test_a_store_without_change_streams_falls_back_to_the_cache_and_says_so(tmp_path, io_loop):
