@@ -168,20 +168,17 @@ async def test_a_killed_store_comes_back_on_its_port_and_the_key_works_again(lea
 
         # Each process finds the store back on its own (its breaker closes when its own probe gets
         # an answer, relay/store/breaker.py): until all have, a request may still meet one that
-        # refuses (503). One process serves on once it served again; with several, six 200s in a
-        # row say they all have.
+        # refuses (503). Even one process may refuse again after it served: a store call begun
+        # during the outage (a slice's top-up waiting in the driver's server selection) can fail
+        # after the store is back and open the breaker then, until the next probe (seen in CI: the
+        # store back at 00.86, that call's failure at 01.23, 503s until the probe at 01.49). Six
+        # 200s in a row, within 15 s, say every process serves again.
         t0 = time.monotonic()
-        first_back: int | None = None
         streak = 0
         while streak < 6:
             codes.append((await post_chat(c, relay.url, key)).code)
             streak = streak + 1 if codes[-1] == 200 else 0
-            if codes[-1] == 200 and first_back is None:
-                first_back = len(codes) - 1
             assert codes[-1] in (200, 503) and time.monotonic() - t0 < 15, (codes, relay.log()[-6000:])
-        if workers == 1:
-            # Seen once, with other tests loading the machine: 200 then 503s; the log says why.
-            assert 503 not in codes[first_back:], ("served again, then refused", codes, relay.log()[-6000:])
 
         store = await open_store(f"mongodb://127.0.0.1:{before['port']}/relay?directConnection=true")
         h = hash_key(key)
