@@ -28,8 +28,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, nice, spawn, stop, wait_port, with_short_slice  # noqa: E402
-from proxy_compare import MODES, OTHER_CORE, PROXY_CORE, bench_key, relay_config, start_fake  # noqa: E402
+from common import free_port, nice, spawn, stop, wait_port  # noqa: E402
+from proxy_compare import MODES, OTHER_CORE, PROXY_CORE, bench_key, relay_config, start_fake, wrk_command, wrk_result  # noqa: E402
 
 HANDLER_STEPS = ("RequestHandler._execute",)  # the requests' own work, not a burst in their way
 
@@ -132,12 +132,8 @@ def main() -> int:
         wait_port(relay_port, 60)
         key = bench_key(uri)
         path = "/v1/responses" if mode.api == "responses" else "/v1/chat/completions"
-        env = {**os.environ, "RELAY_BENCH_BODY": json.dumps(mode.body),
-               "RELAY_BENCH_AUTH": f"Bearer {key}"}
-        wrk = ["taskset", "-c", OTHER_CORE, *with_short_slice(["wrk"]), "-t1", "-c1",
-               f"-d{max(int(args.warmup + args.seconds), 2)}s", "-s",
-               os.path.join(os.path.dirname(os.path.abspath(__file__)), "wrk_post.lua"),
-               f"http://127.0.0.1:{relay_port}{path}"]
+        wrk, env = wrk_command(f"http://127.0.0.1:{relay_port}{path}", json.dumps(mode.body).encode(),
+                               {"Authorization": f"Bearer {key}"}, 1, max(args.warmup + args.seconds, 2))
         load = subprocess.Popen(wrk, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         time.sleep(args.warmup)
         os.kill(relay.pid, signal.SIGUSR1)  # the warm-up's records are dropped
@@ -148,11 +144,10 @@ def main() -> int:
             if os.path.exists(trace) and os.path.getmtime(trace) > time.time() - args.seconds / 2:
                 break
             time.sleep(0.1)
-        result = next((x for x in out.splitlines() if x.startswith("RESULT")), "")
-        if result:
-            _, n, micros, p50, p99, errors = result.split()
-            print(f"wrk, {args.mode} at concurrency 1, whole run: {int(n) / (int(micros) / 1e6):.0f} req/s, "
-                  f"p50 {float(p50):.2f} ms, p99 {float(p99):.2f} ms, errors {errors}")
+        if "RESULT" in out:
+            n, took, p50, p99, errors = wrk_result(out)
+            print(f"wrk, {args.mode} at concurrency 1, whole run: {n / took:.0f} req/s, "
+                  f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, errors {errors}")
         report(*read_trace(trace), args.slow_ms, args.min_ms)
         return 0
     finally:

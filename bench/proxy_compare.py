@@ -251,22 +251,34 @@ def quantile_bound(counts: dict[float, float] | None, q: float) -> float:
     return next(le * 1000 for le, count in sorted(counts.items()) if count >= q * total)
 
 
-async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: float, cores: str = OTHER_CORE) -> Result:
-    """wrk (C, one thread on ``cores``): requests/s and latency percentiles; no time to first byte."""
+def wrk_command(url: str, body: bytes, headers: dict, conc: int, seconds: float,
+                cores: str = OTHER_CORE) -> tuple[list[str], dict]:
+    """wrk (C, one thread on ``cores``, a short slice) POSTing ``body`` through wrk_post.lua:
+    its command line and environment."""
     script = os.path.join(os.path.dirname(__file__), "wrk_post.lua")
     env = {**os.environ, "RELAY_BENCH_BODY": body.decode(), "RELAY_BENCH_AUTH": headers["Authorization"]}
-    proc = await asyncio.create_subprocess_exec(
-        "taskset", "-c", cores, *with_short_slice(["wrk"]), "-t1", f"-c{conc}", f"-d{max(int(seconds), 1)}s",
-        "-s", script, url,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    out, _ = await proc.communicate()
-    line = next(x for x in out.decode().splitlines() if x.startswith("RESULT"))
+    return (["taskset", "-c", cores, *with_short_slice(["wrk"]), "-t1", f"-c{conc}", f"-d{max(int(seconds), 1)}s",
+             "-s", script, url], env)
+
+
+def wrk_result(out: str) -> tuple[int, float, float, float, int]:
+    """wrk_post.lua's RESULT line: requests, seconds, p50 ms, p99 ms, errors."""
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
     _, n, micros, p50, p99, errors = line.split()
-    n = int(n)
+    return int(n), int(micros) / 1e6, float(p50), float(p99), int(errors)
+
+
+async def run_wrk(url: str, body: bytes, headers: dict, conc: int, seconds: float, cores: str = OTHER_CORE) -> Result:
+    """wrk: requests/s and latency percentiles; no time to first byte."""
+    cmd, env = wrk_command(url, body, headers, conc, seconds, cores)
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    n, took, p50, p99, errors = wrk_result(out.decode())
     # Percentiles stand in for the sample list: the table reads p50, p99 and their count.
     tail = max(n // 50, 1)
-    lat = [float(p50) / 1000] * (n - tail) + [float(p99) / 1000] * tail
-    return Result(lat, [], int(micros) / 1e6, int(errors))
+    lat = [p50 / 1000] * (n - tail) + [p99 / 1000] * tail
+    return Result(lat, [], took, errors)
 
 
 def merge(cells: list[Cell]) -> Cell:
