@@ -168,11 +168,11 @@ async def test_a_killed_store_comes_back_on_its_port_and_the_key_works_again(lea
 
         # Each process finds the store back on its own (its breaker closes when its own probe gets
         # an answer, relay/store/breaker.py): until all have, a request may still meet one that
-        # refuses (503). Even one process may refuse again after it served: a store call begun
-        # during the outage (a slice's top-up waiting in the driver's server selection) can fail
-        # after the store is back and open the breaker then, until the next probe (seen in CI: the
-        # store back at 00.86, that call's failure at 01.23, 503s until the probe at 01.49). Six
-        # 200s in a row, within 15 s, say every process serves again.
+        # refuses (503). A store call begun during the outage (a slice's top-up waiting in the
+        # driver's server selection) may still fail after the store is back (seen in CI: the store
+        # back at 00.86, that call's failure at 01.23): it no longer opens the breaker again
+        # (tests/test_store_breaker.py). Six 200s in a row, within 15 s, say every process serves
+        # again.
         t0 = time.monotonic()
         streak = 0
         while streak < 6:

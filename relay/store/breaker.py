@@ -14,6 +14,7 @@ class Breaker:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.down_since: float | None = None
+        self.back_at = float("-inf")  # when the store was last found back (clock's time)
         self.trips = 0  # times the store was found unreachable
 
     @property
@@ -23,9 +24,14 @@ class Breaker:
     def down_for(self) -> float:
         return 0.0 if self.down_since is None else self.clock() - self.down_since
 
-    def tripped(self) -> bool:
-        """Record an outage; True when this call opened the breaker (start a probe)."""
-        if self.down_since is not None:
+    def tripped(self, began: float) -> bool:
+        """Record an outage seen by a call that began at ``began`` (clock's time); True when this
+        call opened the breaker (start a probe).
+
+        A call begun before the store was last found back is news of that earlier outage, not
+        of a new one (a call left waiting in the driver's server selection fails after the probe
+        found the store back): it opens nothing. The calls begun since will tell."""
+        if self.down_since is not None or began < self.back_at:
             return False
         self.down_since = self.clock()
         self.trips += 1
@@ -33,3 +39,4 @@ class Breaker:
 
     def reset(self) -> None:
         self.down_since = None
+        self.back_at = self.clock()

@@ -47,7 +47,7 @@ def _op(op: str, bounded: bool = True) -> Callable[[StoreMethod[S, P, R]], Store
             if not self.breaker.up:
                 self._report(op, 0.0, False)
                 raise StoreUnavailable(UNAVAILABLE)
-            started, ok = time.perf_counter(), False
+            began, started, ok = self.breaker.clock(), time.perf_counter(), False
             try:
                 work = fn(self, *args, **kwargs)
                 result = await (asyncio.wait_for(work, self.call_timeout_s) if bounded else work)
@@ -59,7 +59,7 @@ def _op(op: str, bounded: bool = True) -> Callable[[StoreMethod[S, P, R]], Store
                 ok = True  # an answer about the key (no quota, disabled), not a store failure
                 raise
             except (TimeoutError, ConnectionFailure):
-                self._unreachable()
+                self._unreachable(began)
                 raise StoreUnavailable(UNAVAILABLE) from None
             finally:
                 self._report(op, time.perf_counter() - started, ok)
@@ -102,8 +102,8 @@ class StoreCore:
         if self.observe is not None:
             self.observe(op, seconds, ok)
 
-    def _unreachable(self) -> None:
-        if self.breaker.tripped():
+    def _unreachable(self, began: float) -> None:
+        if self.breaker.tripped(began):
             log.error("the store is unreachable; requests that need it get 503 until it answers again")
             if self.on_unreachable is not None:
                 self.on_unreachable(True)
