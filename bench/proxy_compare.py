@@ -1,6 +1,7 @@
-"""relay beside a bare upstream and nginx as a proxy floor, in one run, pinned to cores.
+"""relay beside a bare upstream, nginx as a proxy floor and (``--litellm``) LiteLLM's proxy as
+the peer, in one run, pinned to cores.
 
-Layout (2 cores): the proxy under test (relay, or nginx as the floor) alone on core 0; the
+Layout (2 cores): the proxy under test (relay, nginx or LiteLLM) alone on core 0; the
 load generator, the upstream fake (bench/lean_upstream.py: canned OpenAI replies from a bare
 asyncio protocol; its own CPU per request is printed as the "direct" row) and relay's store
 server on core 1 (its threads at nice 10, which weighs only within its own scheduling group
@@ -23,6 +24,7 @@ CPU per request of that row, and peak RSS.
 
     python bench/proxy_compare.py [--seconds 5] [--rounds 2] [--modes json,stream] [--conc 1,64]
     python bench/proxy_compare.py --baseline /tmp/base-main   # the same relay from another tree, interleaved
+    python bench/proxy_compare.py --litellm /tmp/ll/bin/litellm  # LiteLLM's proxy beside it (its own venv)
     python bench/proxy_compare.py --scaling                   # --workers N, the generator on its own core
     python bench/proxy_compare.py --soak 600                  # RSS and open fds once a second; fails on growth
 
@@ -53,6 +55,7 @@ from common import (Result, child_pids, drive, free_port, idle_priority, nice, p
 
 PROXY_CORE, OTHER_CORE = "0", "1"
 RELAY_ROWS = ("relay", "base", "bare")
+FLOOR_ROWS = ("direct", "nginx")
 POLICY = ["--models", "gpt-4*", "--allow-cidrs", "127.0.0.0/8,::1", "--expires-at", "2999-01-01",
           "--rpm", str(10**9), "--tpm", str(10**12), "--max-concurrency", str(10**6)]
 
@@ -174,15 +177,41 @@ pricing:
 """ + ("quota:\n  leases: false\n" if not leases else "quota:\n  leases: true\n" if explicit else "")
 
 
+def litellm_config(workdir: str, fake_port: int) -> tuple[str, str]:
+    """LiteLLM's proxy as the peer: the same models on the same fake upstream, no database, a
+    master key of its own (it refuses to start without one). Its path and key."""
+    models = "".join(f"""
+  - model_name: {m.model}
+    litellm_params:
+      model: openai/{m.model}
+      api_base: http://127.0.0.1:{fake_port}/{m.upstream}/v1
+      api_key: sk-bench-{m.upstream}-1""" for m in MODES.values())
+    key = "sk-" + os.urandom(32).hex()
+    path = os.path.join(workdir, "litellm.yaml")
+    with open(path, "w") as fh:
+        fh.write(f"model_list:{models}\ngeneral_settings:\n  master_key: {key}\n")
+    return path, key
+
+
+def start_litellm(exe: str, workdir: str, fake_port: int, port: int) -> tuple[subprocess.Popen, str]:
+    """``litellm`` (from an environment of its own: it is not one of relay's dependencies) with
+    one worker on the proxy's core, as its docs start it; its log to a file."""
+    path, key = litellm_config(workdir, fake_port)
+    proc = spawn([exe, "--config", path, "--port", str(port), "--num_workers", "1"], cpu=PROXY_CORE,
+                 env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},  # no fetch of the price list at start-up
+                 log_path=os.path.join(workdir, "litellm.log"), cwd=workdir)
+    return proc, key
+
+
 class Target:
     def __init__(self, name: str, port: int, pids_fn, headers: dict | None = None):
         self.name, self.port, self.pids_fn = name, port, pids_fn
-        self.headers = headers  # its own key's (the row "bare"), else the bench key's
+        self.headers = headers  # its own key's (the rows "bare" and "litellm"), else the bench key's
 
     def url(self, mode: Mode) -> str:
-        if self.name in RELAY_ROWS:
-            return f"http://127.0.0.1:{self.port}{mode.path()}"
-        return f"http://127.0.0.1:{self.port}/{mode.upstream}{mode.path()}"
+        if self.name in FLOOR_ROWS:  # the fake itself, or nginx in front of it: the upstream's own path
+            return f"http://127.0.0.1:{self.port}/{mode.upstream}{mode.path()}"
+        return f"http://127.0.0.1:{self.port}{mode.path()}"
 
 
 GENERATOR = {"name": "wrk"}
@@ -345,8 +374,14 @@ async def main(args) -> int:
                          env={"PYTHONPATH": os.path.abspath(args.baseline)})
             procs.append(base)
             ports.append(base_port)
+        if args.litellm:
+            litellm_port = free_port()
+            peer, peer_key = start_litellm(args.litellm, workdir, fake_port, litellm_port)
+            procs.append(peer)
         for port in ports:
             wait_port(port, 60)
+        if args.litellm:
+            wait_port(litellm_port, 180)
         key = bench_key(uri)
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         targets = [Target("direct", fake_port, lambda: [fake.pid]),
@@ -354,6 +389,9 @@ async def main(args) -> int:
                    Target("relay", relay_port, lambda: [relay.pid])]
         if args.baseline:
             targets.append(Target("base", base_port, lambda: [base.pid]))
+        if args.litellm:
+            targets.append(Target("litellm", litellm_port, lambda: [peer.pid] + child_pids(peer.pid),
+                                  headers={**headers, "Authorization": f"Bearer {peer_key}"}))
         if args.bare_key:  # the same relay, a key without a policy
             bare = bench_key(uri, policy=False)
             targets.append(Target("bare", relay_port, lambda: [relay.pid],
@@ -493,9 +531,9 @@ def print_table(rows) -> None:
         print(f"{mode.upstream if mode.upstream != 'rstream' else 'responses':9} {conc:>4} {name:7} | "
               f"{res.rps:7.0f} {res.p50:7.2f} {res.p99:7.2f} {own_p99} {res.ttfb50:8.2f} {added:9.2f} | "
               f"{cell.cpu:10.3f} {store} {cell.peak:11.1f} {res.errors:6d}")
-    print("direct = the lean fake upstream itself (its cpu/req is the fake's own cost); cpu/req for nginx and relay "
-          "is the proxy's process tree on core 0; store ms = the store server's CPU per request of that row; "
-          "own p99 = relay's own time (all but the wait for the upstream), from its relay_overhead_seconds "
+    print("direct = the lean fake upstream itself (its cpu/req is the fake's own cost); cpu/req for nginx, relay "
+          "and litellm is the proxy's process tree on core 0; store ms = the store server's CPU per request of that "
+          "row; own p99 = relay's own time (all but the wait for the upstream), from its relay_overhead_seconds "
           "histogram: the bucket bound p99 falls under")
 
 
@@ -550,6 +588,9 @@ if __name__ == "__main__":
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure relay from this source tree (a checkout of an earlier commit), "
                              "interleaved with this one: the row 'base'")
+    parser.add_argument("--litellm", metavar="EXE",
+                        help="also LiteLLM's proxy as the peer (the row 'litellm'): the `litellm` command of an "
+                             "environment of its own (pip install 'litellm[proxy]'), one worker, no database")
     parser.add_argument("--bare-key", action="store_true",
                         help="also the row 'bare': the same relay, with a key without a policy")
     parser.add_argument("--explicit-leases", action="store_true",
