@@ -261,6 +261,21 @@ async def measure(target: Target, mode: Mode, conc: int, seconds: float, headers
     return Cell(result, cpu / n * 1000, store / n * 1000, peak[0], own)
 
 
+async def settle(target: Target, bound: float = 30.0) -> float:
+    """Waits until the target's processes are idle (under 4 % of a core for half a second; at most
+    ``bound`` seconds) and says how long that took. A proxy still working off requests the
+    generator gave up on (LiteLLM's at 64, past wrk's 2 s timeout: up to 64 of them at 11-50 a
+    second) would otherwise run on into the next target's cell on the same core."""
+    began = time.monotonic()
+    pids = target.pids_fn()
+    while time.monotonic() - began < bound:
+        cpu0 = proc_cpu_seconds(*pids)
+        await asyncio.sleep(0.5)
+        if proc_cpu_seconds(*pids) - cpu0 < 0.02:
+            break
+    return time.monotonic() - began
+
+
 OWN_TIME = "relay_overhead_seconds"  # relay's own time per request: all of it but the upstream's
 
 
@@ -368,8 +383,11 @@ async def main(args) -> int:
         ports = [fake_port, nginx_port, relay_port]
         if args.baseline:  # the same relay from another source tree (e.g. a worktree of main), same store
             base_port = free_port()
-            base = spawn(relay_cmd("serve", "--config", cfg, "--port", str(base_port), "--mongodb-uri", uri,
-                                   "--data-dir", os.path.join(workdir, "base"), log_level="info"), cpu=PROXY_CORE,
+            base_cmd = relay_cmd("serve", "--config", cfg, "--port", str(base_port), "--mongodb-uri", uri,
+                                 "--data-dir", os.path.join(workdir, "base"), log_level="info")
+            if args.base_python:  # the same code on another interpreter
+                base_cmd[0] = args.base_python
+            base = spawn(base_cmd, cpu=PROXY_CORE,
                          log_path=os.path.join(workdir, "relay-base.log"), cwd=os.path.abspath(args.baseline),
                          env={"PYTHONPATH": os.path.abspath(args.baseline)})
             procs.append(base)
@@ -404,15 +422,18 @@ async def main(args) -> int:
         for t in targets:  # warm-up
             for mode in modes:
                 await measure(t, mode, 8, 1.0, headers)
+                await settle(t)
         load_before = loadavg()
         store_cpu0 = proc_cpu_seconds(store.proc.pid)
         rows = []
+        settled: dict[str, float] = {}  # the longest wait for a target to go idle after its cell
         for mode in modes:
             for conc in concurrencies:
                 cells: dict[str, list[Cell]] = {t.name: [] for t in targets}
                 for _ in range(args.rounds):
                     for t in targets:
                         cells[t.name].append(await measure(t, mode, conc, args.seconds, headers, store.proc.pid))
+                        settled[t.name] = max(settled.get(t.name, 0.0), await settle(t))
                 if os.environ.get("BENCH_VERBOSE"):
                     print(mode.upstream, conc, {k: [(round(c.result.rps), round(c.result.p99, 2), round(c.cpu, 3))
                                                     for c in v] for k, v in cells.items()}, flush=True)
@@ -423,6 +444,8 @@ async def main(args) -> int:
         print(f"relay with quota.leases: {not args.no_leases}; load generator: {args.generator}; {args.rounds} x "
               f"{args.seconds:g} s per cell; load average {load_before} before, {loadavg()} after")
         print_table(rows)
+        print("after a cell, each target was left to go idle before the next began; the longest waits: "
+              + ", ".join(f"{name} {waited:.1f} s" for name, waited in settled.items()))
         total_relay = sum(len(r[3].result.latencies) for r in rows if r[2] in RELAY_ROWS)
         print(f"store server (separate process, core {OTHER_CORE}, {args.store_priority} priority): {store_cpu:.1f} s "
               f"CPU in all, {store_cpu / max(total_relay, 1) * 1000:.3f} ms per relay request; "
@@ -588,6 +611,9 @@ if __name__ == "__main__":
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure relay from this source tree (a checkout of an earlier commit), "
                              "interleaved with this one: the row 'base'")
+    parser.add_argument("--base-python", metavar="EXE",
+                        help="with --baseline: the interpreter the row 'base' runs on (e.g. another build of Python "
+                             "with relay's dependencies installed)")
     parser.add_argument("--litellm", metavar="EXE",
                         help="also LiteLLM's proxy as the peer (the row 'litellm'): the `litellm` command of an "
                              "environment of its own (pip install 'litellm[proxy]'), one worker, no database")

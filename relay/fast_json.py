@@ -21,10 +21,17 @@ _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
 _LONG_DIGITS = b"0" * 19
 
 
-def loads(data: bytes | str) -> Any:
-    """``json.loads(data)``: the same value, or the same error."""
+def long_digits(raw: bytes) -> bool:
+    """Whether ``raw`` holds 19 digits in a row, which ``loads`` leaves to ``json.loads``."""
+    return _LONG_DIGITS in raw.translate(_DIGITS_AS_ZERO)
+
+
+def loads(data: bytes | str, short_digits: bool = False) -> Any:
+    """``json.loads(data)``: the same value, or the same error. ``short_digits``: the caller
+    found no 19 digits in a row in bytes that hold ``data`` (a stream's events are looked at once
+    for a whole network read, not one by one)."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _LONG_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+    if short_digits or not long_digits(raw):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

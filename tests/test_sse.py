@@ -57,6 +57,30 @@ def test_blank_runs_between_events_are_skipped_as_before_and_nothing_stays_pendi
     assert d.decode(b"data: c\n\n\n") == [b"data: c\n\n\n"] and d.pending == 0, "as the one-buffer decoder did"
 
 
+def test_long_digit_runs_cut_across_reads_still_reach_json_loads():
+    """The decoder looks for 19 digits in a row once per read (fast_json.loads's short_digits):
+    wherever the reads cut a usage chunk's huge counts, the meter reads what json.loads reads."""
+    rnd = random.Random(19)
+    for _ in range(300):
+        prompt, completion = rnd.choice([9, 10 ** 18, 10 ** 19, 3 * 10 ** 22]), rnd.randrange(10 ** rnd.randint(1, 24))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        stream = (b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+                  + b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+        cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randint(1, 12)))
+        pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)], strict=True)]
+        d, batched, one_by_one = SSEDecoder(), StreamMeter(False), StreamMeter(False)
+        for piece in pieces:
+            events = d.decode(piece)
+            if d.short_digits:
+                assert not any(b"0" * 19 in e.translate(bytes(0x30 if 0x30 <= i <= 0x39 else 0x78
+                                                              for i in range(256))) for e in events)
+            for event in events:
+                assert batched.accept(event, d.short_digits) == one_by_one.accept(event)
+        assert batched.done and batched.usage == one_by_one.usage
+        if one_by_one.usage is not None:
+            assert type(batched.usage.completion_tokens) is int
+
+
 def test_pending_counts_the_unfinished_event_across_many_chunks():
     d = SSEDecoder()
     piece = b"x" * 4096

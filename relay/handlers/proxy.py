@@ -218,16 +218,21 @@ class ProxyHandler(AuthenticatedHandler):
         """What reads this route's stream: its usage, its delivered text, its end."""
         return StreamMeter(forward_usage_chunk=False)
 
-    def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int) -> tuple[bool, bool]:
-        """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped)."""
-        wrote = False
+    def _write_events(self, events: list[bytes], meter: StreamMeter, limit: int,
+                      short_digits: bool = False) -> tuple[bool, bool]:
+        """Write the events the client should get, stopping at one over ``limit``: (wrote any, stopped).
+        They go out as one write (a network read holds dozens of events)."""
+        passed = []
+        stopped = False
         for event in events:
             if len(event) > limit:
-                return wrote, True
-            if meter.accept(event):
-                self.write(event)
-                wrote = True
-        return wrote, False
+                stopped = True
+                break
+            if meter.accept(event, short_digits):
+                passed.append(event)
+        if passed:
+            self.write(passed[0] if len(passed) == 1 else b"".join(passed))
+        return bool(passed), stopped
 
     async def _relay_stream(self, resp: UpstreamResponse) -> None:
         self.set_status(resp.status)
@@ -249,7 +254,7 @@ class ProxyHandler(AuthenticatedHandler):
                     break
                 finally:
                     self._add_upstream_wait(waited)
-                wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit)
+                wrote, oversized = self._write_events(decoder.decode(chunk), meter, limit, decoder.short_digits)
                 if wrote:
                     self._mark_first_byte()
                     await self.flush()

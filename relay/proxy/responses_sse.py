@@ -33,7 +33,7 @@ class ResponsesStreamMeter(StreamMeter):
         self.failed = False  # the upstream ended the response with an error
         self.started = False  # an event other than an error came: the response began
 
-    def accept(self, event: bytes) -> bool:
+    def accept(self, event: bytes, short_digits: bool = False) -> bool:
         data = event_data(event)
         if not data:
             # Comments only (keep-alives), passed; an event with no data is of no use to a client.
@@ -41,16 +41,16 @@ class ResponsesStreamMeter(StreamMeter):
         if data == DONE:  # not OpenAI's, but some compatible upstreams end this way
             self.done = True
             return True
-        return self.observe(data)
+        return self.observe(data, short_digits)
 
     def reply_texts(self, reply: Any) -> list[str]:
         output = reply.get("output") if isinstance(reply, dict) else None
         return response_output_texts(output) if isinstance(output, list) else []
 
-    def observe(self, data: bytes | str) -> bool:
+    def observe(self, data: bytes | str, short_digits: bool = False) -> bool:
         """Record one event's JSON; False when it is not a JSON object (garbage, dropped)."""
         try:
-            obj = fast_json.loads(data)
+            obj = fast_json.loads(data, short_digits)
         except ValueError:
             self.malformed += 1
             return False

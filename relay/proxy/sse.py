@@ -25,6 +25,9 @@ class SSEDecoder:
         self._parts: list[bytes] = []
         self._cr = False  # the last chunk ended in CR: whether it starts a CRLF is not known yet
         self.pending = 0  # bytes held for the unfinished event (the caller bounds it)
+        # The events the last decode returned hold no 19 digits in a row (fast_json.loads's
+        # short_digits): found with one search over them all instead of one per event.
+        self.short_digits = True
 
     def decode(self, chunk: bytes) -> list[bytes]:
         """Complete events in arrival order, each ending with its blank line."""
@@ -50,6 +53,7 @@ class SSEDecoder:
         if rest:
             self._parts.append(rest)
         self.pending = len(rest) + self._cr
+        self.short_digits = not fast_json.long_digits(done)
         return [e + b"\n\n" for e in done.split(b"\n\n") if e.strip()]
 
     def _fold_crlf(self, chunk: bytes) -> bytes:
@@ -103,8 +107,9 @@ class StreamMeter:
         """Count the delivered text with ``encoding``, the model's table (before any arrives)."""
         self.text = TokenTally(encoding)
 
-    def accept(self, event: bytes) -> bool:
-        """Record one event; True when it should be sent to the client."""
+    def accept(self, event: bytes, short_digits: bool = False) -> bool:
+        """Record one event; True when it should be sent to the client. ``short_digits``: as
+        ``SSEDecoder.short_digits`` says of the events it came with."""
         data = event_data(event)
         if data == DONE:
             self.done = True
@@ -112,7 +117,7 @@ class StreamMeter:
         if not data and all(line.startswith(b":") for line in event.split(b"\n") if line):
             return True  # comments only: keep-alives some upstreams send, which SSE parsers skip
         try:
-            obj = fast_json.loads(data)
+            obj = fast_json.loads(data, short_digits)
         except ValueError:
             # Garbage from a broken upstream would break the client's JSON parser: drop it.
             self.malformed += 1
