@@ -231,7 +231,7 @@ class ProxyHandler(AuthenticatedHandler):
             if meter.accept(event, short_digits):
                 passed.append(event)
         if passed:
-            self.write(passed[0] if len(passed) == 1 else b"".join(passed))
+            self.write(b"".join(passed))
         return bool(passed), stopped
 
     async def _relay_stream(self, resp: UpstreamResponse) -> None:
