@@ -304,3 +304,47 @@ async def test_relays_application_builds_the_same_request_and_refuses_the_same_h
     assert 0 < len(tornado_fastpath._HOST_NAMES) <= tornado_fastpath.MAX_HOSTS_REMEMBERED
     server.stop()
     await server.close_all_connections()
+
+
+class Held(tornado.web.RequestHandler):
+    release: asyncio.Event
+
+    async def get(self):
+        await Held.release.wait()
+        self.write("released")
+
+
+async def test_relays_application_holds_each_handlers_task_until_it_ends(io_loop):
+    import gc
+
+    from relay import tornado_fastpath
+    Held.release = asyncio.Event()
+    app = tornado_fastpath.RelayApplication([(r"/held", Held), (r"/upload", Upload), (r"/echo", Echo)])
+    server = HTTPServer(app)
+    port = unused_port()
+    server.listen(port, "127.0.0.1")
+    waiting = asyncio.ensure_future(exchange(port, b"GET /held HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+    await eventually(lambda: len(tornado_fastpath._RUNNING) == 1)
+    gc.collect()  # the loop holds tasks weakly: only relay's set keeps the handler alive
+    Held.release.set()
+    assert (await waiting).endswith(b"released")
+    await eventually(lambda: not tornado_fastpath._RUNNING)
+
+    # A streamed body (the prepared future) and a handler that answers in prepare() still work.
+    body = b"x" * 100_000
+    got = await exchange(port, b"PUT /upload HTTP/1.1\r\nHost: h\r\nAuthorization: yes\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b'{"size": 100000}')
+    got = await exchange(port, b"PUT /upload HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc")
+    assert got.startswith(b"HTTP/1.1 401") and got.endswith(b"no")
+    assert not tornado_fastpath._RUNNING
+    server.stop()
+    await server.close_all_connections()
+
+    # Tornado's own delegate where it does more per request: debug mode's reloading, transforms.
+    start = tornado.httputil.RequestStartLine("GET", "/echo", "HTTP/1.0")
+    request = tornado.httputil.HTTPServerRequest(start_line=start)
+    assert type(app.get_handler_delegate(request, Echo)).__name__ == "_LeanHandlerDelegate"
+    for other in (tornado_fastpath.RelayApplication([(r"/echo", Echo)], debug=True),
+                  tornado_fastpath.RelayApplication([(r"/echo", Echo)], compress_response=True)):
+        assert type(other.get_handler_delegate(request, Echo)) is tornado.web._HandlerDelegate

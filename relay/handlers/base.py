@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from relay.net import client_address
 from relay.observability.access_log import Flag, flag_for
 from relay.observability.metrics import IN_FLIGHT, exposition
 from relay.redact import redact_path
+from relay.request_ids import new_request_id
 from relay.tornado_fastpath import Headers
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class RelayHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         # Runs before initialize() and again on every clear(): the id is made once.
         if not hasattr(self, "request_id"):
-            self.request_id = "req_" + secrets.token_hex(8)
+            self.request_id = new_request_id()
         headers = self._headers  # relay's own values, all printable ASCII: no check needed
         headers["X-Request-Id"] = self.request_id
         # Browser clients (ChatGPT-Next-Web, translators) call from other origins with a bearer

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,6 +30,7 @@ from relay.observability.metrics import IN_FLIGHT
 from relay.proxy.responses_sse import ResponsesStreamMeter
 from relay.proxy.sockets import DATA_FRAMES, UpstreamSocket
 from relay.quota import Charge, Delivery
+from relay.request_ids import new_request_id
 
 log = logging.getLogger("relay.app")
 
@@ -52,7 +52,7 @@ class SocketTurn:
     def __init__(self, socket: ResponsesSocketHandler) -> None:
         self.services = socket.services
         self.request = _TurnRequest(socket.request.path, socket.request.remote_ip)
-        self.request_id = "req_" + secrets.token_hex(8)
+        self.request_id = new_request_id()
         self.client_ip = socket.client_ip
         self.key_prefix = socket.key_prefix
         self.model = "-"
